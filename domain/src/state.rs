@@ -1,0 +1,254 @@
+//! `ProductState`: a product's current state as the fold of its events. Versions per facet
+//! make the fold convergent: duplicates and stale deliveries change nothing.
+
+use crate::event::{CatalogEvent, Change, Facet, ProductStatus, millis_since_epoch};
+use crate::id::ProductId;
+use crate::money::Money;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FacetVersions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<u64>,
+}
+
+impl FacetVersions {
+    pub fn get(&self, facet: Facet) -> Option<u64> {
+        match facet {
+            Facet::Product => self.product,
+            Facet::Inventory => self.inventory,
+            Facet::Price => self.price,
+        }
+    }
+
+    fn set(&mut self, facet: Facet, version: u64) {
+        let slot = match facet {
+            Facet::Product => &mut self.product,
+            Facet::Inventory => &mut self.inventory,
+            Facet::Price => &mut self.price,
+        };
+        *slot = Some(version);
+    }
+}
+
+/// What the product service says about a product.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProductInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_price: Option<Money>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProductState {
+    pub id: ProductId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<ProductInfo>,
+    #[serde(default)]
+    pub deleted: bool,
+    /// The pricing service's price; it wins over the product service's list price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Money>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<u64>,
+    #[serde(default)]
+    pub versions: FacetVersions,
+    /// Bumped by every applied change: the monotonic stamp read-model views compare, so an
+    /// older state can never overwrite a newer view, whatever order refreshes finish in.
+    pub revision: u64,
+    pub updated_at_ms: u64,
+}
+
+/// Whether an event changed the state, or why it did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Changed,
+    /// The facet already holds this version or a newer one.
+    Stale,
+    /// Applying it left the state exactly as it was (an unversioned duplicate).
+    Unchanged,
+}
+
+impl ProductState {
+    pub fn new(id: ProductId) -> Self {
+        Self {
+            id,
+            info: None,
+            deleted: false,
+            price: None,
+            quantity: None,
+            versions: FacetVersions::default(),
+            revision: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    /// Applies one event under the version rule of contract §1: a facet whose stored version
+    /// is ≥ the event's ignores it; events without a version apply in arrival order.
+    pub fn apply(&mut self, event: &CatalogEvent) -> Applied {
+        debug_assert_eq!(event.product_id, self.id);
+        let facet = event.change.facet();
+        if let (Some(incoming), Some(stored)) = (event.version, self.versions.get(facet)) {
+            if stored >= incoming {
+                return Applied::Stale;
+            }
+        }
+        let before = (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone());
+        match &event.change {
+            Change::Product(change) => match change.status {
+                ProductStatus::Deleted => self.deleted = true,
+                // A Product Update carries the whole facet: merging partial updates could not
+                // converge when versions arrive out of order (a stale v1 would be needed to fill
+                // in what v2 left out, and it is rightly ignored).
+                ProductStatus::Created | ProductStatus::Updated => {
+                    self.deleted = false;
+                    self.info = Some(ProductInfo {
+                        name: change.name.clone().unwrap_or_default(),
+                        description: change.description.clone(),
+                        category: change.category.clone(),
+                        list_price: change.list_price,
+                    });
+                }
+            },
+            Change::Inventory { quantity } => self.quantity = Some(*quantity),
+            Change::Price { price } => self.price = Some(*price),
+        }
+        if let Some(version) = event.version {
+            self.versions.set(facet, version);
+        }
+        if before == (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone()) {
+            return Applied::Unchanged;
+        }
+        self.revision += 1;
+        self.updated_at_ms = self.updated_at_ms.max(millis_since_epoch(event.time));
+        Applied::Changed
+    }
+
+    /// A product is served once the product service has described it and until it deletes it.
+    pub fn is_listed(&self) -> bool {
+        !self.deleted && self.info.as_ref().is_some_and(|i| !i.name.is_empty())
+    }
+
+    pub fn category(&self) -> Option<&str> {
+        if self.is_listed() { self.info.as_ref().and_then(|i| i.category.as_deref()) } else { None }
+    }
+
+    pub fn effective_price(&self) -> Option<Money> {
+        self.price.or_else(|| self.info.as_ref().and_then(|i| i.list_price))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ParseLimits;
+    use std::time::{Duration, SystemTime};
+
+    fn event(body: &str) -> CatalogEvent {
+        CatalogEvent::parse(body.as_bytes(), SystemTime::UNIX_EPOCH + Duration::from_secs(1), ParseLimits::default())
+            .unwrap()
+    }
+
+    fn fold(bodies: &[&str]) -> ProductState {
+        let mut state = ProductState::new(ProductId::parse("P1").unwrap());
+        for b in bodies {
+            state.apply(&event(b));
+        }
+        state
+    }
+
+    const PRICE_V2: &str = r#"{"productId":"P1","price":20,"currency":"USD","version":2}"#;
+    const PRICE_V1: &str = r#"{"productId":"P1","price":10,"currency":"USD","version":1}"#;
+
+    #[test]
+    fn stale_price_update_is_ignored() {
+        let mut state = fold(&[PRICE_V2]);
+        assert_eq!(state.apply(&event(PRICE_V1)), Applied::Stale);
+        assert_eq!(state.price.unwrap().minor(), 2_000);
+    }
+
+    #[test]
+    fn duplicate_versioned_event_changes_nothing() {
+        let mut state = fold(&[PRICE_V2]);
+        let revision = state.revision;
+        assert_eq!(state.apply(&event(PRICE_V2)), Applied::Stale);
+        assert_eq!(state.revision, revision);
+    }
+
+    #[test]
+    fn any_delivery_order_converges_on_the_highest_versions() {
+        let events = [
+            r#"{"productId":"P1","name":"A","category":"C","status":"created","version":1}"#,
+            r#"{"productId":"P1","name":"B","status":"updated","version":2}"#,
+            r#"{"productId":"P1","quantity":3,"version":1}"#,
+            r#"{"productId":"P1","quantity":9,"version":4}"#,
+            PRICE_V1,
+            PRICE_V2,
+        ];
+        let expected = fold(&events);
+        let orders: [[usize; 6]; 4] = [[5, 4, 3, 2, 1, 0], [1, 3, 5, 0, 2, 4], [3, 3, 1, 1, 5, 0], [0, 1, 2, 3, 4, 5]];
+        for order in orders {
+            let mut bodies: Vec<&str> = order.iter().map(|&i| events[i]).collect();
+            bodies.extend(events);
+            let got = fold(&bodies);
+            assert_eq!((got.info, got.price, got.quantity, got.versions), (
+                expected.info.clone(),
+                expected.price,
+                expected.quantity,
+                expected.versions.clone()
+            ));
+        }
+    }
+
+    #[test]
+    fn unversioned_events_apply_in_arrival_order() {
+        let state = fold(&[
+            r#"{"productId":"P1","quantity":3}"#,
+            r#"{"productId":"P1","quantity":1}"#,
+        ]);
+        assert_eq!(state.quantity, Some(1));
+    }
+
+    #[test]
+    fn unversioned_duplicate_is_unchanged() {
+        let mut state = fold(&[r#"{"productId":"P1","quantity":3}"#]);
+        assert_eq!(state.apply(&event(r#"{"productId":"P1","quantity":3}"#)), Applied::Unchanged);
+        assert_eq!(state.revision, 1);
+    }
+
+    #[test]
+    fn product_update_replaces_the_facet_and_delete_unlists() {
+        let mut state = fold(&[
+            r#"{"productId":"P1","name":"A","description":"d","category":"C","status":"created"}"#,
+            r#"{"productId":"P1","name":"B","category":"D","status":"updated"}"#,
+        ]);
+        let info = state.info.clone().unwrap();
+        assert_eq!((info.name.as_str(), info.description.as_deref(), info.category.as_deref()), ("B", None, Some("D")));
+        assert!(state.is_listed());
+        state.apply(&event(r#"{"productId":"P1","status":"deleted"}"#));
+        assert!(!state.is_listed());
+        assert_eq!(state.category(), None);
+    }
+
+    #[test]
+    fn pricing_service_price_wins_over_list_price() {
+        let state = fold(&[
+            r#"{"productId":"P1","name":"A","status":"updated","price":5}"#,
+            PRICE_V1,
+            r#"{"productId":"P1","name":"A","status":"updated","price":7}"#,
+        ]);
+        assert_eq!(state.effective_price().unwrap().minor(), 1_000);
+    }
+
+    #[test]
+    fn inventory_alone_is_not_listed() {
+        assert!(!fold(&[r#"{"productId":"P1","quantity":3}"#]).is_listed());
+    }
+}
