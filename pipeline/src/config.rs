@@ -1,0 +1,45 @@
+//! Every limit of the pipeline, with its default; the binary maps each to a flag and a `CATALOG_*` variable.
+
+use std::time::Duration;
+
+pub const DEFAULT_RECEIVE_BATCH: usize = 256;
+pub const DEFAULT_WRITE_BATCH: usize = 512;
+pub const DEFAULT_WRITE_BATCH_TIMEOUT: Duration = Duration::from_millis(5);
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 8;
+pub const DEFAULT_POLLERS: usize = 1;
+pub const DEFAULT_PUBLISH_ATTEMPTS: u32 = 5;
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Messages asked for per receive call (SQS caps this at 10).
+    pub receive_batch: usize,
+    /// Events per store write; the store may split it further (DynamoDB: 25).
+    pub write_batch: usize,
+    /// How long a partial write batch waits for more events.
+    pub write_batch_timeout: Duration,
+    /// Batches buffered between two stages: the backpressure bound.
+    pub channel_capacity: usize,
+    /// Concurrent receive loops on the source.
+    pub pollers: usize,
+    /// Attempts to publish one batch of invalidations before its messages are released.
+    pub publish_attempts: u32,
+    /// First retry delay; later ones back off exponentially with full jitter.
+    pub retry_base: Duration,
+    pub parse_limits: catalog_domain::ParseLimits,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            receive_batch: DEFAULT_RECEIVE_BATCH,
+            write_batch: DEFAULT_WRITE_BATCH,
+            write_batch_timeout: DEFAULT_WRITE_BATCH_TIMEOUT,
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            pollers: DEFAULT_POLLERS,
+            publish_attempts: DEFAULT_PUBLISH_ATTEMPTS,
+            retry_base: DEFAULT_RETRY_BASE,
+            parse_limits: catalog_domain::ParseLimits::default(),
+        }
+    }
+}

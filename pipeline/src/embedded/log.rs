@@ -1,0 +1,457 @@
+//! The embedded event source: a durable, ordered inbox in sled that is also the event log.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use catalog_domain::event::{millis_since_epoch, time_from_millis};
+use tokio::sync::Notify;
+
+use super::{storage_error, trees};
+use crate::ports::{DeadLetter, EventSource, Received, SourceError};
+
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 3;
+pub const DEFAULT_WAIT_TIME: Duration = Duration::from_millis(500);
+pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_millis(200);
+
+const WATERMARK_KEY: &[u8] = b"consumed_watermark";
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// How long a received message stays invisible before it is handed out again.
+    pub visibility_timeout: Duration,
+    /// Deliveries after which a message that keeps failing goes to the DLQ (SQS's maxReceiveCount).
+    pub max_receive_count: u32,
+    /// Longest a `receive` waits for new messages (long polling).
+    pub wait_time: Duration,
+    /// Delay before a released message is visible again; doubles with each delivery.
+    pub release_delay: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
+            max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
+            wait_time: DEFAULT_WAIT_TIME,
+            release_delay: DEFAULT_RELEASE_DELAY,
+        }
+    }
+}
+
+/// One accepted message as the log holds it.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub sequence: u64,
+    pub accepted_at: SystemTime,
+    pub body: Bytes,
+}
+
+/// What the DLQ keeps besides the body: enough for an operator to decide, and to redrive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetterRecord {
+    pub sequence: u64,
+    pub message_id: String,
+    pub code: String,
+    pub message: String,
+    pub stage: String,
+    pub attempts: u32,
+    pub dead_lettered_at_ms: u64,
+}
+
+/// Cheap to clone; all clones share one log.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    log: sled::Tree,
+    dlq: sled::Tree,
+    meta: sled::Tree,
+    /// The next sequence to assign. Held while inserting, so sequences become visible in
+    /// order and a reader's cursor can never step over one that is still being written.
+    next_sequence: Mutex<u64>,
+    cursor: Mutex<Cursor>,
+    arrived: Notify,
+    closed: AtomicBool,
+    config: LogConfig,
+}
+
+struct Cursor {
+    /// First sequence never handed out.
+    next_unread: u64,
+    /// Handed out and not yet acked or dead-lettered.
+    in_flight: BTreeMap<u64, Lease>,
+    /// Every sequence below this is done; persisted, so a restart resumes here.
+    watermark: u64,
+}
+
+struct Lease {
+    visible_at: Instant,
+    receive_count: u32,
+    last_error: Option<String>,
+}
+
+fn encode_entry(accepted_at_ms: u64, body: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + body.len());
+    value.extend_from_slice(&accepted_at_ms.to_be_bytes());
+    value.extend_from_slice(body);
+    value
+}
+
+fn decode_entry(key: &[u8], value: sled::IVec) -> Option<LogEntry> {
+    let sequence = u64::from_be_bytes(key.try_into().ok()?);
+    let accepted_ms = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let bytes = Bytes::from_owner(value);
+    Some(LogEntry { sequence, accepted_at: time_from_millis(accepted_ms), body: bytes.slice(8..) })
+}
+
+impl EmbeddedLog {
+    pub fn open(db: &sled::Db, config: LogConfig) -> Result<Self, SourceError> {
+        let open = storage_error("open");
+        let log = db.open_tree(trees::LOG).map_err(&open)?;
+        let dlq = db.open_tree(trees::DLQ).map_err(&open)?;
+        let meta = db.open_tree(trees::META).map_err(&open)?;
+        let last = log.last().map_err(&open)?.and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
+        let next_sequence = last.map_or(1, |s| s + 1);
+        let watermark = meta
+            .get(WATERMARK_KEY)
+            .map_err(&open)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(1);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db: db.clone(),
+                log,
+                dlq,
+                meta,
+                next_sequence: Mutex::new(next_sequence),
+                cursor: Mutex::new(Cursor { next_unread: watermark, in_flight: BTreeMap::new(), watermark }),
+                arrived: Notify::new(),
+                closed: AtomicBool::new(false),
+                config,
+            }),
+        })
+    }
+
+    /// Appends messages and returns once they are on disk: a 202 after this survives kill -9.
+    /// Returns the first assigned sequence.
+    pub async fn append(&self, bodies: &[Bytes]) -> Result<u64, SourceError> {
+        let accepted_ms = millis_since_epoch(SystemTime::now());
+        let first = {
+            let mut next = lock(&self.inner.next_sequence);
+            let first = *next;
+            let mut batch = sled::Batch::default();
+            for (i, body) in bodies.iter().enumerate() {
+                batch.insert(&(first + i as u64).to_be_bytes(), encode_entry(accepted_ms, body));
+            }
+            self.inner.log.apply_batch(batch).map_err(storage_error("append"))?;
+            *next += bodies.len() as u64;
+            first
+        };
+        // Wake the pipeline before the fsync: its writes land after these in sled's own log,
+        // so a crash can never keep an effect whose event it lost.
+        self.inner.arrived.notify_waiters();
+        self.inner.db.flush_async().await.map_err(storage_error("flush"))?;
+        Ok(first)
+    }
+
+    /// Makes every pending and future `receive` return at once.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.arrived.notify_waiters();
+    }
+
+    /// Entries from `from` (inclusive) in sequence order: the replay tools' view of the log.
+    pub fn entries_from(&self, from: u64) -> impl Iterator<Item = Result<LogEntry, SourceError>> + use<> {
+        self.inner.log.range(from.to_be_bytes()..).filter_map(|item| match item {
+            Ok((k, v)) => decode_entry(&k, v).map(Ok),
+            Err(e) => Some(Err(storage_error("read")(e))),
+        })
+    }
+
+    /// Every sequence below this has been fully processed.
+    pub fn consumed_watermark(&self) -> u64 {
+        lock(&self.inner.cursor).watermark
+    }
+
+    /// Messages accepted and not yet processed (in flight included).
+    pub fn backlog(&self) -> u64 {
+        let next = *lock(&self.inner.next_sequence);
+        next.saturating_sub(self.consumed_watermark())
+    }
+
+    pub fn dead_letters(&self) -> Result<Vec<(DeadLetterRecord, Bytes)>, SourceError> {
+        let read = storage_error("read dead letters");
+        let mut out = Vec::new();
+        for item in self.inner.dlq.iter() {
+            let (_, value) = item.map_err(&read)?;
+            let header_len = value.get(..4).map_or(0, |b| u32::from_be_bytes(b.try_into().unwrap_or_default()) as usize);
+            let header = value.get(4..4 + header_len).unwrap_or_default();
+            let record: DeadLetterRecord = serde_json::from_slice(header)
+                .map_err(|e| SourceError::Storage { operation: "decode dead letter", detail: e.to_string() })?;
+            let body = Bytes::from_owner(value).slice(4 + header_len..);
+            out.push((record, body));
+        }
+        Ok(out)
+    }
+
+    pub fn dead_letter_count(&self) -> usize {
+        self.inner.dlq.len()
+    }
+
+    fn take(&self, max: usize) -> Result<Vec<Received<u64>>, SourceError> {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let mut cursor = lock(&inner.cursor);
+        let mut out = Vec::new();
+        let mut exhausted = Vec::new();
+        for (&sequence, lease) in cursor.in_flight.iter_mut() {
+            if out.len() + exhausted.len() >= max {
+                break;
+            }
+            if lease.visible_at > now {
+                continue;
+            }
+            lease.receive_count += 1;
+            if lease.receive_count > inner.config.max_receive_count {
+                exhausted.push(sequence);
+                continue;
+            }
+            lease.visible_at = now + inner.config.visibility_timeout;
+            if let Some(entry) = inner.log.get(sequence.to_be_bytes()).map_err(storage_error("read"))? {
+                out.extend(decode_entry(&sequence.to_be_bytes(), entry).map(|e| received(e, lease.receive_count)));
+            }
+        }
+        for sequence in exhausted {
+            let reason = cursor.in_flight.get(&sequence).and_then(|l| l.last_error.clone());
+            let message = reason.unwrap_or_else(|| {
+                format!("not acknowledged within the visibility timeout in {} deliveries", inner.config.max_receive_count)
+            });
+            self.move_to_dlq(&mut cursor, sequence, "max_receive_count_exceeded", &message, "source", None)?;
+        }
+        if out.len() < max {
+            let start = cursor.next_unread;
+            for item in inner.log.range(start.to_be_bytes()..).take(max - out.len()) {
+                let (key, value) = item.map_err(storage_error("read"))?;
+                let Some(entry) = decode_entry(&key, value) else { continue };
+                cursor.next_unread = entry.sequence + 1;
+                cursor.in_flight.insert(entry.sequence, Lease {
+                    visible_at: now + inner.config.visibility_timeout,
+                    receive_count: 1,
+                    last_error: None,
+                });
+                out.push(received(entry, 1));
+            }
+        }
+        self.advance_watermark(&mut cursor)?;
+        Ok(out)
+    }
+
+    fn move_to_dlq(
+        &self,
+        cursor: &mut Cursor,
+        sequence: u64,
+        code: &str,
+        message: &str,
+        stage: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(), SourceError> {
+        let write = storage_error("dead-letter");
+        let attempts = cursor.in_flight.remove(&sequence).map_or(1, |l| l.receive_count.min(self.inner.config.max_receive_count));
+        let stored_body;
+        let body = match body {
+            Some(b) => b,
+            None => {
+                stored_body = self.inner.log.get(sequence.to_be_bytes()).map_err(&write)?;
+                stored_body.as_deref().map_or(&[][..], |v| v.get(8..).unwrap_or_default())
+            }
+        };
+        let record = DeadLetterRecord {
+            sequence,
+            message_id: message_id(sequence),
+            code: code.to_owned(),
+            message: message.to_owned(),
+            stage: stage.to_owned(),
+            attempts,
+            dead_lettered_at_ms: millis_since_epoch(SystemTime::now()),
+        };
+        let header = serde_json::to_vec(&record).expect("record serializes");
+        let mut value = Vec::with_capacity(4 + header.len() + body.len());
+        value.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        value.extend_from_slice(&header);
+        value.extend_from_slice(body);
+        self.inner.dlq.insert(sequence.to_be_bytes(), value).map_err(&write)?;
+        tracing::warn!(sequence, code, message, stage, "message dead-lettered");
+        Ok(())
+    }
+
+    fn advance_watermark(&self, cursor: &mut Cursor) -> Result<(), SourceError> {
+        let watermark = cursor.in_flight.keys().next().copied().unwrap_or(cursor.next_unread);
+        if watermark != cursor.watermark {
+            cursor.watermark = watermark;
+            self.inner.meta.insert(WATERMARK_KEY, &watermark.to_be_bytes()).map_err(storage_error("ack"))?;
+        }
+        Ok(())
+    }
+}
+
+fn message_id(sequence: u64) -> String {
+    format!("embedded-{sequence}")
+}
+
+fn received(entry: LogEntry, receive_count: u32) -> Received<u64> {
+    Received {
+        receipt: entry.sequence,
+        message_id: message_id(entry.sequence),
+        body: entry.body,
+        accepted_at: entry.accepted_at,
+        receive_count,
+        sequence: Some(entry.sequence),
+    }
+}
+
+/// A poisoned lock means a panic mid-update elsewhere; the cursor is still consistent enough to
+/// go on, since every update to it is a single insert or remove.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl EventSource for EmbeddedLog {
+    type Receipt = u64;
+
+    async fn receive(&self, max: usize) -> Result<Vec<Received<u64>>, SourceError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.wait_time;
+        loop {
+            let notified = self.inner.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.closed.load(Ordering::SeqCst) {
+                return Ok(Vec::new());
+            }
+            let batch = self.take(max)?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn ack(&self, receipts: Vec<u64>) -> Result<(), SourceError> {
+        let mut cursor = lock(&self.inner.cursor);
+        for sequence in receipts {
+            cursor.in_flight.remove(&sequence);
+        }
+        self.advance_watermark(&mut cursor)
+    }
+
+    async fn release(&self, receipts: Vec<u64>, reason: &str) -> Result<(), SourceError> {
+        let mut cursor = lock(&self.inner.cursor);
+        let now = Instant::now();
+        let mut exhausted = Vec::new();
+        for sequence in receipts {
+            let Some(lease) = cursor.in_flight.get_mut(&sequence) else { continue };
+            lease.last_error = Some(reason.to_owned());
+            if lease.receive_count >= self.inner.config.max_receive_count {
+                exhausted.push(sequence);
+            } else {
+                let backoff = self.inner.config.release_delay * 2u32.saturating_pow(lease.receive_count - 1);
+                lease.visible_at = now + backoff;
+            }
+        }
+        for sequence in exhausted {
+            let message = format!("failed {} deliveries; last error: {reason}", self.inner.config.max_receive_count);
+            self.move_to_dlq(&mut cursor, sequence, "max_receive_count_exceeded", &message, "write", None)?;
+        }
+        self.advance_watermark(&mut cursor)
+    }
+
+    async fn dead_letter(&self, letters: Vec<DeadLetter<u64>>) -> Result<(), SourceError> {
+        let mut cursor = lock(&self.inner.cursor);
+        for letter in letters {
+            self.move_to_dlq(&mut cursor, letter.receipt, &letter.code, &letter.message, letter.stage, Some(&letter.body))?;
+        }
+        self.advance_watermark(&mut cursor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(config: LogConfig) -> (tempfile::TempDir, sled::Db, EmbeddedLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = EmbeddedLog::open(&db, config).unwrap();
+        (dir, db, log)
+    }
+
+    fn fast() -> LogConfig {
+        LogConfig {
+            visibility_timeout: Duration::from_millis(30),
+            wait_time: Duration::from_millis(50),
+            release_delay: Duration::from_millis(1),
+            ..LogConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn receives_in_order_and_acks_advance_the_watermark() {
+        let (_dir, _db, log) = open(fast());
+        log.append(&[Bytes::from_static(b"a"), Bytes::from_static(b"b"), Bytes::from_static(b"c")]).await.unwrap();
+        let got = log.receive(2).await.unwrap();
+        assert_eq!(got.iter().map(|r| r.receipt).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(got[0].body, Bytes::from_static(b"a"));
+        log.ack(vec![2]).await.unwrap();
+        assert_eq!(log.consumed_watermark(), 1, "1 is still in flight");
+        log.ack(vec![1]).await.unwrap();
+        assert_eq!(log.consumed_watermark(), 3);
+        assert_eq!(log.receive(10).await.unwrap().iter().map(|r| r.receipt).collect::<Vec<_>>(), [3]);
+    }
+
+    #[tokio::test]
+    async fn unacked_messages_come_back_then_go_to_the_dlq() {
+        let (_dir, _db, log) = open(fast());
+        log.append(&[Bytes::from_static(b"x")]).await.unwrap();
+        for attempt in 1..=3 {
+            let got = log.receive(10).await.unwrap();
+            assert_eq!(got.len(), 1, "delivery {attempt}");
+            assert_eq!(got[0].receive_count, attempt);
+            log.release(vec![got[0].receipt], "store down").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert!(log.receive(10).await.unwrap().is_empty());
+        let letters = log.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].0.code, "max_receive_count_exceeded");
+        assert!(letters[0].0.message.contains("store down"), "{}", letters[0].0.message);
+        assert_eq!(letters[0].1, Bytes::from_static(b"x"));
+        assert_eq!(log.consumed_watermark(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_restart_resumes_after_the_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EmbeddedLog::open(&db, fast()).unwrap();
+            log.append(&[Bytes::from_static(b"1"), Bytes::from_static(b"2")]).await.unwrap();
+            let got = log.receive(1).await.unwrap();
+            log.ack(vec![got[0].receipt]).await.unwrap();
+            db.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let log = EmbeddedLog::open(&db, fast()).unwrap();
+        let got = log.receive(10).await.unwrap();
+        assert_eq!(got.iter().map(|r| r.receipt).collect::<Vec<_>>(), [2]);
+        log.append(&[Bytes::from_static(b"3")]).await.unwrap();
+        assert_eq!(log.entries_from(1).count(), 3, "the log keeps everything for replay");
+    }
+}

@@ -1,0 +1,26 @@
+//! Adapters for one process and no cloud, all on one sled database so that one fsync covers
+//! the queue, the log and the state.
+//!
+//! The inbox is the event log: `POST /events` appends each message once, with a global
+//! sequence; the pipeline reads it in order and acks by moving a persisted watermark, not by
+//! deleting. Per event that leaves three sled writes on the whole path (log, state, view).
+
+mod bus;
+mod log;
+mod store;
+
+pub use bus::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus};
+pub use log::{DeadLetterRecord, EmbeddedLog, LogConfig, LogEntry};
+pub use store::EmbeddedStore;
+
+/// Trees of the embedded database, named in one place so tools can find them.
+pub(crate) mod trees {
+    pub const LOG: &str = "event_log";
+    pub const DLQ: &str = "dead_letters";
+    pub const META: &str = "pipeline_meta";
+    pub const STATE: &str = "product_state";
+}
+
+fn storage_error(operation: &'static str) -> impl Fn(sled::Error) -> crate::SourceError {
+    move |e| crate::SourceError::Storage { operation, detail: e.to_string() }
+}

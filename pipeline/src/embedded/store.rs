@@ -1,0 +1,107 @@
+//! The embedded store: current product state in sled, written once per product per batch.
+//! Its event log is the embedded inbox, already durable before a batch reaches the store.
+
+use std::collections::HashMap;
+
+use catalog_domain::state::Applied;
+use catalog_domain::{ProductId, ProductState};
+
+use super::trees;
+use crate::ports::{ProductChanged, ProductStore, SequencedEvent, StoreError, WriteOutcome};
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    state: sled::Tree,
+}
+
+fn unavailable(operation: &'static str, count: usize) -> impl Fn(sled::Error) -> StoreError {
+    move |e| StoreError::Unavailable { operation, count, detail: e.to_string() }
+}
+
+impl EmbeddedStore {
+    pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self { state: db.open_tree(trees::STATE).map_err(unavailable("open", 0))? })
+    }
+
+    pub fn get(&self, id: &ProductId) -> Result<Option<ProductState>, StoreError> {
+        let value = self.state.get(id.as_str()).map_err(unavailable("get", 1))?;
+        value.map(|v| decode(id.as_str(), &v)).transpose()
+    }
+
+    /// Every stored product, in id order.
+    pub fn all_states(&self) -> impl Iterator<Item = Result<ProductState, StoreError>> + use<> {
+        self.state.iter().map(|item| {
+            let (key, value) = item.map_err(unavailable("scan", 0))?;
+            decode(&String::from_utf8_lossy(&key), &value)
+        })
+    }
+
+    /// Replaces all current state (re-projection from the log).
+    pub fn replace_all(&self, states: impl IntoIterator<Item = ProductState>) -> Result<usize, StoreError> {
+        self.state.clear().map_err(unavailable("clear", 0))?;
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for state in states {
+            batch.insert(state.id.as_str(), encode(&state));
+            n += 1;
+        }
+        self.state.apply_batch(batch).map_err(unavailable("write", n))?;
+        Ok(n)
+    }
+
+    fn write_blocking(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
+        let mut touched: HashMap<&ProductId, (ProductState, bool)> = HashMap::new();
+        let mut order = Vec::new();
+        let mut unchanged = 0;
+        for sequenced in events {
+            let id = &sequenced.event.product_id;
+            if !touched.contains_key(id) {
+                let state = self.get(id)?.unwrap_or_else(|| ProductState::new(id.clone()));
+                touched.insert(id, (state, false));
+                order.push(id);
+            }
+            let (state, changed) = touched.get_mut(id).expect("inserted above");
+            match state.apply(&sequenced.event) {
+                Applied::Changed => *changed = true,
+                Applied::Stale | Applied::Unchanged => unchanged += 1,
+            }
+        }
+        let mut batch = sled::Batch::default();
+        let mut outcome = WriteOutcome { unchanged, ..WriteOutcome::default() };
+        for id in order {
+            let (state, changed) = &touched[id];
+            let announced = ProductChanged { product_id: state.id.clone(), revision: state.revision, versions: state.versions.clone() };
+            if *changed {
+                batch.insert(id.as_str(), encode(state));
+                outcome.changed.push(announced);
+            } else {
+                outcome.unchanged_products.push(announced);
+            }
+        }
+        self.state.apply_batch(batch).map_err(unavailable("write", events.len()))?;
+        Ok(outcome)
+    }
+}
+
+fn encode(state: &ProductState) -> Vec<u8> {
+    serde_json::to_vec(state).expect("state serializes")
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { product_id: id.to_owned(), detail: e.to_string() })
+}
+
+impl ProductStore for EmbeddedStore {
+    async fn write_batch(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
+        // sled calls block; a batch of hundreds must not stall the runtime thread serving GETs.
+        let store = self.clone();
+        let events = events.to_vec();
+        tokio::task::spawn_blocking(move || store.write_blocking(&events)).await.map_err(|e| {
+            StoreError::Unavailable { operation: "write", count: 0, detail: e.to_string() }
+        })?
+    }
+
+    async fn get_states(&self, ids: &[ProductId]) -> Result<Vec<ProductState>, StoreError> {
+        ids.iter().filter_map(|id| self.get(id).transpose()).collect()
+    }
+}

@@ -1,0 +1,127 @@
+//! The ports between the pipeline core and its adapters. An adapter promises what each
+//! method's doc says; the stages rely on exactly that and nothing more.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use catalog_domain::{CatalogEvent, FacetVersions, ProductId, ProductState};
+
+/// A message as the source handed it out; `receipt` is what acks, releases or dead-letters it.
+#[derive(Debug, Clone)]
+pub struct Received<R> {
+    pub receipt: R,
+    pub message_id: String,
+    pub body: Bytes,
+    /// When the source accepted the message; the event time of bodies that carry none.
+    pub accepted_at: SystemTime,
+    pub receive_count: u32,
+    /// The position in a global event log, when the source is one (the embedded inbox).
+    pub sequence: Option<u64>,
+}
+
+/// A message that must not be retried, with the reason operators will read.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<R> {
+    pub receipt: R,
+    pub message_id: String,
+    pub body: Bytes,
+    pub code: String,
+    pub message: String,
+    pub stage: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("event source storage failed during {operation}: {detail}")]
+    Storage { operation: &'static str, detail: String },
+    #[error("event source is shutting down")]
+    Closed,
+}
+
+/// Where messages come from. At-least-once: a message not acked within its visibility
+/// window comes back, and after the source's maximum receive count it is dead-lettered.
+pub trait EventSource: Send + Sync + 'static {
+    type Receipt: Clone + Debug + Send + Sync + 'static;
+
+    /// Up to `max` messages; waits (long-polls) a bounded time when there are none.
+    fn receive(&self, max: usize) -> impl Future<Output = Result<Vec<Received<Self::Receipt>>, SourceError>> + Send;
+
+    /// Deletes messages whose effects are durable.
+    fn ack(&self, receipts: Vec<Self::Receipt>) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Gives messages back for another attempt after a transient failure.
+    fn release(&self, receipts: Vec<Self::Receipt>, reason: &str) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Moves messages to the dead-letter queue with their reason and removes them from the source.
+    fn dead_letter(
+        &self,
+        letters: Vec<DeadLetter<Self::Receipt>>,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// A validated event with its log position, if the source has one.
+#[derive(Debug, Clone)]
+pub struct SequencedEvent {
+    pub sequence: Option<u64>,
+    pub event: CatalogEvent,
+}
+
+/// One product's new state, as invalidations announce it. `revision` lets every reader
+/// keep only the newest, whatever order announcements arrive in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductChanged {
+    pub product_id: ProductId,
+    pub revision: u64,
+    pub versions: FacetVersions,
+}
+
+/// What a write batch did: the products that changed, how many events changed nothing, and
+/// the indexes (into the batch) of events that could not be written and must be retried.
+#[derive(Debug, Default)]
+pub struct WriteOutcome {
+    pub changed: Vec<ProductChanged>,
+    /// Products the batch touched without changing, with their current revision: announced
+    /// again when a redelivery may mean an earlier announcement was lost.
+    pub unchanged_products: Vec<ProductChanged>,
+    pub unchanged: usize,
+    pub failed: Vec<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {operation} failed for {count} events: {detail}")]
+    Unavailable { operation: &'static str, count: usize, detail: String },
+    #[error("stored state of product {product_id} is unreadable: {detail}")]
+    Corrupt { product_id: String, detail: String },
+}
+
+/// The system of record: the append-only event log and current product state.
+pub trait ProductStore: Send + Sync + 'static {
+    /// Durably records the events and applies them in order to current state, versions
+    /// guarding every facet. When this returns, everything not listed in `failed` is durable.
+    fn write_batch(&self, events: &[SequencedEvent]) -> impl Future<Output = Result<WriteOutcome, StoreError>> + Send;
+
+    /// Current state of the given products; unknown ids are simply absent.
+    fn get_states(&self, ids: &[ProductId]) -> impl Future<Output = Result<Vec<ProductState>, StoreError>> + Send;
+}
+
+/// "These products changed" for every read model that caches them.
+#[derive(Debug, Clone, Default)]
+pub struct Invalidation {
+    pub products: Vec<ProductChanged>,
+    /// The highest log sequence whose effects this announcement covers, when known.
+    pub log_sequence: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("publishing {count} invalidations failed: {detail}")]
+pub struct PublishError {
+    pub count: usize,
+    pub detail: String,
+}
+
+pub trait InvalidationBus: Send + Sync + 'static {
+    fn publish(&self, invalidation: Invalidation) -> impl Future<Output = Result<(), PublishError>> + Send;
+}

@@ -1,0 +1,281 @@
+//! The pipeline's stages and the one function that wires them:
+//! ingest → validate → transform → write → publish → ack.
+//!
+//! Each stage is a task reading one bounded channel and writing the next, so a slow store
+//! slows ingest down instead of filling memory. Shutdown stops ingest only; every later
+//! stage ends when its input closes, which drains in-flight batches in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use catalog_domain::CatalogEvent;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PipelineConfig;
+use crate::metrics::{CodeLabel, PipelineMetrics};
+use crate::ports::{
+    DeadLetter, EventSource, Invalidation, InvalidationBus, ProductStore, Received, SequencedEvent,
+};
+
+/// A valid event still tied to the message that carried it.
+struct Accepted<R> {
+    receipt: R,
+    redelivered: bool,
+    event: SequencedEvent,
+}
+
+/// A batch whose effects are durable, waiting for its invalidations and its ack.
+struct Written<R> {
+    receipts: Vec<R>,
+    invalidation: Invalidation,
+}
+
+/// Runs the pipeline until `shutdown` fires and everything received has been drained.
+pub async fn run<S, St, B>(
+    source: Arc<S>,
+    store: Arc<St>,
+    bus: Arc<B>,
+    config: PipelineConfig,
+    metrics: PipelineMetrics,
+    shutdown: CancellationToken,
+) where
+    S: EventSource,
+    St: ProductStore,
+    B: InvalidationBus,
+{
+    let cap = config.channel_capacity.max(1);
+    let (received_tx, received_rx) = mpsc::channel(cap);
+    let (accepted_tx, accepted_rx) = mpsc::channel(cap * config.receive_batch.max(1));
+    let (batch_tx, batch_rx) = mpsc::channel(cap);
+    let (written_tx, written_rx) = mpsc::channel(cap);
+    let (published_tx, published_rx) = mpsc::channel(cap);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..config.pollers.max(1) {
+        tasks.spawn(ingest(source.clone(), config.receive_batch, received_tx.clone(), metrics.received.clone(), shutdown.clone()));
+    }
+    drop(received_tx);
+    tasks.spawn(validate(source.clone(), config.parse_limits, received_rx, accepted_tx, metrics.clone()));
+    tasks.spawn(transform(accepted_rx, config.write_batch, config.write_batch_timeout, batch_tx));
+    tasks.spawn(write(source.clone(), store, batch_rx, written_tx, metrics.clone()));
+    tasks.spawn(publish(source.clone(), bus, config.clone(), written_rx, published_tx, metrics.clone()));
+    tasks.spawn(ack(source, published_rx, metrics.acked.clone()));
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "pipeline stage panicked");
+        }
+    }
+}
+
+/// Long-polls the source until shutdown.
+async fn ingest<S: EventSource>(
+    source: Arc<S>,
+    max: usize,
+    out: mpsc::Sender<Vec<Received<S::Receipt>>>,
+    received: Counter,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            batch = source.receive(max) => batch,
+        };
+        match batch {
+            Ok(batch) if batch.is_empty() => {}
+            Ok(batch) => {
+                received.inc_by(batch.len() as u64);
+                if out.send(batch).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "receive failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Parses every message; invalid ones go to the DLQ with their reason at once.
+async fn validate<S: EventSource>(
+    source: Arc<S>,
+    limits: catalog_domain::ParseLimits,
+    mut input: mpsc::Receiver<Vec<Received<S::Receipt>>>,
+    out: mpsc::Sender<Accepted<S::Receipt>>,
+    metrics: PipelineMetrics,
+) {
+    while let Some(batch) = input.recv().await {
+        let mut letters = Vec::new();
+        let mut accepted = Vec::with_capacity(batch.len());
+        for message in batch {
+            match CatalogEvent::parse(&message.body, message.accepted_at, limits) {
+                Ok(event) => accepted.push(Accepted {
+                    receipt: message.receipt,
+                    redelivered: message.receive_count > 1,
+                    event: SequencedEvent { sequence: message.sequence, event },
+                }),
+                Err(e) => {
+                    tracing::info!(message_id = %message.message_id, code = e.code(), error = %e, "invalid message");
+                    metrics.dead_lettered.get_or_create(&CodeLabel { code: e.code().to_owned() }).inc();
+                    letters.push(DeadLetter {
+                        receipt: message.receipt,
+                        message_id: message.message_id,
+                        body: message.body,
+                        code: e.code().to_owned(),
+                        message: e.to_string(),
+                        stage: "validate",
+                    });
+                }
+            }
+        }
+        if !letters.is_empty() {
+            if let Err(e) = source.dead_letter(letters).await {
+                // Not acked either: the source hands them out again and we retry the move.
+                tracing::error!(error = %e, "moving invalid messages to the DLQ failed");
+            }
+        }
+        for a in accepted {
+            if out.send(a).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Regroups valid events into write batches by size or time, whatever receive batches they came in.
+async fn transform<R: Send + 'static>(
+    input: mpsc::Receiver<Accepted<R>>,
+    size: usize,
+    timeout: Duration,
+    out: mpsc::Sender<Vec<Accepted<R>>>,
+) {
+    let batches = ReceiverStream::new(input).chunks_timeout(size.max(1), timeout);
+    tokio::pin!(batches);
+    while let Some(batch) = batches.next().await {
+        if out.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes each batch to the store; events it could not write are released for another try.
+async fn write<S: EventSource, St: ProductStore>(
+    source: Arc<S>,
+    store: Arc<St>,
+    mut input: mpsc::Receiver<Vec<Accepted<S::Receipt>>>,
+    out: mpsc::Sender<Written<S::Receipt>>,
+    metrics: PipelineMetrics,
+) {
+    while let Some(batch) = input.recv().await {
+        let redelivered = batch.iter().any(|a| a.redelivered);
+        let (receipts, events): (Vec<_>, Vec<_>) = batch.into_iter().map(|a| (a.receipt, a.event)).unzip();
+        let outcome = match store.write_batch(&events).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, events = events.len(), "store write failed; releasing the batch");
+                metrics.write_failures.inc_by(events.len() as u64);
+                release(&*source, receipts, &e.to_string(), &metrics).await;
+                continue;
+            }
+        };
+        metrics.write_batches.inc();
+        let failed = outcome.failed.len();
+        metrics.applied.inc_by((events.len() - outcome.unchanged - failed) as u64);
+        metrics.unchanged.inc_by(outcome.unchanged as u64);
+        let mut written = Vec::with_capacity(receipts.len());
+        let mut retry = Vec::new();
+        let mut failed_idx = outcome.failed.iter().copied().peekable();
+        for (i, receipt) in receipts.into_iter().enumerate() {
+            if failed_idx.peek() == Some(&i) {
+                failed_idx.next();
+                retry.push(receipt);
+            } else {
+                written.push(receipt);
+            }
+        }
+        if !retry.is_empty() {
+            metrics.write_failures.inc_by(retry.len() as u64);
+            release(&*source, retry, "store did not accept these events", &metrics).await;
+        }
+        let mut products = outcome.changed;
+        if redelivered {
+            // A redelivery may follow a crash between write and publish: announce again.
+            products.extend(outcome.unchanged_products);
+        }
+        let log_sequence = events.iter().filter_map(|e| e.sequence).max();
+        let invalidation = Invalidation { products, log_sequence };
+        if out.send(Written { receipts: written, invalidation }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Announces changed products, retrying with backoff; if the bus stays down the batch's
+/// messages are released, so nothing is acked before read models can learn of it.
+async fn publish<S: EventSource, B: InvalidationBus>(
+    source: Arc<S>,
+    bus: Arc<B>,
+    config: PipelineConfig,
+    mut input: mpsc::Receiver<Written<S::Receipt>>,
+    out: mpsc::Sender<Vec<S::Receipt>>,
+    metrics: PipelineMetrics,
+) {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(config.retry_base)
+        .with_max_times(config.publish_attempts.saturating_sub(1) as usize)
+        .with_jitter();
+    while let Some(written) = input.recv().await {
+        let count = written.invalidation.products.len() as u64;
+        if count > 0 || written.invalidation.log_sequence.is_some() {
+            let attempt = || bus.publish(written.invalidation.clone());
+            let result = attempt
+                .retry(backoff)
+                .notify(|e, _| {
+                    metrics.publish_failures.inc();
+                    tracing::warn!(error = %e, "publishing invalidations failed; retrying");
+                })
+                .await;
+            if let Err(e) = result {
+                release(&*source, written.receipts, &e.to_string(), &metrics).await;
+                continue;
+            }
+            metrics.invalidations.inc_by(count);
+        }
+        if out.send(written.receipts).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Acknowledges messages whose effects are durable and announced.
+async fn ack<S: EventSource>(source: Arc<S>, mut input: mpsc::Receiver<Vec<S::Receipt>>, acked: Counter) {
+    while let Some(receipts) = input.recv().await {
+        let n = receipts.len() as u64;
+        match source.ack(receipts).await {
+            Ok(()) => {
+                acked.inc_by(n);
+            }
+            // They come back after their visibility timeout; every write is idempotent.
+            Err(e) => tracing::error!(error = %e, "ack failed; messages will be redelivered"),
+        }
+    }
+}
+
+async fn release<S: EventSource>(source: &S, receipts: Vec<S::Receipt>, reason: &str, metrics: &PipelineMetrics) {
+    let n = receipts.len() as u64;
+    match source.release(receipts, reason).await {
+        Ok(()) => {
+            metrics.released.inc_by(n);
+        }
+        Err(e) => tracing::error!(error = %e, "release failed; messages return after their visibility timeout"),
+    }
+}

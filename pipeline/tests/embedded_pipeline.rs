@@ -1,0 +1,141 @@
+//! The real stage topology over the real embedded adapters (sled in a temp dir).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use catalog_domain::{ProductId, ProductState};
+use catalog_pipeline::embedded::{EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
+use catalog_pipeline::{PipelineConfig, PipelineMetrics, ProductStore, SequencedEvent, StoreError, WriteOutcome};
+use tokio_util::sync::CancellationToken;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    log: EmbeddedLog,
+    store: EmbeddedStore,
+    invalidations: tokio::sync::mpsc::Receiver<catalog_pipeline::Invalidation>,
+    shutdown: CancellationToken,
+    pipeline: tokio::task::JoinHandle<()>,
+}
+
+fn log_config() -> LogConfig {
+    LogConfig {
+        visibility_timeout: Duration::from_millis(200),
+        wait_time: Duration::from_millis(20),
+        release_delay: Duration::from_millis(5),
+        ..LogConfig::default()
+    }
+}
+
+fn start<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let log = EmbeddedLog::open(&db, log_config()).unwrap();
+    let store = EmbeddedStore::open(&db).unwrap();
+    let bus = Arc::new(EmbeddedBus::new());
+    let invalidations = bus.subscribe(1024);
+    let shutdown = CancellationToken::new();
+    let config = PipelineConfig { write_batch_timeout: Duration::from_millis(2), ..PipelineConfig::default() };
+    let pipeline = tokio::spawn(catalog_pipeline::stages::run(
+        Arc::new(log.clone()),
+        Arc::new(wrap(store.clone())),
+        bus,
+        config,
+        PipelineMetrics::default(),
+        shutdown.clone(),
+    ));
+    Harness { _dir: dir, log, store, invalidations, shutdown, pipeline }
+}
+
+async fn until(mut check: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 5 s");
+}
+
+fn id(s: &str) -> ProductId {
+    ProductId::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn malformed_body_is_dead_lettered_with_reason_and_good_input_after_it_lands() {
+    let mut h = start(|s| s);
+    let bodies = [
+        r#"{"productId":"P1","name":"Laptop","category":"E","status":"created"}"#,
+        r#"{not json"#,
+        r#"{"productId":"P1","price":-1,"currency":"USD"}"#,
+        r#"{"productId":"P1","price":999.99,"currency":"USD"}"#,
+    ];
+    h.log.append(&bodies.map(|b| Bytes::from_static(b.as_bytes()))).await.unwrap();
+    until(|| h.log.consumed_watermark() == 5).await;
+    let state = h.store.get(&id("P1")).unwrap().unwrap();
+    assert_eq!(state.price.unwrap().minor(), 99_999);
+    let letters = h.log.dead_letters().unwrap();
+    let codes: Vec<_> = letters.iter().map(|(r, _)| (r.sequence, r.code.as_str(), r.stage.as_str())).collect();
+    assert_eq!(codes, [(2, "malformed_json", "validate"), (3, "invalid_price", "validate")]);
+    assert_eq!(letters[1].1, Bytes::from_static(bodies[2].as_bytes()), "the DLQ keeps the exact body");
+    let inv = h.invalidations.recv().await.unwrap();
+    assert_eq!(inv.products[0].product_id, id("P1"));
+    h.shutdown.cancel();
+    h.pipeline.await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicates_change_nothing_and_announce_nothing() {
+    let mut h = start(|s| s);
+    let body = Bytes::from_static(br#"{"productId":"P2","quantity":7,"version":3}"#);
+    h.log.append(&[body.clone()]).await.unwrap();
+    let first = h.invalidations.recv().await.unwrap();
+    assert_eq!(first.products.len(), 1);
+    h.log.append(&[body.clone(), Bytes::from_static(br#"{"productId":"P2","quantity":1,"version":2}"#)]).await.unwrap();
+    until(|| h.log.consumed_watermark() == 4).await;
+    let state: ProductState = h.store.get(&id("P2")).unwrap().unwrap();
+    assert_eq!((state.quantity, state.revision), (Some(7), 1));
+    h.shutdown.cancel();
+    h.pipeline.await.unwrap();
+    while let Ok(inv) = h.invalidations.try_recv() {
+        assert!(inv.products.is_empty(), "a no-op batch announces no product: {inv:?}");
+    }
+}
+
+/// A store that fails while `down` is set: proves release, retry and the DLQ after 3 attempts.
+struct FlakyStore {
+    inner: EmbeddedStore,
+    down: Arc<AtomicBool>,
+}
+
+impl ProductStore for FlakyStore {
+    async fn write_batch(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable { operation: "write", count: events.len(), detail: "injected outage".into() });
+        }
+        self.inner.write_batch(events).await
+    }
+
+    async fn get_states(&self, ids: &[ProductId]) -> Result<Vec<ProductState>, StoreError> {
+        self.inner.get_states(ids).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_outage_retries_then_dead_letters_and_recovery_resumes() {
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = down.clone();
+    let h = start(move |inner| FlakyStore { inner, down: flag });
+    h.log.append(&[Bytes::from_static(br#"{"productId":"P3","quantity":1}"#)]).await.unwrap();
+    until(|| h.log.dead_letter_count() == 1).await;
+    let (record, _) = h.log.dead_letters().unwrap().remove(0);
+    assert_eq!((record.code.as_str(), record.attempts), ("max_receive_count_exceeded", 3));
+    assert!(record.message.contains("injected outage"), "{}", record.message);
+    down.store(false, Ordering::SeqCst);
+    h.log.append(&[Bytes::from_static(br#"{"productId":"P3","quantity":2}"#)]).await.unwrap();
+    until(|| h.store.get(&id("P3")).unwrap().is_some()).await;
+    assert_eq!(h.store.get(&id("P3")).unwrap().unwrap().quantity, Some(2));
+    h.shutdown.cancel();
+    h.pipeline.await.unwrap();
+}
