@@ -23,6 +23,7 @@ impl Default for ViewSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Availability {
     #[serde(rename = "In Stock")]
     InStock,
@@ -45,7 +46,10 @@ impl Availability {
 }
 
 #[derive(Serialize)]
-struct WebView<'a> {
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+/// The web view of a product (contract §2).
+#[cfg_attr(feature = "openapi", schema(as = ProductView))]
+pub struct WebView<'a> {
     product: ProductPart<'a>,
     price: Option<PricePart>,
     #[serde(rename = "displayPrice")]
@@ -57,7 +61,8 @@ struct WebView<'a> {
 }
 
 #[derive(Serialize)]
-struct ProductPart<'a> {
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProductPart<'a> {
     id: &'a str,
     name: &'a str,
     description: Option<&'a str>,
@@ -65,18 +70,23 @@ struct ProductPart<'a> {
 }
 
 #[derive(Serialize)]
-struct PricePart {
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PricePart {
     amount: String,
     currency: &'static str,
 }
 
 #[derive(Serialize)]
-struct StockPart {
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StockPart {
     quantity: u64,
 }
 
 #[derive(Serialize)]
-struct MobileView<'a> {
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+/// The compact view for mobile clients (`?view=mobile`).
+#[cfg_attr(feature = "openapi", schema(as = MobileProductView))]
+pub struct MobileView<'a> {
     id: &'a str,
     name: &'a str,
     #[serde(rename = "displayPrice")]

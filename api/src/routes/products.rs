@@ -1,0 +1,184 @@
+//! `GET /products/{id}` and `GET /products?category=…|ids=…`: bytes from the read model.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use catalog_domain::ProductId;
+use catalog_readmodel::{StoredView, Variant};
+use warp::http::{HeaderValue, StatusCode};
+use warp::reply::Response;
+
+use crate::http::{ApiError, Conditional, cached_json, dynamic_json};
+use crate::state::AppState;
+
+fn parse_variant(params: &[(String, String)]) -> Result<Variant, ApiError> {
+    match params.iter().rev().find(|(k, _)| k == "view").map(|(_, v)| v.as_str()) {
+        None | Some("web") => Ok(Variant::Web),
+        Some("mobile") => Ok(Variant::Mobile),
+        Some(other) => Err(ApiError::bad_request("invalid_view", format!("view must be web or mobile, got {other:?}"))),
+    }
+}
+
+fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
+    ProductId::parse(raw).map_err(|e| ApiError::bad_request("invalid_product_id", e.to_string()))
+}
+
+fn cache_control(state: &AppState) -> HeaderValue {
+    HeaderValue::from_str(&state.config.cache_control).unwrap_or_else(|_| HeaderValue::from_static("no-cache"))
+}
+
+/// The view, or a cache-aside fill from the store when the read model has not got it yet.
+async fn lookup(state: &AppState, id: &ProductId) -> Result<Option<StoredView>, ApiError> {
+    let unavailable = |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
+    if let Some(view) = state.readmodel.get(id.as_str()).map_err(|e| unavailable(e.to_string()))? {
+        return Ok(Some(view));
+    }
+    let Some(fill) = &state.fill else { return Ok(None) };
+    let view = fill.fill(id.clone()).await.map_err(unavailable)?;
+    if view.is_some() {
+        state.metrics.cache_fills.inc();
+    }
+    Ok(view)
+}
+
+/// One product's view.
+#[utoipa::path(
+    get,
+    path = "/products/{id}",
+    params(
+        ("id" = String, Path, description = "1–64 characters of [A-Za-z0-9_.:-]"),
+        ("view" = Option<String>, Query, description = "`web` (default) or `mobile`"),
+        ("If-None-Match" = Option<String>, Header, description = "ETag of a cached copy: 304 when unchanged"),
+    ),
+    responses(
+        (status = 200, description = "The product view (web)", body = catalog_domain::view::WebView),
+        (status = 304, description = "Not modified"),
+        (status = 400, description = "Invalid id or view"),
+        (status = 404, description = "Unknown or deleted product"),
+    ),
+    tag = "products"
+)]
+pub async fn get_product(raw_id: String, params: Vec<(String, String)>, cond: Conditional, state: Arc<AppState>) -> Response {
+    let started = Instant::now();
+    let response = match product_response(&raw_id, &params, &cond, &state).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    state.metrics.observe("get_product", response.status().as_u16(), started);
+    response
+}
+
+async fn product_response(raw_id: &str, params: &[(String, String)], cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
+    let id = parse_id(raw_id)?;
+    let variant = parse_variant(params)?;
+    match lookup(state, &id).await? {
+        Some(view) if view.listed => {
+            Ok(cached_json(cond, view.etag(variant), view.body(variant), view.gzip_body(variant), &cache_control(state)))
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "product_not_found", format!("no product with id {id}"))),
+    }
+}
+
+/// A category page, or several products by id.
+#[utoipa::path(
+    get,
+    path = "/products",
+    params(
+        ("category" = Option<String>, Query, description = "List this category, in product-id order"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1–100, default 20"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+        ("ids" = Option<String>, Query, description = "Comma-separated product ids, at most 100 (instead of category)"),
+        ("view" = Option<String>, Query, description = "`web` (default) or `mobile`"),
+    ),
+    responses(
+        (status = 200, description = "`{items, nextCursor}` for a category; `{items, missing}` for ids"),
+        (status = 400, description = "Invalid or missing parameters"),
+    ),
+    tag = "products"
+)]
+pub async fn list_products(params: Vec<(String, String)>, cond: Conditional, state: Arc<AppState>) -> Response {
+    let started = Instant::now();
+    let response = match list_response(&params, &cond, &state).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    state.metrics.observe("list_products", response.status().as_u16(), started);
+    response
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+async fn list_response(params: &[(String, String)], cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
+    let variant = parse_variant(params)?;
+    match (param(params, "category"), param(params, "ids")) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request("invalid_query", "give either category or ids, not both")),
+        (None, None) => Err(ApiError::bad_request("invalid_query", "give category=… (with limit, cursor) or ids=a,b,c")),
+        (Some(category), None) => category_page(category, params, variant, cond, state),
+        (None, Some(ids)) => by_ids(ids, variant, cond, state).await,
+    }
+}
+
+fn category_page(category: &str, params: &[(String, String)], variant: Variant, cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
+    if category.is_empty() {
+        return Err(ApiError::bad_request("invalid_category", "category must not be empty"));
+    }
+    let max = state.config.max_page_size;
+    let limit = match param(params, "limit") {
+        None => state.config.default_page_size,
+        Some(text) => text.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+            ApiError::bad_request("invalid_limit", format!("limit must be an integer from 1 to {max}, got {text:?}"))
+        })?,
+    };
+    let cursor = param(params, "cursor").map(parse_id).transpose()?;
+    let page = state
+        .readmodel
+        .page(category, cursor.as_ref().map(ProductId::as_str), limit)
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+    let mut body = Vec::with_capacity(page.items.len() * 400 + 64);
+    body.extend_from_slice(b"{\"items\":[");
+    join_bodies(&mut body, &page.items, variant);
+    body.extend_from_slice(b"],\"nextCursor\":");
+    serde_json::to_writer(&mut body, &page.next_cursor).expect("json serializes");
+    body.push(b'}');
+    Ok(dynamic_json(cond, body, &cache_control(state)))
+}
+
+async fn by_ids(ids: &str, variant: Variant, cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
+    let mut parsed: Vec<ProductId> = Vec::new();
+    for raw in ids.split(',') {
+        let id = parse_id(raw)?;
+        if !parsed.contains(&id) {
+            parsed.push(id);
+        }
+    }
+    if parsed.len() > state.config.max_ids {
+        return Err(ApiError::bad_request("too_many_ids", format!("at most {} ids per request", state.config.max_ids)));
+    }
+    let mut found = Vec::with_capacity(parsed.len());
+    let mut missing = Vec::new();
+    for id in &parsed {
+        match lookup(state, id).await? {
+            Some(view) if view.listed => found.push(view),
+            _ => missing.push(id.as_str()),
+        }
+    }
+    let mut body = Vec::with_capacity(found.len() * 400 + 64);
+    body.extend_from_slice(b"{\"items\":[");
+    join_bodies(&mut body, &found, variant);
+    body.extend_from_slice(b"],\"missing\":");
+    serde_json::to_writer(&mut body, &missing).expect("json serializes");
+    body.push(b'}');
+    Ok(dynamic_json(cond, body, &cache_control(state)))
+}
+
+/// Splices stored bodies into a JSON array: nothing is parsed or re-serialized.
+fn join_bodies(out: &mut Vec<u8>, views: &[StoredView], variant: Variant) {
+    for (i, view) in views.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&view.body(variant));
+    }
+}

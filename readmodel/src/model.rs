@@ -1,0 +1,278 @@
+//! `ReadModel`: reads that only slice stored bytes, and writes that never go backwards.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use catalog_domain::{ProductState, ViewSettings};
+use catalog_pipeline::StoreError;
+
+use crate::view::StoredView;
+
+/// The largest page a list route may ask for (contract §2).
+pub const DEFAULT_MAX_PAGE: usize = 100;
+const CHECKPOINT_KEY: &[u8] = b"applied_sequence";
+
+mod trees {
+    pub const VIEWS: &str = "views";
+    pub const BY_CATEGORY: &str = "views_by_category";
+    pub const META: &str = "readmodel_meta";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadModelError {
+    #[error("read model storage failed during {operation}: {detail}")]
+    Storage { operation: &'static str, detail: String },
+    #[error("refreshing views from the store failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+fn storage(operation: &'static str) -> impl Fn(sled::Error) -> ReadModelError {
+    move |e| ReadModelError::Storage { operation, detail: e.to_string() }
+}
+
+/// Cheap to clone; clones share the same trees.
+#[derive(Clone)]
+pub struct ReadModel {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    views: sled::Tree,
+    by_category: sled::Tree,
+    meta: sled::Tree,
+    settings: ViewSettings,
+}
+
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<StoredView>,
+    /// The id to pass as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn category_key(category: &str, id: &str) -> Vec<u8> {
+    // Categories never hold control characters (validation rejects them), so NUL separates.
+    let mut key = Vec::with_capacity(category.len() + 1 + id.len());
+    key.extend_from_slice(category.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+impl ReadModel {
+    pub fn open(db: &sled::Db, settings: ViewSettings) -> Result<Self, ReadModelError> {
+        let open = storage("open");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                views: db.open_tree(trees::VIEWS).map_err(&open)?,
+                by_category: db.open_tree(trees::BY_CATEGORY).map_err(&open)?,
+                meta: db.open_tree(trees::META).map_err(&open)?,
+                settings,
+            }),
+        })
+    }
+
+    /// The stored view, tombstones included (check `listed`).
+    pub fn get(&self, id: &str) -> Result<Option<StoredView>, ReadModelError> {
+        let value = self.inner.views.get(id).map_err(storage("get"))?;
+        Ok(value.and_then(|v| StoredView::decode(Bytes::from_owner(v))))
+    }
+
+    /// Listed products of a category in id order, starting after `after`. Keyed by id, so
+    /// concurrent changes can neither repeat nor skip a product across pages.
+    pub fn page(&self, category: &str, after: Option<&str>, limit: usize) -> Result<Page, ReadModelError> {
+        let start = match after {
+            Some(id) => Bound::Excluded(category_key(category, id)),
+            None => Bound::Included(category_key(category, "")),
+        };
+        let mut end = category.as_bytes().to_vec();
+        end.push(1);
+        let prefix_len = category.len() + 1;
+        let mut items = Vec::with_capacity(limit.min(DEFAULT_MAX_PAGE));
+        let mut last_id = String::new();
+        let mut next_cursor = None;
+        for entry in self.inner.by_category.range((start, Bound::Excluded(end))) {
+            let (key, _) = entry.map_err(storage("page"))?;
+            let id = std::str::from_utf8(&key[prefix_len..]).unwrap_or_default();
+            // The index may briefly hold an entry its view has moved away from: trust the view.
+            let Some(view) = self.get(id)?.filter(|v| v.listed && v.category() == category) else { continue };
+            if items.len() == limit {
+                next_cursor = Some(last_id);
+                break;
+            }
+            items.push(view);
+            id.clone_into(&mut last_id);
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    /// Applies states whose revision is newer than the stored view's; returns how many views
+    /// changed. Compare-and-swap per product, so a refresh and a cache-aside fill racing on the
+    /// same product can only ever leave the newer revision behind.
+    pub fn apply(&self, states: &[ProductState]) -> Result<usize, ReadModelError> {
+        let mut written = 0;
+        for state in states {
+            if self.apply_one(state)? {
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    fn apply_one(&self, state: &ProductState) -> Result<bool, ReadModelError> {
+        let key = state.id.as_str();
+        let mut encoded = None;
+        loop {
+            let current = self.inner.views.get(key).map_err(storage("get"))?;
+            let current_view = current.clone().and_then(|v| StoredView::decode(Bytes::from_owner(v)));
+            if current_view.as_ref().is_some_and(|v| v.revision >= state.revision) {
+                return Ok(false);
+            }
+            let value = encoded.get_or_insert_with(|| StoredView::encode(state, self.inner.settings)).clone();
+            match self.inner.views.compare_and_swap(key, current, Some(value)).map_err(storage("write view"))? {
+                Ok(()) => {
+                    let old = current_view.filter(|v| v.listed).map(|v| v.category().to_owned()).filter(|c| !c.is_empty());
+                    self.reindex(key, old.as_deref(), state.category())?;
+                    return Ok(true);
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn reindex(&self, id: &str, old: Option<&str>, new: Option<&str>) -> Result<(), ReadModelError> {
+        if old == new {
+            return Ok(());
+        }
+        let index = &self.inner.by_category;
+        if let Some(old) = old {
+            index.remove(category_key(old, id)).map_err(storage("index"))?;
+        }
+        if let Some(new) = new {
+            index.insert(category_key(new, id), &[]).map_err(storage("index"))?;
+        }
+        Ok(())
+    }
+
+    pub fn revision_of(&self, id: &str) -> Result<Option<u64>, ReadModelError> {
+        Ok(self.get(id)?.map(|v| v.revision))
+    }
+
+    /// The highest log sequence whose effects every view reflects.
+    pub fn checkpoint(&self) -> Result<u64, ReadModelError> {
+        let value = self.inner.meta.get(CHECKPOINT_KEY).map_err(storage("checkpoint"))?;
+        Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+    }
+
+    pub fn set_checkpoint(&self, sequence: u64) -> Result<(), ReadModelError> {
+        self.inner.meta.insert(CHECKPOINT_KEY, &sequence.to_be_bytes()).map_err(storage("checkpoint"))?;
+        Ok(())
+    }
+
+    /// Drops every view, index entry and the checkpoint (before a rebuild).
+    pub fn clear(&self) -> Result<(), ReadModelError> {
+        let clear = storage("clear");
+        self.inner.views.clear().map_err(&clear)?;
+        self.inner.by_category.clear().map_err(&clear)?;
+        self.inner.meta.clear().map_err(&clear)?;
+        Ok(())
+    }
+
+    /// Views stored, tombstones included.
+    pub fn len(&self) -> usize {
+        self.inner.views.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.views.is_empty()
+    }
+
+    /// Every listed view, in id order (for verification).
+    pub fn iter(&self) -> impl Iterator<Item = Result<StoredView, ReadModelError>> + use<> {
+        self.inner.views.iter().filter_map(|item| match item {
+            Ok((_, v)) => StoredView::decode(Bytes::from_owner(v)).map(Ok),
+            Err(e) => Some(Err(storage("scan")(e))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catalog_domain::{CatalogEvent, ProductId};
+    use std::time::SystemTime;
+
+    fn model() -> (tempfile::TempDir, ReadModel) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        (dir, ReadModel::open(&db, ViewSettings::default()).unwrap())
+    }
+
+    fn state(id: &str, events: &[serde_json::Value]) -> ProductState {
+        let mut s = ProductState::new(ProductId::parse(id).unwrap());
+        for e in events {
+            s.apply(&CatalogEvent::from_value(e, SystemTime::UNIX_EPOCH).unwrap());
+        }
+        s
+    }
+
+    fn created(id: &str, category: &str) -> serde_json::Value {
+        serde_json::json!({"productId": id, "name": format!("Product {id}"), "category": category, "status": "created"})
+    }
+
+    #[test]
+    fn an_older_state_never_overwrites_a_newer_view() {
+        let (_d, rm) = model();
+        let v1 = state("P1", &[created("P1", "A")]);
+        let v2 = state("P1", &[created("P1", "A"), serde_json::json!({"productId":"P1","quantity":3})]);
+        assert_eq!(rm.apply(std::slice::from_ref(&v2)).unwrap(), 1);
+        assert_eq!(rm.apply(&[v1]).unwrap(), 0);
+        assert_eq!(rm.get("P1").unwrap().unwrap().revision, 2);
+    }
+
+    #[test]
+    fn pages_walk_a_category_without_duplicates_or_gaps() {
+        let (_d, rm) = model();
+        let states: Vec<_> = (0..25).map(|i| state(&format!("P{i:02}"), &[created(&format!("P{i:02}"), "C")])).collect();
+        rm.apply(&states).unwrap();
+        rm.apply(&[state("Q1", &[created("Q1", "Other")])]).unwrap();
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = rm.page("C", cursor.as_deref(), 10).unwrap();
+            seen.extend(page.items.iter().map(|v| v.body(crate::Variant::Mobile)));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 25);
+        let ids: Vec<String> = seen.iter().map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap()["id"].as_str().unwrap().to_owned()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(ids, sorted);
+    }
+
+    #[test]
+    fn recategorised_and_deleted_products_leave_the_old_listing() {
+        let (_d, rm) = model();
+        rm.apply(&[state("P1", &[created("P1", "A")])]).unwrap();
+        rm.apply(&[state("P1", &[created("P1", "A"), created("P1", "B")])]).unwrap();
+        assert!(rm.page("A", None, 10).unwrap().items.is_empty());
+        assert_eq!(rm.page("B", None, 10).unwrap().items.len(), 1);
+        let deleted = state("P1", &[created("P1", "A"), created("P1", "B"), serde_json::json!({"productId":"P1","status":"deleted"})]);
+        rm.apply(&[deleted]).unwrap();
+        assert!(rm.page("B", None, 10).unwrap().items.is_empty());
+        assert!(!rm.get("P1").unwrap().unwrap().listed);
+    }
+
+    #[test]
+    fn checkpoint_round_trips() {
+        let (_d, rm) = model();
+        assert_eq!(rm.checkpoint().unwrap(), 0);
+        rm.set_checkpoint(42).unwrap();
+        assert_eq!(rm.checkpoint().unwrap(), 42);
+    }
+}

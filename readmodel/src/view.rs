@@ -1,0 +1,182 @@
+//! The stored form of one product's view: everything a GET sends, prepared when it changed.
+
+use std::hash::{DefaultHasher, Hasher};
+use std::io::Write;
+
+use bytes::Bytes;
+use catalog_domain::ProductState;
+use catalog_domain::view::{RenderedView, ViewSettings, render};
+
+/// Bodies at least this large are also stored gzipped (contract §2: over 1 KiB).
+pub const GZIP_MIN_BYTES: usize = 1024;
+const FORMAT: u8 = 1;
+const ETAG_LEN: usize = 18;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Web,
+    Mobile,
+}
+
+/// A view as stored: `revision` orders it, `listed` is false for a tombstone (deleted or not
+/// yet described), which still holds its revision so an older refresh cannot resurrect it.
+#[derive(Clone)]
+pub struct StoredView {
+    raw: Bytes,
+    pub revision: u64,
+    pub listed: bool,
+    category: (usize, usize),
+    /// For each variant: ETag, body, gzipped body (empty when not worth it).
+    parts: [[(usize, usize); 3]; 2],
+}
+
+impl std::fmt::Debug for StoredView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredView").field("revision", &self.revision).field("listed", &self.listed).finish()
+    }
+}
+
+fn etag(body: &[u8]) -> String {
+    // SipHash with fixed keys: stable for a given build, which is all an ETag needs.
+    let mut h = DefaultHasher::new();
+    h.write(body);
+    format!("\"{:016x}\"", h.finish())
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    if body.len() < GZIP_MIN_BYTES {
+        return Vec::new();
+    }
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 3), flate2::Compression::default());
+    enc.write_all(body).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail")
+}
+
+impl StoredView {
+    /// Encodes the view of `state`: rendered bodies when listed, a tombstone otherwise.
+    pub fn encode(state: &ProductState, settings: ViewSettings) -> Vec<u8> {
+        let rendered = render(state, settings);
+        let category = state.category().unwrap_or_default().as_bytes();
+        let mut out = Vec::with_capacity(512);
+        out.push(FORMAT);
+        out.extend_from_slice(&state.revision.to_be_bytes());
+        out.push(u8::from(rendered.is_some()));
+        put(&mut out, category);
+        if let Some(RenderedView { web, mobile }) = rendered {
+            for body in [web, mobile] {
+                put(&mut out, etag(&body).as_bytes());
+                let gz = gzip(&body);
+                put(&mut out, &body);
+                put(&mut out, &gz);
+            }
+        }
+        out
+    }
+
+    pub fn decode(raw: Bytes) -> Option<Self> {
+        if raw.first() != Some(&FORMAT) {
+            return None;
+        }
+        let revision = u64::from_be_bytes(raw.get(1..9)?.try_into().ok()?);
+        let listed = *raw.get(9)? == 1;
+        let mut at = 10;
+        let category = take(&raw, &mut at)?;
+        let mut parts = [[(0, 0); 3]; 2];
+        if listed {
+            for variant in &mut parts {
+                for part in variant.iter_mut() {
+                    *part = take(&raw, &mut at)?;
+                }
+            }
+            if parts[0][0].1 - parts[0][0].0 != ETAG_LEN {
+                return None;
+            }
+        }
+        Some(Self { raw, revision, listed, category, parts })
+    }
+
+    pub fn category(&self) -> &str {
+        std::str::from_utf8(&self.raw[self.category.0..self.category.1]).unwrap_or_default()
+    }
+
+    pub fn etag(&self, variant: Variant) -> Bytes {
+        let (s, e) = self.parts[variant as usize][0];
+        self.raw.slice(s..e)
+    }
+
+    pub fn body(&self, variant: Variant) -> Bytes {
+        let (s, e) = self.parts[variant as usize][1];
+        self.raw.slice(s..e)
+    }
+
+    /// The gzipped body, when the body was large enough to be worth compressing.
+    pub fn gzip_body(&self, variant: Variant) -> Option<Bytes> {
+        let (s, e) = self.parts[variant as usize][2];
+        (e > s).then(|| self.raw.slice(s..e))
+    }
+}
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn take(raw: &[u8], at: &mut usize) -> Option<(usize, usize)> {
+    let len = u32::from_be_bytes(raw.get(*at..*at + 4)?.try_into().ok()?) as usize;
+    let start = *at + 4;
+    let end = start.checked_add(len)?;
+    if end > raw.len() {
+        return None;
+    }
+    *at = end;
+    Some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catalog_domain::{CatalogEvent, ProductId};
+    use std::time::SystemTime;
+
+    fn state(description_len: usize) -> ProductState {
+        let mut s = ProductState::new(ProductId::parse("P1").unwrap());
+        let body = serde_json::json!({"productId":"P1","name":"Laptop","category":"Electronics","status":"created","description":"d".repeat(description_len)});
+        s.apply(&CatalogEvent::from_value(&body, SystemTime::UNIX_EPOCH).unwrap());
+        s
+    }
+
+    #[test]
+    fn round_trips_bodies_etags_and_category() {
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(10), ViewSettings::default()))).unwrap();
+        assert!(v.listed);
+        assert_eq!(v.revision, 1);
+        assert_eq!(v.category(), "Electronics");
+        let web: serde_json::Value = serde_json::from_slice(&v.body(Variant::Web)).unwrap();
+        assert_eq!(web["product"]["name"], "Laptop");
+        let mobile: serde_json::Value = serde_json::from_slice(&v.body(Variant::Mobile)).unwrap();
+        assert_eq!(mobile["id"], "P1");
+        assert_ne!(v.etag(Variant::Web), v.etag(Variant::Mobile));
+        assert_eq!(v.etag(Variant::Web).len(), ETAG_LEN);
+        assert!(v.gzip_body(Variant::Web).is_none(), "small bodies are not compressed");
+    }
+
+    #[test]
+    fn large_bodies_carry_a_gzip_twin() {
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(4000), ViewSettings::default()))).unwrap();
+        let gz = v.gzip_body(Variant::Web).unwrap();
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut plain).unwrap();
+        assert_eq!(plain, v.body(Variant::Web));
+    }
+
+    #[test]
+    fn tombstones_keep_their_revision() {
+        let mut s = state(1);
+        let del = serde_json::json!({"productId":"P1","status":"deleted"});
+        s.apply(&CatalogEvent::from_value(&del, SystemTime::UNIX_EPOCH).unwrap());
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default()))).unwrap();
+        assert!(!v.listed);
+        assert_eq!(v.revision, 2);
+        assert_eq!(v.category(), "");
+    }
+}
