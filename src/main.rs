@@ -1,1 +1,30 @@
-fn main() {}
+//! `catalog`: the one binary. It parses the command line, wires the crates together and does
+//! little else: `serve` runs pipeline + read model + BFF, `replay` holds the operator tools.
+
+mod cli;
+mod demo;
+mod replay;
+mod serve;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CATALOG_LOG").unwrap_or_else(|_| "info,sled=warn".into()),
+        )
+        .init();
+    let result = match cli.command {
+        cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Replay(cli::ReplayCommand::Rebuild(args)) => replay::rebuild(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

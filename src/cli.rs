@@ -1,0 +1,95 @@
+//! The command line: every flag has a `CATALOG_*` environment twin and a default that serves a laptop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "catalog", version, about = "Event-sourced product catalog: pipeline, read model and BFF in one binary")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the pipeline, the read model and the BFF in one process (embedded: no AWS needed).
+    Serve(ServeArgs),
+    /// Rebuild derived state after an outage or a lost read model.
+    #[command(subcommand)]
+    Replay(ReplayCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ReplayCommand {
+    /// Rebuild the read model from the event log (stop `catalog serve` first).
+    Rebuild(DataArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// Where the embedded database lives.
+    #[arg(long, env = "CATALOG_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// sled page cache, in MiB.
+    #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = 256)]
+    pub cache_mb: u64,
+    /// Largest event body accepted; larger ones are dead-lettered.
+    #[arg(long, env = "CATALOG_MAX_BODY_BYTES", default_value_t = catalog_domain::event::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Quantity at or below which a product shows `Low Stock`.
+    #[arg(long, env = "CATALOG_LOW_STOCK_THRESHOLD", default_value_t = catalog_domain::view::DEFAULT_LOW_STOCK_THRESHOLD)]
+    pub low_stock_threshold: u64,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address the BFF listens on (port 0 picks a free port, printed at start).
+    #[arg(long, env = "CATALOG_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Load a small sample catalog when the event log is empty.
+    #[arg(long, env = "CATALOG_DEMO")]
+    pub demo: bool,
+    /// Bearer token `POST /events` requires.
+    #[arg(long, env = "CATALOG_INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<String>,
+    /// Serve `POST /events` on a non-loopback address without a token (not recommended).
+    #[arg(long, env = "CATALOG_ALLOW_PUBLIC_INGEST")]
+    pub allow_public_ingest: bool,
+    /// Browser origins allowed by CORS (repeat, or comma-separate; `*` for any).
+    #[arg(long = "cors-origin", env = "CATALOG_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Cache-Control of product answers.
+    #[arg(long, env = "CATALOG_CACHE_CONTROL", default_value = catalog_api::config::DEFAULT_CACHE_CONTROL)]
+    pub cache_control: String,
+    /// Largest `POST /events` request body.
+    #[arg(long, env = "CATALOG_MAX_REQUEST_BYTES", default_value_t = catalog_api::config::DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: u64,
+    /// Most entries in one `POST /events`.
+    #[arg(long, env = "CATALOG_MAX_ENTRIES", default_value_t = catalog_api::config::DEFAULT_MAX_ENTRIES)]
+    pub max_entries: usize,
+    /// Messages taken from the event source per receive.
+    #[arg(long, env = "CATALOG_RECEIVE_BATCH", default_value_t = catalog_pipeline::config::DEFAULT_RECEIVE_BATCH)]
+    pub receive_batch: usize,
+    /// Events per store write.
+    #[arg(long, env = "CATALOG_WRITE_BATCH", default_value_t = catalog_pipeline::config::DEFAULT_WRITE_BATCH)]
+    pub write_batch: usize,
+    /// Longest a partial write batch waits for more events, in milliseconds.
+    #[arg(long, env = "CATALOG_WRITE_BATCH_TIMEOUT_MS", default_value_t = 5)]
+    pub write_batch_timeout_ms: u64,
+    /// Seconds a received message stays invisible before it is redelivered.
+    #[arg(long, env = "CATALOG_VISIBILITY_TIMEOUT_SECS", default_value_t = 30)]
+    pub visibility_timeout_secs: u64,
+    /// Deliveries before a failing message goes to the dead-letter queue.
+    #[arg(long, env = "CATALOG_MAX_RECEIVE_COUNT", default_value_t = 3)]
+    pub max_receive_count: u32,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, env = "CATALOG_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Longest a graceful shutdown waits for in-flight batches, in seconds.
+    #[arg(long, env = "CATALOG_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+}
