@@ -29,29 +29,30 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
         .map(|if_none_match, accept_encoding| Conditional { if_none_match, accept_encoding });
     let query = warp::query::<Vec<(String, String)>>();
 
-    let get_product = warp::get()
-        .and(warp::path!("products" / String))
+    // Path before method: otherwise every unknown path answers 405 instead of 404.
+    let get_product = warp::path!("products" / String)
+        .and(warp::get())
         .and(query)
         .and(conditional)
         .and(with_state.clone())
         .then(products::get_product);
-    let list_products = warp::get()
-        .and(warp::path!("products"))
+    let list_products = warp::path!("products")
+        .and(warp::get())
         .and(query)
         .and(conditional)
         .and(with_state.clone())
         .then(products::list_products);
-    let post_events = warp::post()
-        .and(warp::path!("events"))
+    let post_events = warp::path!("events")
+        .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::content_length_limit(state.config.max_request_bytes))
         .and(warp::body::bytes())
         .and(with_state.clone())
         .then(events::post_events);
-    let healthz = warp::get().and(warp::path!("healthz")).map(ops::healthz);
-    let readyz = warp::get().and(warp::path!("readyz")).and(with_state.clone()).then(ops::readyz);
-    let metrics = warp::get().and(warp::path!("metrics")).and(with_state.clone()).map(ops::metrics);
-    let openapi = warp::get().and(warp::path!("openapi.json")).map(ops::openapi);
+    let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);
+    let readyz = warp::path!("readyz").and(warp::get()).and(with_state.clone()).then(ops::readyz);
+    let metrics = warp::path!("metrics").and(warp::get()).and(with_state.clone()).map(ops::metrics);
+    let openapi = warp::path!("openapi.json").and(warp::get()).map(ops::openapi);
 
     let api = get_product
         .or(list_products)

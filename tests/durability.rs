@@ -1,0 +1,114 @@
+//! Versions, dead letters, restarts and crashes, against the real binary and its data dir.
+
+mod helpers;
+
+use std::time::Duration;
+
+use helpers::*;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn stale_and_duplicate_events_converge_on_the_highest_version() {
+    let app = spawn_app();
+    app.ingest(&json!([product("V1", "Vase", "Home")])).await;
+    // Shuffled, duplicated deliveries of versions 1..=4.
+    let deliveries = json!([
+        price("V1", "40", "USD", 4), price("V1", "10", "USD", 1), price("V1", "40", "USD", 4),
+        price("V1", "30", "USD", 3), price("V1", "20", "USD", 2), stock("V1", 9, 2), stock("V1", 1, 1),
+    ]);
+    app.ingest(&deliveries).await;
+    app.ingest(&deliveries).await;
+    let view = app.eventually("/products/V1", |v| v["stock"]["quantity"] == 9).await;
+    assert_eq!(view["displayPrice"], "$40.00");
+    // Let the pipeline finish everything, then check nothing went backwards.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, view) = app.get_json("/products/V1").await;
+    assert_eq!((view["displayPrice"].clone(), view["stock"]["quantity"].clone()), (json!("$40.00"), json!(9)));
+    assert!(app.metric("catalog_pipeline_events_unchanged_total").await >= 9.0);
+}
+
+#[tokio::test]
+async fn bad_input_is_dead_lettered_while_good_input_after_it_lands() {
+    let app = spawn_app();
+    app.ingest(&json!([
+        {"source": "pricing.service", "detail-type": "Price Update", "detail": {"productId": "B1", "price": -1, "currency": "USD"}},
+        {"source": "pricing.service", "detail-type": "Price Update", "detail": {"productId": "B1", "price": 0.001, "currency": "USD"}},
+        {"source": "nobody", "detail-type": "Price Update", "detail": {}},
+        {"productId": "bad id!", "quantity": 1},
+        product("B1", "Bowl", "Kitchen"),
+        price("B1", "12.50", "EUR", 1),
+    ]))
+    .await;
+    let view = app.eventually("/products/B1", |v| v["price"].is_object()).await;
+    assert_eq!(view["displayPrice"], "€12.50");
+    let dead = app.metric("catalog_pipeline_events_dead_lettered_total").await;
+    assert_eq!(dead, 4.0);
+    assert_eq!(app.metric("catalog_pipeline_events_dead_lettered_total{code=\"invalid_price\"}").await, 2.0);
+    assert_eq!(app.metric("catalog_pipeline_events_dead_lettered_total{code=\"unknown_event_type\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = start_in(dir.path(), &Options::default());
+    app.ingest(&json!([product("R1", "Rug", "Home"), stock("R1", 0, 1)])).await;
+    let before = app.eventually("/products/R1", |v| v["availability"] == "Out of Stock").await;
+    app.stop();
+    let app = start_in(dir.path(), &Options::default());
+    let (status, after) = app.get_json("/products/R1").await;
+    assert_eq!(status, 200);
+    assert_eq!(after, before);
+    let (_, page) = app.get_json("/products?category=Home").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn kill_9_right_after_202_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = start_in(dir.path(), &Options::default());
+    let events: Vec<Value> = (0..500).map(|i| product(&format!("K{i:03}"), "Kit", "Crash")).collect();
+    app.ingest(&Value::Array(events)).await;
+    app.kill9();
+    let app = start_in(dir.path(), &Options::default());
+    // Every accepted event must come back: all 500 products, checked 100 ids at a time.
+    for chunk in 0..5 {
+        let ids: Vec<String> = (chunk * 100..chunk * 100 + 100).map(|i| format!("K{i:03}")).collect();
+        app.eventually(&format!("/products?ids={}", ids.join(",")), |v| v["missing"] == json!([])).await;
+    }
+}
+
+#[tokio::test]
+async fn replay_rebuild_restores_a_lost_read_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = start_in(dir.path(), &Options::default());
+    app.ingest(&json!([product("RB1", "Bench", "Garden"), price("RB1", "99", "USD", 1), product("RB2", "Hose", "Garden")])).await;
+    let before = app.eventually("/products/RB1", |v| v["price"].is_object()).await;
+    app.eventually("/products/RB2", |_| true).await;
+    app.stop();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["replay", "rebuild", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("rebuilt 2 views of 2 products from 3 log entries"), "{report}");
+
+    let app = start_in(dir.path(), &Options::default());
+    assert_eq!(app.get_json("/products/RB1").await, (200, before));
+    let (_, page) = app.get_json("/products?category=Garden").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn replay_rebuild_refuses_a_data_dir_in_use() {
+    let app = spawn_app();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["replay", "rebuild", "--data-dir"])
+        .arg(&app.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
+}
