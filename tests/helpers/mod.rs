@@ -111,7 +111,7 @@ impl TestApp {
         text.lines()
             .filter(|l| l.starts_with(name_and_labels))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .fold(0.0, |a, b| a + b)
     }
 
     /// SIGTERM and wait: the graceful path.

@@ -1,0 +1,100 @@
+//! Embedded pipeline, end to end: events/s from `POST /events` to visible in the read model,
+//! against the release binary on 127.0.0.1 with its own data dir. Prints its figures.
+//!
+//! cargo bench --bench ingest            (CATALOG_BENCH_EVENTS to change the count)
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use std::io::{BufRead, BufReader};
+
+use serde_json::{Value, json};
+
+const DEFAULT_EVENTS: usize = 100_000;
+const BATCH: usize = 1_000;
+const POSTERS: usize = 4;
+
+fn events(total: usize) -> Vec<Value> {
+    let products = total / 4;
+    let mut out = Vec::with_capacity(total);
+    for round in 0..4 {
+        for p in 0..products {
+            let id = format!("P{p:07}");
+            out.push(match round {
+                0 => json!({"source":"product.service","detail-type":"Product Update","detail":{"productId":id,"name":format!("Product {p}"),"category":format!("C{}", p % 100),"status":"created","version":1}}),
+                1 => json!({"source":"pricing.service","detail-type":"Price Update","detail":{"productId":id,"price":19.99,"currency":"USD","version":1}}),
+                2 => json!({"source":"inventory.service","detail-type":"Inventory Update","detail":{"productId":id,"quantity":p % 50,"version":1}}),
+                _ => json!({"source":"inventory.service","detail-type":"Inventory Update","detail":{"productId":id,"quantity":p % 7,"version":2}}),
+            });
+        }
+    }
+    out
+}
+
+async fn checkpoint(client: &reqwest::Client, base: &str) -> u64 {
+    let ready: Value = client.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
+    let detail = ready["checks"][0]["detail"].as_str().unwrap_or_default().to_owned();
+    detail.rsplit("checkpoint ").next().and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
+fn main() {
+    let total: usize = std::env::var("CATALOG_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_EVENTS);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("CATALOG_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(a) = line.strip_prefix("catalog listening on ") {
+            break a.to_owned();
+        }
+    };
+    let bodies: Vec<Vec<u8>> = events(total).chunks(BATCH).map(|c| serde_json::to_vec(c).unwrap()).collect();
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        let mut posters = Vec::new();
+        for k in 0..POSTERS {
+            let client = client.clone();
+            let base = base.clone();
+            let mine: Vec<Vec<u8>> = bodies.iter().skip(k).step_by(POSTERS).cloned().collect();
+            posters.push(tokio::spawn(async move {
+                for body in mine {
+                    let r = client.post(format!("{base}/events")).body(body).send().await.unwrap();
+                    assert_eq!(r.status(), 202);
+                }
+            }));
+        }
+        for p in posters {
+            p.await.unwrap();
+        }
+        let accepted = started.elapsed();
+        while checkpoint(&client, &base).await < total as u64 {
+            assert!(started.elapsed() < Duration::from_secs(600), "pipeline did not catch up in 10 minutes");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let visible = started.elapsed();
+        let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        let metric = |name: &str| -> f64 {
+            metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).fold(0.0, |a, b| a + b)
+        };
+        println!("embedded pipeline, {total} events ({} products, {:.0} B/event), {POSTERS} posters × {BATCH}-event POSTs", total / 4, bytes as f64 / total as f64);
+        println!("  accepted (durable, 202)   {:>9.0} events/s   ({accepted:.2?})", total as f64 / accepted.as_secs_f64());
+        println!("  POST → visible            {:>9.0} events/s   ({visible:.2?})", total as f64 / visible.as_secs_f64());
+        println!(
+            "  applied {} · unchanged {} · write batches {} · dead-lettered {}",
+            metric("catalog_pipeline_events_applied_total"),
+            metric("catalog_pipeline_events_unchanged_total"),
+            metric("catalog_pipeline_write_batches_total"),
+            metric("catalog_pipeline_events_dead_lettered_total"),
+        );
+    });
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
