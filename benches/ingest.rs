@@ -39,7 +39,11 @@ async fn checkpoint(client: &reqwest::Client, base: &str) -> u64 {
 fn main() {
     let total: usize = std::env::var("CATALOG_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_EVENTS);
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_catalog"))
+    // CATALOG_BENCH_URL targets a server started by hand (e.g. under a profiler).
+    let external = std::env::var("CATALOG_BENCH_URL").ok();
+    // CATALOG_BENCH_BIN compares another build (A/B runs interleaved on a noisy machine).
+    let bin = std::env::var("CATALOG_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_catalog").to_owned());
+    let mut child = Command::new(bin)
         .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("CATALOG_LOG", "warn")
@@ -47,11 +51,14 @@ fn main() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(a) = line.strip_prefix("catalog listening on ") {
-            break a.to_owned();
-        }
+    let base = match external {
+        Some(url) => url,
+        None => loop {
+            let line = lines.next().unwrap().unwrap();
+            if let Some(a) = line.strip_prefix("catalog listening on ") {
+                break a.to_owned();
+            }
+        },
     };
     let bodies: Vec<Vec<u8>> = events(total).chunks(BATCH).map(|c| serde_json::to_vec(c).unwrap()).collect();
     let bytes: usize = bodies.iter().map(Vec::len).sum();

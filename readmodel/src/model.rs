@@ -110,7 +110,7 @@ impl ReadModel {
     /// Applies states whose revision is newer than the stored view's; returns how many views
     /// changed. Compare-and-swap per product, so a refresh and a cache-aside fill racing on the
     /// same product can only ever leave the newer revision behind.
-    pub fn apply(&self, states: &[ProductState]) -> Result<usize, ReadModelError> {
+    pub fn apply<'a>(&self, states: impl IntoIterator<Item = &'a ProductState>) -> Result<usize, ReadModelError> {
         let mut written = 0;
         for state in states {
             if self.apply_one(state)? {
@@ -177,15 +177,6 @@ impl ReadModel {
         self.inner.by_category.clear().map_err(&clear)?;
         self.inner.meta.clear().map_err(&clear)?;
         Ok(())
-    }
-
-    /// Views stored, tombstones included.
-    pub fn len(&self) -> usize {
-        self.inner.views.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.inner.views.is_empty()
     }
 
     /// Every listed view, in id order (for verification).

@@ -1,7 +1,7 @@
 //! The embedded event source: a durable, ordered inbox in sled that is also the event log.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -79,6 +79,8 @@ struct Inner {
     cursor: Mutex<Cursor>,
     arrived: Notify,
     closed: AtomicBool,
+    /// sled's `len()` scans the whole tree, so the DLQ size is counted here instead.
+    dead_letters: AtomicU64,
     config: LogConfig,
 }
 
@@ -124,6 +126,7 @@ impl EmbeddedLog {
             .map_err(&open)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(1);
+        let dead_letters = AtomicU64::new(dlq.len() as u64);
         Ok(Self {
             inner: Arc::new(Inner {
                 db: db.clone(),
@@ -134,6 +137,7 @@ impl EmbeddedLog {
                 cursor: Mutex::new(Cursor { next_unread: watermark, in_flight: BTreeMap::new(), watermark }),
                 arrived: Notify::new(),
                 closed: AtomicBool::new(false),
+                dead_letters,
                 config,
             }),
         })
@@ -201,8 +205,8 @@ impl EmbeddedLog {
         Ok(out)
     }
 
-    pub fn dead_letter_count(&self) -> usize {
-        self.inner.dlq.len()
+    pub fn dead_letter_count(&self) -> u64 {
+        self.inner.dead_letters.load(Ordering::Relaxed)
     }
 
     fn take(&self, max: usize) -> Result<Vec<Received<u64>>, SourceError> {
@@ -286,7 +290,9 @@ impl EmbeddedLog {
         value.extend_from_slice(&(header.len() as u32).to_be_bytes());
         value.extend_from_slice(&header);
         value.extend_from_slice(body);
-        self.inner.dlq.insert(sequence.to_be_bytes(), value).map_err(&write)?;
+        if self.inner.dlq.insert(sequence.to_be_bytes(), value).map_err(&write)?.is_none() {
+            self.inner.dead_letters.fetch_add(1, Ordering::Relaxed);
+        }
         tracing::warn!(sequence, code, message, stage, "message dead-lettered");
         Ok(())
     }
