@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "catalog", version, about = "Event-sourced product catalog: pipeline, read model and BFF in one binary")]
@@ -19,6 +19,93 @@ pub enum Command {
     /// Rebuild derived state after an outage or a lost read model.
     #[command(subcommand)]
     Replay(ReplayCommand),
+    /// Create the AWS resources the AWS backend needs.
+    #[command(subcommand)]
+    Infra(InfraCommand),
+}
+
+#[derive(Subcommand)]
+pub enum InfraCommand {
+    /// Create (idempotently) the bus, ingest rule, queues with redrive, and tables with the category index.
+    Init(AwsArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// Everything in this process on sled: no cloud needed.
+    Embedded,
+    /// SQS, DynamoDB and EventBridge, from the standard AWS environment.
+    Aws,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Pipeline and BFF in one process.
+    All,
+    /// The BFF with its read model, fed by invalidations (AWS backend).
+    Api,
+    /// The pipeline only (AWS backend); serves health, readiness and metrics.
+    Worker,
+}
+
+/// AWS resource names and limits; the endpoint, region and credentials come from the
+/// standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, profiles, roles…).
+#[derive(Args, Clone)]
+pub struct AwsArgs {
+    /// EventBridge bus producers publish to.
+    #[arg(long, env = "CATALOG_BUS", default_value = "catalog")]
+    pub bus: String,
+    /// Rule that routes catalog events from the bus to the ingest queue.
+    #[arg(long, env = "CATALOG_INGEST_RULE", default_value = "catalog-ingest")]
+    pub ingest_rule: String,
+    #[arg(long, env = "CATALOG_INGEST_QUEUE", default_value = "catalog-ingest")]
+    pub ingest_queue: String,
+    #[arg(long, env = "CATALOG_DLQ", default_value = "catalog-ingest-dlq")]
+    pub dead_letter_queue: String,
+    #[arg(long, env = "CATALOG_EVENTS_TABLE", default_value = "catalog-events")]
+    pub events_table: String,
+    #[arg(long, env = "CATALOG_PRODUCTS_TABLE", default_value = "catalog-products")]
+    pub products_table: String,
+    /// Prefix of each API instance's invalidation queue and rule.
+    #[arg(long, env = "CATALOG_INVALIDATION_PREFIX", default_value = "catalog-invalidations")]
+    pub invalidation_prefix: String,
+    /// SQS long-poll wait, in seconds (at most 20).
+    #[arg(long, env = "CATALOG_SQS_WAIT_SECS", default_value_t = 20)]
+    pub sqs_wait_secs: u64,
+    /// Concurrent SQS receive loops per worker.
+    #[arg(long, env = "CATALOG_POLLERS", default_value_t = 4)]
+    pub pollers: usize,
+    /// DynamoDB conditional updates in flight per write batch.
+    #[arg(long, env = "CATALOG_WRITE_CONCURRENCY", default_value_t = catalog_pipeline::aws::DEFAULT_WRITE_CONCURRENCY)]
+    pub write_concurrency: usize,
+    /// Seconds a received message stays invisible (renewed by a heartbeat while in flight).
+    #[arg(long, env = "CATALOG_SQS_VISIBILITY_SECS", default_value_t = 30)]
+    pub sqs_visibility_secs: u64,
+    /// Receives before SQS moves a failing message to the DLQ (the queue's redrive policy).
+    #[arg(long, env = "CATALOG_SQS_MAX_RECEIVE_COUNT", default_value_t = 3)]
+    pub sqs_max_receive_count: u32,
+}
+
+impl AwsArgs {
+    pub fn settings(&self) -> catalog_pipeline::aws::AwsSettings {
+        use catalog_pipeline::aws::{AwsNames, AwsSettings};
+        AwsSettings {
+            names: AwsNames {
+                bus: self.bus.clone(),
+                ingest_rule: self.ingest_rule.clone(),
+                ingest_queue: self.ingest_queue.clone(),
+                dead_letter_queue: self.dead_letter_queue.clone(),
+                events_table: self.events_table.clone(),
+                products_table: self.products_table.clone(),
+                invalidation_prefix: self.invalidation_prefix.clone(),
+            },
+            wait_time: std::time::Duration::from_secs(self.sqs_wait_secs.min(20)),
+            visibility_timeout: std::time::Duration::from_secs(self.sqs_visibility_secs.max(1)),
+            max_receive_count: self.sqs_max_receive_count.max(1),
+            write_concurrency: self.write_concurrency.max(1),
+            ..AwsSettings::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -41,6 +128,10 @@ pub struct DataArgs {
     /// Quantity at or below which a product shows `Low Stock`.
     #[arg(long, env = "CATALOG_LOW_STOCK_THRESHOLD", default_value_t = catalog_domain::view::DEFAULT_LOW_STOCK_THRESHOLD)]
     pub low_stock_threshold: u64,
+    /// Seconds a view is served before it is re-read from the store: the backstop for a
+    /// missed invalidation.
+    #[arg(long, env = "CATALOG_VIEW_TTL_SECS", default_value_t = 300)]
+    pub view_ttl_secs: u64,
 }
 
 #[derive(Args)]
@@ -50,6 +141,14 @@ pub struct ServeArgs {
     pub addr: SocketAddr,
     #[command(flatten)]
     pub data: DataArgs,
+    /// Where events come from and state goes.
+    #[arg(long, env = "CATALOG_BACKEND", value_enum, default_value_t = Backend::Embedded)]
+    pub backend: Backend,
+    /// What this process runs; `api` and `worker` need the AWS backend.
+    #[arg(long, env = "CATALOG_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+    #[command(flatten)]
+    pub aws: AwsArgs,
     /// Load a small sample catalog when the event log is empty.
     #[arg(long, env = "CATALOG_DEMO")]
     pub demo: bool,

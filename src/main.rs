@@ -3,6 +3,7 @@
 
 mod cli;
 mod demo;
+mod infra;
 mod replay;
 mod serve;
 
@@ -20,6 +21,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::Replay(cli::ReplayCommand::Rebuild(args)) => replay::rebuild(args),
+        cli::Command::Infra(cli::InfraCommand::Init(args)) => infra::init(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

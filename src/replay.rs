@@ -11,7 +11,7 @@ use crate::serve::open_db;
 pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
     let db = open_db(&args)?;
     let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
-    let model = ReadModel::open(&db, ViewSettings { low_stock_threshold: args.low_stock_threshold })
+    let model = ReadModel::open(&db, ViewSettings { low_stock_threshold: args.low_stock_threshold }, None)
         .context("opening the read model")?;
     let total = log.entries_from(1).count() as u64;
     let bar = indicatif::ProgressBar::new(total).with_style(

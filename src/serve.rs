@@ -1,5 +1,8 @@
-//! `catalog serve`: wires the embedded topology (event log → pipeline → store → bus →
-//! read model → BFF) and shuts it down in order: stop accepting, drain, flush.
+//! `catalog serve`: wires one of two topologies and shuts it down in order (stop accepting,
+//! drain, flush).
+//! - embedded: event log → pipeline → sled store → in-process bus → read model → BFF.
+//! - aws: SQS → pipeline → DynamoDB → EventBridge (worker); per-instance invalidation queue →
+//!   read model → BFF (api). `--role` picks one or both.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -9,17 +12,24 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use catalog_api::{ApiConfig, ApiMetrics, AppState, Check, IngestToken, Readiness, StoreFill};
 use catalog_domain::{CatalogEvent, ParseLimits, ViewSettings};
+use catalog_pipeline::aws::dynamodb::DynamoStore;
+use catalog_pipeline::aws::eventbridge::{EventBridgeBus, InvalidationSubscription};
+use catalog_pipeline::aws::sqs::SqsSource;
+use catalog_pipeline::aws::{AwsClients, AwsMetrics, AwsSettings};
 use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
 use catalog_pipeline::{PipelineConfig, PipelineMetrics};
 use catalog_readmodel::ReadModel;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{DataArgs, ServeArgs};
+use crate::cli::{Backend, DataArgs, Role, ServeArgs};
 
-/// How often the backlog, DLQ and view gauges are refreshed.
+/// How often the backlog, DLQ and checkpoint gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest a readiness check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn open_db(args: &DataArgs) -> anyhow::Result<sled::Db> {
     std::fs::create_dir_all(&args.data_dir)
@@ -39,19 +49,27 @@ pub fn open_db(args: &DataArgs) -> anyhow::Result<sled::Db> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.backend == Backend::Embedded && args.role != Role::All {
+        return Err(anyhow!("--role {:?} needs --backend aws: the embedded backend runs everything in one process", args.role));
+    }
     let api = api_config(&args)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
         runtime.worker_threads(n.max(1));
     }
-    runtime.enable_all().build().context("starting the async runtime")?.block_on(serve(args, api))
+    let runtime = runtime.enable_all().build().context("starting the async runtime")?;
+    match args.backend {
+        Backend::Embedded => runtime.block_on(embedded(args, api)),
+        Backend::Aws => runtime.block_on(aws(args, api)),
+    }
 }
 
 fn api_config(args: &ServeArgs) -> anyhow::Result<ApiConfig> {
     for origin in &args.cors_origins {
         catalog_api::config::validate_origin(origin).map_err(|e| anyhow!(e))?;
     }
-    if !args.addr.ip().is_loopback() && args.ingest_token.is_none() && !args.allow_public_ingest {
+    let ingests = args.backend == Backend::Embedded;
+    if ingests && !args.addr.ip().is_loopback() && args.ingest_token.is_none() && !args.allow_public_ingest {
         return Err(anyhow!(
             "refusing to serve POST /events on {} without a token: set CATALOG_INGEST_TOKEN, bind to 127.0.0.1, or pass --allow-public-ingest",
             args.addr
@@ -63,11 +81,72 @@ fn api_config(args: &ServeArgs) -> anyhow::Result<ApiConfig> {
         ingest_token: args.ingest_token.clone().filter(|t| !t.is_empty()).map(IngestToken::new),
         max_request_bytes: args.max_request_bytes,
         max_entries: args.max_entries,
+        product_routes: args.role != Role::Worker,
         ..ApiConfig::default()
     })
 }
 
-async fn serve(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
+fn view_settings(data: &DataArgs) -> ViewSettings {
+    ViewSettings { low_stock_threshold: data.low_stock_threshold }
+}
+
+fn open_read_model(db: &sled::Db, data: &DataArgs) -> anyhow::Result<ReadModel> {
+    ReadModel::open(db, view_settings(data), Some(Duration::from_secs(data.view_ttl_secs))).context("opening the read model")
+}
+
+fn pipeline_config(args: &ServeArgs, receive_batch: usize, pollers: usize) -> PipelineConfig {
+    PipelineConfig {
+        receive_batch,
+        pollers,
+        write_batch: args.write_batch.max(1),
+        write_batch_timeout: Duration::from_millis(args.write_batch_timeout_ms),
+        parse_limits: ParseLimits { max_body_bytes: args.data.max_body_bytes },
+        ..PipelineConfig::default()
+    }
+}
+
+/// The BFF on its listener, stoppable.
+struct Http {
+    server: JoinHandle<()>,
+    stop: CancellationToken,
+    draining: Arc<AtomicBool>,
+}
+
+async fn start_http(addr: std::net::SocketAddr, state: AppState) -> anyhow::Result<Http> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    let draining = state.draining.clone();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(
+        warp::serve(catalog_api::routes(Arc::new(state))).incoming(listener).graceful(stop.clone().cancelled_owned()).run(),
+    );
+    // Tests and scripts read this line to find a port-0 server.
+    println!("catalog listening on http://{local}");
+    tracing::info!(%local, "serving");
+    Ok(Http { server, stop, draining })
+}
+
+impl Http {
+    fn begin_shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.stop.cancel();
+    }
+}
+
+/// Waits for tasks to finish, at most `limit`; what has not finished by then is abandoned
+/// (unacknowledged messages come back: every write is idempotent).
+async fn drain(limit: Duration, tasks: Vec<JoinHandle<()>>) {
+    let all = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(limit, all).await.is_err() {
+        tracing::warn!("drain timed out; unacknowledged messages are redelivered later");
+    }
+}
+
+async fn embedded(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
     let db = open_db(&args.data)?;
     let limits = ParseLimits { max_body_bytes: args.data.max_body_bytes };
     let log_config = LogConfig {
@@ -77,8 +156,7 @@ async fn serve(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
     };
     let log = EmbeddedLog::open(&db, log_config).context("opening the event log")?;
     let store = Arc::new(EmbeddedStore::open(&db).context("opening the product store")?);
-    let model = ReadModel::open(&db, ViewSettings { low_stock_threshold: args.data.low_stock_threshold })
-        .context("opening the read model")?;
+    let model = open_read_model(&db, &args.data)?;
 
     if args.demo && log.entries_from(1).next().is_none() {
         log.append(&crate::demo::events()).await.context("loading the demo catalog")?;
@@ -92,7 +170,6 @@ async fn serve(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
         store.clone(),
         bus.subscribe(DEFAULT_SUBSCRIBER_CAPACITY),
     ));
-
     let mut registry = Registry::default();
     let pipeline_metrics = PipelineMetrics::default();
     pipeline_metrics.register(&mut registry);
@@ -100,63 +177,130 @@ async fn serve(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
     api_metrics.register(&mut registry);
     let stop_pipeline = CancellationToken::new();
     let gauges = spawn_gauges(&mut registry, log.clone(), model.clone(), stop_pipeline.clone());
-
-    let pipeline_config = PipelineConfig {
-        receive_batch: args.receive_batch.max(1),
-        write_batch: args.write_batch.max(1),
-        write_batch_timeout: Duration::from_millis(args.write_batch_timeout_ms),
-        parse_limits: limits,
-        ..PipelineConfig::default()
-    };
     let pipeline = tokio::spawn(catalog_pipeline::stages::run(
         Arc::new(log.clone()),
         store.clone(),
         bus,
-        pipeline_config,
+        pipeline_config(&args, args.receive_batch.max(1), 1),
         pipeline_metrics,
         stop_pipeline.clone(),
     ));
-
-    let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
-    let local = listener.local_addr().context("reading the bound address")?;
-    let draining = Arc::new(AtomicBool::new(false));
-    let state = Arc::new(AppState {
+    let http = start_http(args.addr, AppState {
         readmodel: model.clone(),
         ingest: Some(Arc::new(log.clone())),
-        fill: Some(Arc::new(StoreFill { store: store.clone(), model: model.clone() })),
+        fill: Some(Arc::new(StoreFill::new(store.clone(), model.clone()))),
         readiness: Arc::new(EmbeddedReadiness { log: log.clone(), model: model.clone() }),
         registry: Arc::new(registry),
         metrics: api_metrics,
         config: api,
-        draining: draining.clone(),
-    });
-    let stop_http = CancellationToken::new();
-    let server = tokio::spawn(
-        warp::serve(catalog_api::routes(state)).incoming(listener).graceful(stop_http.clone().cancelled_owned()).run(),
-    );
-    // Tests and scripts read this line to find a port-0 server.
-    println!("catalog listening on http://{local}");
-    tracing::info!(%local, data_dir = %args.data.data_dir.display(), "serving");
+        draining: Arc::new(AtomicBool::new(false)),
+    })
+    .await?;
 
     shutdown_signal().await;
     tracing::info!("shutting down: no new requests, draining in-flight batches");
-    draining.store(true, Ordering::SeqCst);
-    stop_http.cancel();
+    http.begin_shutdown();
     stop_pipeline.cancel();
     log.close();
-    let drained = tokio::time::timeout(Duration::from_secs(args.shutdown_timeout_secs), async {
-        let _ = server.await;
-        let _ = pipeline.await;
-        let _ = refresher.await;
-        let _ = gauges.await;
+    drain(Duration::from_secs(args.shutdown_timeout_secs), vec![http.server, pipeline, refresher, gauges]).await;
+    db.flush_async().await.context("flushing the database")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn aws(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
+    let clients = AwsClients::from_env().await;
+    let settings = args.aws.settings();
+    let mut registry = Registry::default();
+    let aws_metrics = AwsMetrics::default();
+    aws_metrics.register(&mut registry);
+    let api_metrics = ApiMetrics::default();
+    api_metrics.register(&mut registry);
+    let store = Arc::new(DynamoStore::new(clients.dynamodb.clone(), settings.clone(), aws_metrics.clone()));
+    let stop_pipeline = CancellationToken::new();
+    let stop_api = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    let worker = matches!(args.role, Role::All | Role::Worker);
+    if worker {
+        let source = SqsSource::connect(clients.sqs.clone(), settings.clone(), aws_metrics.clone())
+            .await
+            .context("connecting to the ingest queue")?;
+        tasks.push(source.spawn_heartbeat(stop_pipeline.clone()));
+        let pipeline_metrics = PipelineMetrics::default();
+        pipeline_metrics.register(&mut registry);
+        let bus = Arc::new(EventBridgeBus::new(clients.eventbridge.clone(), settings.clone(), aws_metrics.clone()));
+        tasks.push(tokio::spawn(catalog_pipeline::stages::run(
+            Arc::new(source),
+            store.clone(),
+            bus,
+            pipeline_config(&args, 10, args.aws.pollers.max(1)),
+            pipeline_metrics,
+            stop_pipeline.clone(),
+        )));
+    }
+
+    // Every role keeps a read model; only the api role fills and serves it.
+    let db = open_db(&args.data)?;
+    let model = open_read_model(&db, &args.data)?;
+    let mut subscription = None;
+    if matches!(args.role, Role::All | Role::Api) {
+        let states = store.scan_states().await.context("warming the read model from the products table")?;
+        let warmed = model.apply(&states)?;
+        tracing::info!(products = states.len(), views = warmed, "read model warmed from the store");
+        let sub = Arc::new(
+            InvalidationSubscription::create(
+                clients.sqs.clone(),
+                clients.eventbridge.clone(),
+                settings.names.clone(),
+                &instance_id(),
+                aws_metrics.clone(),
+            )
+            .await
+            .map_err(|e| anyhow!(e))
+            .context("subscribing to invalidations")?,
+        );
+        let (feed, invalidations) = tokio::sync::mpsc::channel(DEFAULT_SUBSCRIBER_CAPACITY);
+        tasks.push(tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), invalidations)));
+        let (poller, wait, stop) = (sub.clone(), settings.wait_time, stop_api.clone());
+        tasks.push(tokio::spawn(async move { poller.run(feed, wait, stop).await }));
+        subscription = Some(sub);
+    }
+
+    let http = start_http(args.addr, AppState {
+        readmodel: model.clone(),
+        ingest: None,
+        fill: Some(Arc::new(StoreFill::new(store.clone(), model.clone()))),
+        readiness: Arc::new(AwsReadiness { clients: clients.clone(), settings: settings.clone(), worker }),
+        registry: Arc::new(registry),
+        metrics: api_metrics,
+        config: api,
+        draining: Arc::new(AtomicBool::new(false)),
     })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("drain timed out; unacknowledged messages are redelivered at the next start");
+    .await?;
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new requests, draining in-flight batches");
+    http.begin_shutdown();
+    stop_pipeline.cancel();
+    stop_api.cancel();
+    tasks.push(http.server);
+    drain(Duration::from_secs(args.shutdown_timeout_secs), tasks).await;
+    if let Some(sub) = subscription {
+        sub.remove().await;
     }
     db.flush_async().await.context("flushing the database")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Names this API instance's invalidation queue: unique per process, short enough for SQS.
+fn instance_id() -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
 /// Re-renders products whose views may be behind the store: after a crash between a store
@@ -183,7 +327,7 @@ async fn catch_up(log: &EmbeddedLog, model: &ReadModel, store: &Arc<EmbeddedStor
 }
 
 /// Gauges are read from in-memory counters only: sled's `len()` is a full scan.
-fn spawn_gauges(registry: &mut Registry, log: EmbeddedLog, model: ReadModel, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+fn spawn_gauges(registry: &mut Registry, log: EmbeddedLog, model: ReadModel, stop: CancellationToken) -> JoinHandle<()> {
     let backlog = Gauge::<i64>::default();
     let dead_letters = Gauge::<i64>::default();
     let checkpoint = Gauge::<i64>::default();
@@ -227,6 +371,60 @@ impl Readiness for EmbeddedReadiness {
                 Check { name: "store", ok: true, detail: "embedded sled store".into() },
                 Check { name: "breaker", ok: true, detail: "closed (embedded store is local)".into() },
             ]
+        })
+    }
+}
+
+/// Readiness in AWS mode: the queue and table answer (with the queue's backlog).
+struct AwsReadiness {
+    clients: AwsClients,
+    settings: AwsSettings,
+    worker: bool,
+}
+
+impl Readiness for AwsReadiness {
+    fn checks(&self) -> catalog_api::state::BoxFuture<'_, Vec<Check>> {
+        Box::pin(async move {
+            let names = &self.settings.names;
+            let table = tokio::time::timeout(
+                CHECK_TIMEOUT,
+                self.clients.dynamodb.describe_table().table_name(&names.products_table).send(),
+            )
+            .await;
+            let store = match table {
+                Ok(Ok(_)) => Check { name: "store", ok: true, detail: format!("DynamoDB table {} reachable", names.products_table) },
+                Ok(Err(e)) => Check { name: "store", ok: false, detail: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string() },
+                Err(_) => Check { name: "store", ok: false, detail: format!("DynamoDB did not answer within {CHECK_TIMEOUT:?}") },
+            };
+            let mut checks = vec![Check { name: "readModel", ok: true, detail: "open".into() }, store];
+            if self.worker {
+                let queue = tokio::time::timeout(CHECK_TIMEOUT, async {
+                    let url = self.clients.sqs.get_queue_url().queue_name(&names.ingest_queue).send().await?;
+                    self.clients
+                        .sqs
+                        .get_queue_attributes()
+                        .queue_url(url.queue_url().unwrap_or_default())
+                        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+                        .send()
+                        .await
+                        .map_err(aws_sdk_sqs::Error::from)
+                })
+                .await;
+                checks.push(match queue {
+                    Ok(Ok(out)) => {
+                        let backlog = out
+                            .attributes()
+                            .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
+                            .cloned()
+                            .unwrap_or_default();
+                        Check { name: "eventSource", ok: true, detail: format!("SQS {}, backlog {backlog}", names.ingest_queue) }
+                    }
+                    Ok(Err(e)) => Check { name: "eventSource", ok: false, detail: e.to_string() },
+                    Err(_) => Check { name: "eventSource", ok: false, detail: format!("SQS did not answer within {CHECK_TIMEOUT:?}") },
+                });
+            }
+            checks.push(Check { name: "breaker", ok: true, detail: "closed (failed writes are released to SQS redrive)".into() });
+            checks
         })
     }
 }

@@ -52,7 +52,7 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::Config::new().path(dir.path()).cache_capacity(256 << 20).open().unwrap();
-    let model = ReadModel::open(&db, ViewSettings::default()).unwrap();
+    let model = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
     let states: Vec<ProductState> = (0..PRODUCTS)
         .map(|i| {
             let id = format!("P{i:05}");

@@ -45,6 +45,8 @@ pub struct ApiConfig {
     pub max_ids: usize,
     pub default_page_size: usize,
     pub max_page_size: usize,
+    /// Product and ingest routes; off for a worker, which serves only health, readiness and metrics.
+    pub product_routes: bool,
 }
 
 impl Default for ApiConfig {
@@ -58,6 +60,7 @@ impl Default for ApiConfig {
             max_ids: DEFAULT_MAX_IDS,
             default_page_size: DEFAULT_PAGE_SIZE,
             max_page_size: catalog_readmodel::DEFAULT_MAX_PAGE,
+            product_routes: true,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! What the routes need from the rest of the process, behind small object-safe ports.
 
 use std::future::Future;
+use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
@@ -32,11 +33,22 @@ impl Ingest for EmbeddedLog {
 /// Cache-aside: on a read-model miss, fetch the product from the store and keep its view.
 pub trait ViewFill: Send + Sync + 'static {
     fn fill(&self, id: ProductId) -> BoxFuture<'_, Result<Option<StoredView>, String>>;
+
+    /// Re-reads an expired view in the background while the stale one is served.
+    fn refresh_later(self: Arc<Self>, id: ProductId);
 }
 
 pub struct StoreFill<St> {
     pub store: Arc<St>,
     pub model: ReadModel,
+    /// Products being refreshed now: a burst of GETs on one expired view costs one store read.
+    pub refreshing: Mutex<HashSet<ProductId>>,
+}
+
+impl<St> StoreFill<St> {
+    pub fn new(store: Arc<St>, model: ReadModel) -> Self {
+        Self { store, model, refreshing: Mutex::new(HashSet::new()) }
+    }
 }
 
 impl<St: ProductStore> ViewFill for StoreFill<St> {
@@ -46,6 +58,18 @@ impl<St: ProductStore> ViewFill for StoreFill<St> {
             catch_up(&self.model, &*self.store, vec![id]).await.map_err(|e| e.to_string())?;
             self.model.get(&key).map_err(|e| e.to_string())
         })
+    }
+
+    fn refresh_later(self: Arc<Self>, id: ProductId) {
+        if !self.refreshing.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone()) {
+            return;
+        }
+        tokio::spawn(async move {
+            if let Err(e) = catch_up(&self.model, &*self.store, vec![id.clone()]).await {
+                tracing::warn!(product = %id, error = %e, "refreshing an expired view failed; serving it stale");
+            }
+            self.refreshing.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        });
     }
 }
 

@@ -237,6 +237,57 @@ impl CatalogEvent {
         }
     }
 
+    /// The compact envelope of this event (contract §1, shape 2), which [`CatalogEvent::parse`]
+    /// reads back to the same event: what a durable event log stores, so replay re-validates
+    /// through the one parser.
+    pub fn to_compact_json(&self) -> Value {
+        let decimal = |m: Money| -> Value {
+            // amount_text is plain decimal digits, which serde_json always accepts as a number.
+            Value::Number(m.amount_text().parse().expect("plain decimal is a JSON number"))
+        };
+        let mut detail = Map::new();
+        detail.insert("productId".into(), Value::String(self.product_id.as_str().to_owned()));
+        if let Some(v) = self.version {
+            detail.insert("version".into(), Value::from(v));
+        }
+        match &self.change {
+            Change::Product(p) => {
+                let status = match p.status {
+                    ProductStatus::Created => "created",
+                    ProductStatus::Updated => "updated",
+                    ProductStatus::Deleted => "deleted",
+                };
+                detail.insert("status".into(), Value::String(status.into()));
+                for (key, value) in [("name", &p.name), ("description", &p.description), ("category", &p.category)] {
+                    if let Some(v) = value {
+                        detail.insert(key.into(), Value::String(v.clone()));
+                    }
+                }
+                if let Some(price) = p.list_price {
+                    detail.insert("price".into(), decimal(price));
+                    detail.insert("currency".into(), Value::String(price.currency().code().into()));
+                }
+            }
+            Change::Inventory { quantity } => {
+                detail.insert("quantity".into(), Value::from(*quantity));
+            }
+            Change::Price { price } => {
+                detail.insert("price".into(), decimal(*price));
+                detail.insert("currency".into(), Value::String(price.currency().code().into()));
+            }
+        }
+        let kind = self.kind();
+        let mut envelope = Map::new();
+        if let Some(id) = &self.event_id {
+            envelope.insert("id".into(), Value::String(id.clone()));
+        }
+        envelope.insert("type".into(), Value::String(kind.detail_type().into()));
+        envelope.insert("source".into(), Value::String(kind.source().into()));
+        envelope.insert("time".into(), Value::String(humantime::format_rfc3339_millis(self.time).to_string()));
+        envelope.insert("detail".into(), Value::Object(detail));
+        Value::Object(envelope)
+    }
+
     /// Milliseconds since the Unix epoch; times before it clamp to 0.
     pub fn time_millis(&self) -> u64 {
         millis_since_epoch(self.time)
@@ -495,6 +546,23 @@ mod tests {
         let limits = ParseLimits { max_body_bytes: 10 };
         let err = CatalogEvent::parse(SEED.as_bytes(), SystemTime::UNIX_EPOCH, limits).unwrap_err();
         assert_eq!(err.code(), "body_too_large");
+    }
+
+    #[test]
+    fn compact_json_reads_back_to_the_same_event() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_767_261_600_123);
+        for body in [
+            SEED,
+            r#"{"id":"e9","type":"Price Update","source":"pricing.service","detail":{"productId":"P1","price":0.05,"currency":"KWD","version":7}}"#,
+            r#"{"productId":"P1","quantity":0}"#,
+            r#"{"productId":"P1","name":"A","description":"d","category":"C","status":"created","price":1200,"currency":"JPY"}"#,
+            r#"{"productId":"P1","status":"deleted","version":3}"#,
+        ] {
+            let event = CatalogEvent::parse(body.as_bytes(), at, ParseLimits::default()).unwrap();
+            let stored = serde_json::to_vec(&event.to_compact_json()).unwrap();
+            let back = CatalogEvent::parse(&stored, SystemTime::UNIX_EPOCH, ParseLimits::default()).unwrap();
+            assert_eq!(back, event, "{body}");
+        }
     }
 
     #[test]

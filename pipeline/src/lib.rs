@@ -10,6 +10,7 @@
 //! - [`config`]: every limit of the pipeline, named, with its default.
 //! - [`metrics`]: counters that drive `/metrics` and the benchmarks' per-event figures.
 
+pub mod aws;
 pub mod config;
 pub mod embedded;
 pub mod metrics;

@@ -2,8 +2,10 @@
 
 use std::ops::Bound;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use catalog_domain::event::millis_since_epoch;
 use catalog_domain::{ProductState, ViewSettings};
 use catalog_pipeline::StoreError;
 
@@ -42,6 +44,7 @@ struct Inner {
     by_category: sled::Tree,
     meta: sled::Tree,
     settings: ViewSettings,
+    ttl: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -61,7 +64,8 @@ fn category_key(category: &str, id: &str) -> Vec<u8> {
 }
 
 impl ReadModel {
-    pub fn open(db: &sled::Db, settings: ViewSettings) -> Result<Self, ReadModelError> {
+    /// `ttl`: how long a view is served before it counts as expired (expire-after-write).
+    pub fn open(db: &sled::Db, settings: ViewSettings, ttl: Option<Duration>) -> Result<Self, ReadModelError> {
         let open = storage("open");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -69,6 +73,7 @@ impl ReadModel {
                 by_category: db.open_tree(trees::BY_CATEGORY).map_err(&open)?,
                 meta: db.open_tree(trees::META).map_err(&open)?,
                 settings,
+                ttl,
             }),
         })
     }
@@ -120,16 +125,29 @@ impl ReadModel {
         Ok(written)
     }
 
+    /// Whether a view has outlived the TTL and should be re-read from the store.
+    pub fn is_expired(&self, view: &StoredView) -> bool {
+        self.inner.ttl.is_some_and(|ttl| {
+            let age = millis_since_epoch(SystemTime::now()).saturating_sub(view.refreshed_at_ms);
+            u128::from(age) >= ttl.as_millis()
+        })
+    }
+
     fn apply_one(&self, state: &ProductState) -> Result<bool, ReadModelError> {
         let key = state.id.as_str();
         let mut encoded = None;
         loop {
             let current = self.inner.views.get(key).map_err(storage("get"))?;
             let current_view = current.clone().and_then(|v| StoredView::decode(Bytes::from_owner(v)));
-            if current_view.as_ref().is_some_and(|v| v.revision >= state.revision) {
+            // Newer always wins; the same revision only renews an expired view's timestamp.
+            let keep = current_view.as_ref().is_some_and(|v| {
+                v.revision > state.revision || (v.revision == state.revision && !self.is_expired(v))
+            });
+            if keep {
                 return Ok(false);
             }
-            let value = encoded.get_or_insert_with(|| StoredView::encode(state, self.inner.settings)).clone();
+            let now = millis_since_epoch(SystemTime::now());
+            let value = encoded.get_or_insert_with(|| StoredView::encode(state, self.inner.settings, now)).clone();
             match self.inner.views.compare_and_swap(key, current, Some(value)).map_err(storage("write view"))? {
                 Ok(()) => {
                     let old = current_view.filter(|v| v.listed).map(|v| v.category().to_owned()).filter(|c| !c.is_empty());
@@ -197,7 +215,7 @@ mod tests {
     fn model() -> (tempfile::TempDir, ReadModel) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        (dir, ReadModel::open(&db, ViewSettings::default()).unwrap())
+        (dir, ReadModel::open(&db, ViewSettings::default(), None).unwrap())
     }
 
     fn state(id: &str, events: &[serde_json::Value]) -> ProductState {
@@ -257,6 +275,23 @@ mod tests {
         rm.apply(&[deleted]).unwrap();
         assert!(rm.page("B", None, 10).unwrap().items.is_empty());
         assert!(!rm.get("P1").unwrap().unwrap().listed);
+    }
+
+    #[test]
+    fn an_expired_view_is_renewed_by_the_same_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let rm = ReadModel::open(&db, ViewSettings::default(), Some(Duration::ZERO)).unwrap();
+        let s = state("P1", &[created("P1", "A")]);
+        rm.apply([&s]).unwrap();
+        let first = rm.get("P1").unwrap().unwrap();
+        assert!(rm.is_expired(&first));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(rm.apply([&s]).unwrap(), 1, "same revision, expired: rewritten");
+        assert!(rm.get("P1").unwrap().unwrap().refreshed_at_ms > first.refreshed_at_ms);
+        let (_d, fresh) = model();
+        fresh.apply([&s]).unwrap();
+        assert_eq!(fresh.apply([&s]).unwrap(), 0, "same revision, no TTL: kept");
     }
 
     #[test]

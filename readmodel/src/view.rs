@@ -9,7 +9,7 @@ use catalog_domain::view::{RenderedView, ViewSettings, render};
 
 /// Bodies at least this large are also stored gzipped (contract §2: over 1 KiB).
 pub const GZIP_MIN_BYTES: usize = 1024;
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 const ETAG_LEN: usize = 18;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub enum Variant {
 pub struct StoredView {
     raw: Bytes,
     pub revision: u64,
+    /// When this view was written: with the read model's TTL, the backstop for a missed invalidation.
+    pub refreshed_at_ms: u64,
     pub listed: bool,
     category: (usize, usize),
     /// For each variant: ETag, body, gzipped body (empty when not worth it).
@@ -54,12 +56,13 @@ fn gzip(body: &[u8]) -> Vec<u8> {
 
 impl StoredView {
     /// Encodes the view of `state`: rendered bodies when listed, a tombstone otherwise.
-    pub fn encode(state: &ProductState, settings: ViewSettings) -> Vec<u8> {
+    pub fn encode(state: &ProductState, settings: ViewSettings, now_ms: u64) -> Vec<u8> {
         let rendered = render(state, settings);
         let category = state.category().unwrap_or_default().as_bytes();
         let mut out = Vec::with_capacity(512);
         out.push(FORMAT);
         out.extend_from_slice(&state.revision.to_be_bytes());
+        out.extend_from_slice(&now_ms.to_be_bytes());
         out.push(u8::from(rendered.is_some()));
         put(&mut out, category);
         if let Some(RenderedView { web, mobile }) = rendered {
@@ -78,8 +81,9 @@ impl StoredView {
             return None;
         }
         let revision = u64::from_be_bytes(raw.get(1..9)?.try_into().ok()?);
-        let listed = *raw.get(9)? == 1;
-        let mut at = 10;
+        let refreshed_at_ms = u64::from_be_bytes(raw.get(9..17)?.try_into().ok()?);
+        let listed = *raw.get(17)? == 1;
+        let mut at = 18;
         let category = take(&raw, &mut at)?;
         let mut parts = [[(0, 0); 3]; 2];
         if listed {
@@ -92,7 +96,7 @@ impl StoredView {
                 return None;
             }
         }
-        Some(Self { raw, revision, listed, category, parts })
+        Some(Self { raw, revision, refreshed_at_ms, listed, category, parts })
     }
 
     pub fn category(&self) -> &str {
@@ -147,9 +151,9 @@ mod tests {
 
     #[test]
     fn round_trips_bodies_etags_and_category() {
-        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(10), ViewSettings::default()))).unwrap();
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(10), ViewSettings::default(), 7))).unwrap();
         assert!(v.listed);
-        assert_eq!(v.revision, 1);
+        assert_eq!((v.revision, v.refreshed_at_ms), (1, 7));
         assert_eq!(v.category(), "Electronics");
         let web: serde_json::Value = serde_json::from_slice(&v.body(Variant::Web)).unwrap();
         assert_eq!(web["product"]["name"], "Laptop");
@@ -162,7 +166,7 @@ mod tests {
 
     #[test]
     fn large_bodies_carry_a_gzip_twin() {
-        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(4000), ViewSettings::default()))).unwrap();
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(4000), ViewSettings::default(), 7))).unwrap();
         let gz = v.gzip_body(Variant::Web).unwrap();
         let mut plain = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut plain).unwrap();
@@ -174,7 +178,7 @@ mod tests {
         let mut s = state(1);
         let del = serde_json::json!({"productId":"P1","status":"deleted"});
         s.apply(&CatalogEvent::from_value(&del, SystemTime::UNIX_EPOCH).unwrap());
-        let v = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default()))).unwrap();
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default(), 7))).unwrap();
         assert!(!v.listed);
         assert_eq!(v.revision, 2);
         assert_eq!(v.category(), "");

@@ -90,7 +90,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let log = EmbeddedLog::open(&db, Default::default()).unwrap();
-        let model = ReadModel::open(&db, ViewSettings::default()).unwrap();
+        let model = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
         let bodies = [
             r#"{"productId":"P1","name":"Old","category":"C","status":"created","version":1}"#,
             r#"{"productId":"P1","name":"New","category":"C","status":"updated","version":2}"#,

@@ -54,19 +54,12 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
     let metrics = warp::path!("metrics").and(warp::get()).and(with_state.clone()).map(ops::metrics);
     let openapi = warp::path!("openapi.json").and(warp::get()).map(ops::openapi);
 
-    let api = get_product
-        .or(list_products)
-        .unify()
-        .or(post_events)
-        .unify()
-        .or(healthz)
-        .unify()
-        .or(readyz)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(openapi)
-        .unify();
+    let ops = healthz.or(readyz).unify().or(metrics).unify().or(openapi).unify().boxed();
+    let api = if state.config.product_routes {
+        get_product.or(list_products).unify().or(post_events).unify().or(ops).unify().boxed()
+    } else {
+        ops
+    };
     let origins = &state.config.cors_origins;
     if origins.is_empty() {
         api.recover(rejection_to_json).map(|r| Box::new(r) as Box<dyn Reply>).boxed()

@@ -1,0 +1,227 @@
+//! Invalidations over EventBridge: the pipeline publishes `Product Changed`; each API instance
+//! receives them through its own SQS queue and rule, created at start, removed at shutdown.
+
+use std::time::Duration;
+
+use aws_sdk_eventbridge::types::{PutEventsRequestEntry, Target};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
+use catalog_domain::{FacetVersions, ProductId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::retry::until_processed;
+use super::{AwsMetrics, AwsNames, AwsSettings, INVALIDATION_DETAIL_TYPE, INVALIDATION_SOURCE, describe};
+use crate::ports::{Invalidation, InvalidationBus, ProductChanged, PublishError};
+
+/// `PutEvents` takes at most 10 entries.
+const PUT_EVENTS_MAX: usize = 10;
+/// Invalidations older than this are useless: the view's TTL has caught up by then.
+const SUBSCRIPTION_RETENTION_SECS: &str = "300";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChangedDetail {
+    product_id: String,
+    revision: u64,
+    #[serde(default)]
+    versions: FacetVersions,
+}
+
+#[derive(Clone)]
+pub struct EventBridgeBus {
+    client: aws_sdk_eventbridge::Client,
+    settings: AwsSettings,
+    metrics: AwsMetrics,
+}
+
+impl EventBridgeBus {
+    pub fn new(client: aws_sdk_eventbridge::Client, settings: AwsSettings, metrics: AwsMetrics) -> Self {
+        Self { client, settings, metrics }
+    }
+
+    async fn put_once(&self, entries: Vec<PutEventsRequestEntry>) -> Result<Vec<PutEventsRequestEntry>, String> {
+        self.metrics.call("eventbridge", "PutEvents");
+        self.metrics.eventbridge_entries.inc_by(entries.len() as u64);
+        let out = self.client.put_events().set_entries(Some(entries.clone())).send().await.map_err(describe)?;
+        if out.failed_entry_count() == 0 {
+            return Ok(Vec::new());
+        }
+        // Results line up with the request's entries; failed ones carry an error code.
+        Ok(out
+            .entries()
+            .iter()
+            .zip(entries)
+            .filter(|(result, _)| result.error_code().is_some())
+            .map(|(_, entry)| entry)
+            .collect())
+    }
+}
+
+impl InvalidationBus for EventBridgeBus {
+    async fn publish(&self, invalidation: Invalidation) -> Result<(), PublishError> {
+        let entries: Vec<PutEventsRequestEntry> = invalidation
+            .products
+            .iter()
+            .map(|p| {
+                let detail = ChangedDetail { product_id: p.product_id.to_string(), revision: p.revision, versions: p.versions.clone() };
+                PutEventsRequestEntry::builder()
+                    .event_bus_name(&self.settings.names.bus)
+                    .source(INVALIDATION_SOURCE)
+                    .detail_type(INVALIDATION_DETAIL_TYPE)
+                    .detail(serde_json::to_string(&detail).expect("json serializes"))
+                    .build()
+            })
+            .collect();
+        let total = entries.len();
+        for chunk in entries.chunks(PUT_EVENTS_MAX) {
+            let (attempts, base) = (self.settings.batch_attempts, self.settings.retry_base);
+            let left = until_processed(chunk.to_vec(), attempts, base, |e| self.put_once(e))
+                .await
+                .map_err(|detail| PublishError { count: total, detail })?;
+            if !left.is_empty() {
+                return Err(PublishError { count: left.len(), detail: "entries still failing after retries".into() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One API instance's feed of invalidations: a queue subscribed to the bus by a rule.
+pub struct InvalidationSubscription {
+    sqs: aws_sdk_sqs::Client,
+    eventbridge: aws_sdk_eventbridge::Client,
+    names: AwsNames,
+    name: String,
+    queue_url: String,
+    metrics: AwsMetrics,
+}
+
+impl InvalidationSubscription {
+    /// Creates the instance's queue (allowing EventBridge to send to it) and its rule.
+    pub async fn create(
+        sqs: aws_sdk_sqs::Client,
+        eventbridge: aws_sdk_eventbridge::Client,
+        names: AwsNames,
+        instance_id: &str,
+        metrics: AwsMetrics,
+    ) -> Result<Self, String> {
+        let name = format!("{}-{instance_id}", names.invalidation_prefix);
+        metrics.sqs_call("CreateQueue", 0);
+        let queue_url = sqs
+            .create_queue()
+            .queue_name(&name)
+            .attributes(QueueAttributeName::MessageRetentionPeriod, SUBSCRIPTION_RETENTION_SECS)
+            .send()
+            .await
+            .map_err(|e| format!("creating invalidation queue {name}: {}", describe(e)))?
+            .queue_url()
+            .ok_or("CreateQueue returned no URL")?
+            .to_owned();
+        let queue_arn = super::infra::queue_arn(&sqs, &queue_url).await?;
+        let rule_arn = eventbridge
+            .put_rule()
+            .name(&name)
+            .event_bus_name(&names.bus)
+            .event_pattern(
+                serde_json::json!({"source": [INVALIDATION_SOURCE], "detail-type": [INVALIDATION_DETAIL_TYPE]}).to_string(),
+            )
+            .send()
+            .await
+            .map_err(|e| format!("creating invalidation rule {name}: {}", describe(e)))?
+            .rule_arn()
+            .unwrap_or_default()
+            .to_owned();
+        super::infra::allow_rule_to_send(&sqs, &queue_url, &queue_arn, &rule_arn).await?;
+        let target = Target::builder().id("api-instance").arn(&queue_arn).build().map_err(|e| e.to_string())?;
+        eventbridge
+            .put_targets()
+            .rule(&name)
+            .event_bus_name(&names.bus)
+            .targets(target)
+            .send()
+            .await
+            .map_err(|e| format!("targeting {name}: {}", describe(e)))?;
+        tracing::info!(queue = %name, "subscribed to invalidations");
+        Ok(Self { sqs, eventbridge, names, name, queue_url, metrics })
+    }
+
+    /// Forwards invalidations to `feed` until `stop`; deletes each message once forwarded (a
+    /// lost invalidation costs at most one TTL of staleness, never data).
+    pub async fn run(&self, feed: mpsc::Sender<Invalidation>, wait: Duration, stop: CancellationToken) {
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.sqs.receive_message().queue_url(&self.queue_url).max_number_of_messages(10)
+                    .wait_time_seconds(wait.as_secs().min(20) as i32).send() => r,
+            };
+            let out = match received {
+                Ok(out) => out,
+                Err(e) => {
+                    tracing::warn!(error = %describe(e), "receiving invalidations failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            self.metrics.sqs_call("ReceiveMessage", out.messages().iter().map(|m| m.body().map_or(0, str::len)).sum());
+            if out.messages().is_empty() {
+                continue;
+            }
+            let mut products = Vec::new();
+            let mut entries = Vec::new();
+            for (i, m) in out.messages().iter().enumerate() {
+                if let Some(changed) = m.body().and_then(parse_changed) {
+                    products.push(changed);
+                } else {
+                    tracing::warn!(body = m.body(), "ignoring a message that is not a Product Changed event");
+                }
+                if let Some(handle) = m.receipt_handle() {
+                    entries.extend(DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(handle).build().ok());
+                }
+            }
+            if !products.is_empty() && feed.send(Invalidation { products, log_sequence: None }).await.is_err() {
+                return;
+            }
+            self.metrics.sqs_call("DeleteMessageBatch", 0);
+            if let Err(e) = self.sqs.delete_message_batch().queue_url(&self.queue_url).set_entries(Some(entries)).send().await {
+                tracing::warn!(error = %describe(e), "deleting invalidations failed; they will be applied twice, harmlessly");
+            }
+        }
+    }
+
+    /// Removes the rule, its target and the queue (clean shutdown).
+    pub async fn remove(&self) {
+        let bus = &self.names.bus;
+        if let Err(e) = self.eventbridge.remove_targets().rule(&self.name).event_bus_name(bus).ids("api-instance").send().await {
+            tracing::warn!(error = %describe(e), "removing the invalidation target failed");
+        }
+        if let Err(e) = self.eventbridge.delete_rule().name(&self.name).event_bus_name(bus).send().await {
+            tracing::warn!(error = %describe(e), "deleting the invalidation rule failed");
+        }
+        if let Err(e) = self.sqs.delete_queue().queue_url(&self.queue_url).send().await {
+            tracing::warn!(error = %describe(e), "deleting the invalidation queue failed");
+        }
+    }
+}
+
+/// Reads a `Product Changed` event as EventBridge delivers it to SQS (the full envelope).
+fn parse_changed(body: &str) -> Option<ProductChanged> {
+    let envelope: serde_json::Value = serde_json::from_str(body).ok()?;
+    let detail: ChangedDetail = serde_json::from_value(envelope.get("detail")?.clone()).ok()?;
+    Some(ProductChanged { product_id: ProductId::parse(&detail.product_id).ok()?, revision: detail.revision, versions: detail.versions })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_envelope_eventbridge_delivers() {
+        let body = r#"{"version":"0","id":"1","detail-type":"Product Changed","source":"catalog.pipeline","account":"1","time":"2026-01-01T00:00:00Z","region":"us-east-1","resources":[],"detail":{"productId":"P1","revision":4,"versions":{"price":2}}}"#;
+        let changed = parse_changed(body).unwrap();
+        assert_eq!((changed.product_id.as_str(), changed.revision, changed.versions.price), ("P1", 4, Some(2)));
+        assert!(parse_changed(r#"{"detail":{"productId":"bad id","revision":1}}"#).is_none());
+        assert!(parse_changed("nope").is_none());
+    }
+}

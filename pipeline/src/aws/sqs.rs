@@ -1,0 +1,294 @@
+//! The SQS event source: long polling, deletes only after durable writes, explicit DLQ moves
+//! for invalid bodies, and a visibility heartbeat for batches that take a while.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageAttributeValue,
+    MessageSystemAttributeName, SendMessageBatchRequestEntry,
+};
+use bytes::Bytes;
+use catalog_domain::event::time_from_millis;
+use tokio_util::sync::CancellationToken;
+
+use super::{AwsMetrics, AwsSettings, describe};
+use crate::ports::{DeadLetter, EventSource, Received, SourceError};
+
+/// SQS takes at most 10 entries per batch call.
+const SQS_BATCH: usize = 10;
+/// SQS caps a message attribute's useful size; reasons are cut to this many characters.
+const MAX_REASON_CHARS: usize = 1_000;
+/// Longest a released message waits before it is visible again.
+const MAX_RELEASE_BACKOFF: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct SqsReceipt {
+    pub handle: Arc<str>,
+    pub message_id: Arc<str>,
+    pub receive_count: u32,
+}
+
+#[derive(Clone)]
+pub struct SqsSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    dlq_url: String,
+    settings: AwsSettings,
+    metrics: AwsMetrics,
+    /// Receipt handle → when its visibility was last set: what the heartbeat renews.
+    in_flight: Mutex<HashMap<Arc<str>, Instant>>,
+}
+
+fn storage(operation: &'static str) -> impl Fn(String) -> SourceError {
+    move |detail| SourceError::Storage { operation, detail }
+}
+
+pub(crate) async fn lookup_queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<String, String> {
+    let out = client.get_queue_url().queue_name(name).send().await.map_err(|e| {
+        format!("queue {name:?} not found ({}); run `catalog infra init` first", describe(e))
+    })?;
+    out.queue_url().map(str::to_owned).ok_or_else(|| format!("queue {name:?} has no URL"))
+}
+
+impl SqsSource {
+    pub async fn connect(client: aws_sdk_sqs::Client, settings: AwsSettings, metrics: AwsMetrics) -> Result<Self, SourceError> {
+        let queue_url = lookup_queue_url(&client, &settings.names.ingest_queue).await.map_err(storage("connect"))?;
+        let dlq_url = lookup_queue_url(&client, &settings.names.dead_letter_queue).await.map_err(storage("connect"))?;
+        Ok(Self {
+            inner: Arc::new(Inner { client, queue_url, dlq_url, settings, metrics, in_flight: Mutex::new(HashMap::new()) }),
+        })
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Instant>> {
+        self.inner.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget(&self, receipts: &[SqsReceipt]) {
+        let mut in_flight = self.in_flight();
+        for r in receipts {
+            in_flight.remove(&r.handle);
+        }
+    }
+
+    /// Renews the visibility of messages still being processed, every third of the timeout,
+    /// so a slow batch is not handed to another worker halfway through.
+    pub fn spawn_heartbeat(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let source = self.clone();
+        let period = (self.inner.settings.visibility_timeout / 3).max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => source.renew_visibility(period).await,
+                }
+            }
+        })
+    }
+
+    async fn renew_visibility(&self, older_than: Duration) {
+        let now = Instant::now();
+        let due: Vec<Arc<str>> =
+            self.in_flight().iter().filter(|(_, at)| now.duration_since(**at) >= older_than).map(|(h, _)| h.clone()).collect();
+        let timeout = self.inner.settings.visibility_timeout.as_secs() as i32;
+        for chunk in due.chunks(SQS_BATCH) {
+            if self.change_visibility(chunk, timeout).await.is_ok() {
+                let mut in_flight = self.in_flight();
+                for handle in chunk {
+                    if let Some(at) = in_flight.get_mut(handle) {
+                        *at = now;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn change_visibility(&self, handles: &[Arc<str>], seconds: i32) -> Result<(), SourceError> {
+        let entries = handles
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(h.as_ref())
+                    .visibility_timeout(seconds)
+                    .build()
+                    .map_err(|e| storage("change visibility")(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.inner.metrics.sqs_call("ChangeMessageVisibilityBatch", 0);
+        let out = self
+            .inner
+            .client
+            .change_message_visibility_batch()
+            .queue_url(&self.inner.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| storage("change visibility")(describe(e)))?;
+        for failed in out.failed() {
+            tracing::warn!(code = failed.code(), message = failed.message(), "changing visibility failed for a message");
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, handles: Vec<Arc<str>>) -> Result<(), SourceError> {
+        for chunk in handles.chunks(SQS_BATCH) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(h.as_ref())
+                        .build()
+                        .map_err(|e| storage("delete")(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.inner.metrics.sqs_call("DeleteMessageBatch", 0);
+            let out = self
+                .inner
+                .client
+                .delete_message_batch()
+                .queue_url(&self.inner.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| storage("delete")(describe(e)))?;
+            // A message that could not be deleted comes back and is re-applied idempotently.
+            for failed in out.failed() {
+                tracing::warn!(code = failed.code(), message = failed.message(), "deleting a processed message failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn attribute(value: &str) -> Result<MessageAttributeValue, SourceError> {
+    let text: String = value.chars().take(MAX_REASON_CHARS).collect();
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(if text.is_empty() { "-".to_owned() } else { text })
+        .build()
+        .map_err(|e| storage("dead-letter")(e.to_string()))
+}
+
+impl EventSource for SqsSource {
+    type Receipt = SqsReceipt;
+
+    async fn receive(&self, max: usize) -> Result<Vec<Received<SqsReceipt>>, SourceError> {
+        let inner = &self.inner;
+        let out = inner
+            .client
+            .receive_message()
+            .queue_url(&inner.queue_url)
+            .max_number_of_messages(max.clamp(1, SQS_BATCH) as i32)
+            .wait_time_seconds(inner.settings.wait_time.as_secs().min(20) as i32)
+            .visibility_timeout(inner.settings.visibility_timeout.as_secs() as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .send()
+            .await
+            .map_err(|e| storage("receive")(describe(e)))?;
+        let messages = out.messages();
+        let bytes: usize = messages.iter().map(|m| m.body().map_or(0, str::len)).sum();
+        inner.metrics.sqs_call("ReceiveMessage", bytes);
+        let now = Instant::now();
+        let mut received = Vec::with_capacity(messages.len());
+        let mut in_flight = self.in_flight();
+        for m in messages {
+            let (Some(handle), Some(id)) = (m.receipt_handle(), m.message_id()) else { continue };
+            let attrs = m.attributes();
+            let system = |name: MessageSystemAttributeName| attrs.and_then(|a| a.get(&name)).and_then(|v| v.parse::<u64>().ok());
+            let receive_count = system(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32;
+            let sent_ms = system(MessageSystemAttributeName::SentTimestamp).unwrap_or(0);
+            let handle: Arc<str> = handle.into();
+            in_flight.insert(handle.clone(), now);
+            received.push(Received {
+                receipt: SqsReceipt { handle, message_id: id.into(), receive_count },
+                message_id: id.to_owned(),
+                body: Bytes::from(m.body().unwrap_or_default().to_owned()),
+                accepted_at: time_from_millis(sent_ms),
+                receive_count,
+                sequence: None,
+            });
+        }
+        Ok(received)
+    }
+
+    async fn ack(&self, receipts: Vec<SqsReceipt>) -> Result<(), SourceError> {
+        self.forget(&receipts);
+        self.delete(receipts.into_iter().map(|r| r.handle).collect()).await
+    }
+
+    /// Shortens the visibility so the message returns after a backoff; SQS's redrive policy
+    /// moves it to the DLQ once it has been received `maxReceiveCount` times.
+    async fn release(&self, receipts: Vec<SqsReceipt>, reason: &str) -> Result<(), SourceError> {
+        self.forget(&receipts);
+        tracing::info!(count = receipts.len(), reason, "releasing messages for another attempt");
+        let mut by_delay: HashMap<i32, Vec<Arc<str>>> = HashMap::new();
+        for r in receipts {
+            let backoff = self.inner.settings.retry_base * 2u32.saturating_pow(r.receive_count.min(16));
+            by_delay.entry(backoff.min(MAX_RELEASE_BACKOFF).as_secs() as i32).or_default().push(r.handle);
+        }
+        for (seconds, handles) in by_delay {
+            for chunk in handles.chunks(SQS_BATCH) {
+                self.change_visibility(chunk, seconds).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each letter to the DLQ with its reason as `catalog.error.*` attributes, then
+    /// deletes it from the ingest queue; a letter whose send failed stays and comes back.
+    async fn dead_letter(&self, letters: Vec<DeadLetter<SqsReceipt>>) -> Result<(), SourceError> {
+        let receipts: Vec<SqsReceipt> = letters.iter().map(|l| l.receipt.clone()).collect();
+        self.forget(&receipts);
+        for chunk in letters.chunks(SQS_BATCH) {
+            let mut entries = Vec::with_capacity(chunk.len());
+            let mut bytes = 0;
+            for (i, letter) in chunk.iter().enumerate() {
+                let body = String::from_utf8_lossy(&letter.body).into_owned();
+                bytes += body.len();
+                entries.push(
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(if body.is_empty() { " ".to_owned() } else { body })
+                        .message_attributes("catalog.error.code", attribute(&letter.code)?)
+                        .message_attributes("catalog.error.message", attribute(&letter.message)?)
+                        .message_attributes("catalog.error.stage", attribute(letter.stage)?)
+                        .message_attributes("catalog.source.message-id", attribute(&letter.message_id)?)
+                        .build()
+                        .map_err(|e| storage("dead-letter")(e.to_string()))?,
+                );
+            }
+            self.inner.metrics.sqs_call("SendMessageBatch", bytes);
+            let out = self
+                .inner
+                .client
+                .send_message_batch()
+                .queue_url(&self.inner.dlq_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| storage("dead-letter")(describe(e)))?;
+            let sent: Vec<Arc<str>> = out
+                .successful()
+                .iter()
+                .filter_map(|ok| ok.id().parse::<usize>().ok())
+                .filter_map(|i| chunk.get(i).map(|l| l.receipt.handle.clone()))
+                .collect();
+            for failed in out.failed() {
+                tracing::error!(code = failed.code(), message = failed.message(), "sending a message to the DLQ failed; it will come back");
+            }
+            self.delete(sent).await?;
+        }
+        Ok(())
+    }
+}
