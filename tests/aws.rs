@@ -1,0 +1,236 @@
+//! AWS mode end to end, against the moto server `scripts/test` starts: real SQS, DynamoDB
+//! and EventBridge wire protocols through the real aws-sdk clients. Each test has its own
+//! resource names, so tests never share state.
+
+mod helpers;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use helpers::*;
+use serde_json::{Value, json};
+
+fn endpoint() -> String {
+    std::env::var("CATALOG_TEST_AWS_ENDPOINT").expect(
+        "AWS tests need the moto server: run scripts/test, or export CATALOG_TEST_AWS_ENDPOINT=$(scripts/moto start)",
+    )
+}
+
+/// The standard AWS environment pointed at moto, and resource names unique to one test.
+fn aws_env(test: &str) -> Vec<(String, String)> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let suffix = format!("{test}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let mut env: Vec<(String, String)> = [
+        ("AWS_ENDPOINT_URL", endpoint()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("CATALOG_BACKEND", "aws".into()),
+        ("CATALOG_SQS_WAIT_SECS", "1".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (var, base) in [
+        ("CATALOG_BUS", "bus"),
+        ("CATALOG_INGEST_RULE", "ingest"),
+        ("CATALOG_INGEST_QUEUE", "ingest"),
+        ("CATALOG_DLQ", "dlq"),
+        ("CATALOG_EVENTS_TABLE", "events"),
+        ("CATALOG_PRODUCTS_TABLE", "products"),
+        ("CATALOG_INVALIDATION_PREFIX", "inv"),
+    ] {
+        env.push((var.to_owned(), format!("{base}-{suffix}")));
+    }
+    env
+}
+
+fn var<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
+    &env.iter().find(|(k, _)| k == name).expect("set by aws_env").1
+}
+
+fn infra_init(env: &[(String, String)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_catalog")).args(["infra", "init"]).envs(env.iter().cloned()).output().unwrap();
+    assert!(out.status.success(), "infra init failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn serve(env: &[(String, String)], role: &str) -> TestApp {
+    spawn_with(Options { args: vec!["--role".into(), role.into()], envs: env.to_vec() })
+}
+
+struct Aws {
+    sqs: aws_sdk_sqs::Client,
+    eventbridge: aws_sdk_eventbridge::Client,
+}
+
+async fn clients() -> Aws {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "tests"))
+        .load()
+        .await;
+    Aws { sqs: aws_sdk_sqs::Client::new(&config), eventbridge: aws_sdk_eventbridge::Client::new(&config) }
+}
+
+impl Aws {
+    /// A producer's PutEvents, exactly as product, pricing and inventory services would call it.
+    async fn put_events(&self, bus: &str, events: &[Value]) {
+        let entries = events
+            .iter()
+            .map(|e| {
+                aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
+                    .event_bus_name(bus)
+                    .source(e["source"].as_str().unwrap())
+                    .detail_type(e["detail-type"].as_str().unwrap())
+                    .detail(e["detail"].to_string())
+                    .build()
+            })
+            .collect();
+        let out = self.eventbridge.put_events().set_entries(Some(entries)).send().await.unwrap();
+        assert_eq!(out.failed_entry_count(), 0);
+    }
+
+    async fn queue_url(&self, name: &str) -> String {
+        self.sqs.get_queue_url().queue_name(name).send().await.unwrap().queue_url().unwrap().to_owned()
+    }
+
+    async fn send_raw(&self, queue: &str, bodies: &[String]) {
+        let url = self.queue_url(queue).await;
+        for body in bodies {
+            self.sqs.send_message().queue_url(&url).message_body(body).send().await.unwrap();
+        }
+    }
+}
+
+#[test]
+fn infra_init_is_idempotent() {
+    let env = aws_env("infra");
+    let first = infra_init(&env);
+    assert_eq!(first.lines().filter(|l| l.starts_with("created")).count(), 6, "{first}");
+    let second = infra_init(&env);
+    assert_eq!(second.lines().filter(|l| l.starts_with("found")).count(), 6, "{second}");
+    assert!(second.contains(var(&env, "CATALOG_PRODUCTS_TABLE")), "{second}");
+}
+
+#[tokio::test]
+async fn put_events_flows_through_rule_queue_pipeline_dynamodb_and_invalidation_to_the_bff() {
+    let env = aws_env("e2e");
+    infra_init(&env);
+    let app = serve(&env, "all");
+    let aws = clients().await;
+    let seed: Value = serde_json::from_str(SEED).unwrap();
+    aws.put_events(var(&env, "CATALOG_BUS"), &[seed]).await;
+    let view = app.eventually("/products/P123", |_| true).await;
+    assert_eq!(view["displayPrice"], "$999.99");
+    assert_eq!(view["price"], json!({"amount": "999.99", "currency": "USD"}));
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
+    assert!(app.metric("catalog_aws_eventbridge_entries_total").await >= 1.0);
+    assert!(app.metric("catalog_aws_dynamodb_write_units_total").await > 0.0);
+}
+
+#[tokio::test]
+async fn a_worker_and_a_separate_api_instance_converge() {
+    let env = aws_env("split");
+    infra_init(&env);
+    let worker = serve(&env, "worker");
+    let api = serve(&env, "api");
+    assert_eq!(worker.get_json("/products/W1").await.0, 404, "a worker serves no products");
+    let aws = clients().await;
+    let bus = var(&env, "CATALOG_BUS");
+    aws.put_events(bus, &[product("W1", "Widget", "Gadgets"), price("W1", "12.00", "EUR", 1), stock("W1", 2, 1)]).await;
+    let view = api.eventually("/products/W1", |v| v["price"].is_object() && v["stock"].is_object()).await;
+    assert_eq!((view["displayPrice"].as_str(), view["availability"].as_str()), (Some("€12.00"), Some("Low Stock")));
+    aws.put_events(bus, &[stock("W1", 40, 2)]).await;
+    api.eventually("/products/W1", |v| v["availability"] == "In Stock").await;
+    // A second API instance that starts later warms its read model from DynamoDB.
+    let late = serve(&env, "api");
+    let (_, page) = late.get_json("/products?category=Gadgets").await;
+    assert_eq!(page["items"][0]["product"]["id"], "W1");
+    assert!(worker.metric("catalog_pipeline_events_applied_total").await >= 4.0);
+}
+
+#[tokio::test]
+async fn a_bad_event_lands_in_the_dlq_with_its_reason_attributes() {
+    let env = aws_env("dlq");
+    infra_init(&env);
+    let app = serve(&env, "all");
+    let aws = clients().await;
+    let good = serde_json::to_string(&json!({"type": "Inventory Update", "source": "inventory.service", "detail": {"productId": "D1", "quantity": 3}})).unwrap();
+    let named = serde_json::to_string(&product("D1", "Desk", "Office")).unwrap();
+    aws.send_raw(var(&env, "CATALOG_INGEST_QUEUE"), &["{not json".into(), named, good]).await;
+    app.eventually("/products/D1", |v| v["stock"]["quantity"] == 3).await;
+    let dlq = aws.queue_url(var(&env, "CATALOG_DLQ")).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let message = loop {
+        let out = aws.sqs.receive_message().queue_url(&dlq).message_attribute_names("All").wait_time_seconds(1).send().await.unwrap();
+        if let Some(m) = out.messages().first() {
+            break m.clone();
+        }
+        assert!(Instant::now() < deadline, "nothing reached the DLQ");
+    };
+    assert_eq!(message.body(), Some("{not json"));
+    let attrs: HashMap<&str, &str> = message
+        .message_attributes()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.string_value().unwrap_or_default()))
+        .collect();
+    assert_eq!(attrs["catalog.error.code"], "malformed_json");
+    assert_eq!(attrs["catalog.error.stage"], "validate");
+    assert!(attrs["catalog.error.message"].contains("not valid JSON"), "{attrs:?}");
+    // It left the ingest queue: once the good messages are acked, nothing waits or is in flight.
+    let ingest = aws.queue_url(var(&env, "CATALOG_INGEST_QUEUE")).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = aws
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&ingest)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let count = |n| out.attributes().unwrap().get(&n).cloned().unwrap_or_default();
+        let waiting = count(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages);
+        let in_flight = count(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        if (waiting.as_str(), in_flight.as_str()) == ("0", "0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ingest queue still holds {waiting} waiting, {in_flight} in flight");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.metric("catalog_pipeline_events_dead_lettered_total{code=\"malformed_json\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn shuffled_duplicate_deliveries_converge_on_the_highest_version() {
+    let env = aws_env("dups");
+    infra_init(&env);
+    let app = serve(&env, "all");
+    let aws = clients().await;
+    let compact = |e: Value| serde_json::to_string(&json!({"type": e["detail-type"], "source": e["source"], "detail": e["detail"]})).unwrap();
+    let mut bodies = vec![compact(product("S1", "Sofa", "Living"))];
+    for v in [3, 1, 4, 4, 2, 1, 3] {
+        bodies.push(compact(price("S1", &format!("{v}00"), "USD", v)));
+    }
+    for v in [2, 5, 1, 5] {
+        bodies.push(compact(stock("S1", v * 10, v)));
+    }
+    aws.send_raw(var(&env, "CATALOG_INGEST_QUEUE"), &bodies).await;
+    let view = app.eventually("/products/S1", |v| v["displayPrice"] == "$400.00" && v["stock"]["quantity"] == 50).await;
+    assert_eq!(view["availability"], "In Stock");
+    // Everything was consumed and nothing went backwards afterwards.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.metric("catalog_pipeline_messages_acked_total").await < bodies.len() as f64 {
+        assert!(Instant::now() < deadline, "not every delivery was acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, view) = app.get_json("/products/S1").await;
+    assert_eq!((view["displayPrice"].as_str(), view["stock"]["quantity"].as_u64()), (Some("$400.00"), Some(50)));
+}
