@@ -234,3 +234,94 @@ async fn shuffled_duplicate_deliveries_converge_on_the_highest_version() {
     let (_, view) = app.get_json("/products/S1").await;
     assert_eq!((view["displayPrice"].as_str(), view["stock"]["quantity"].as_u64()), (Some("$400.00"), Some(50)));
 }
+
+/// A proxy in front of moto's DynamoDB that lets each `BatchWriteItem` write only its first
+/// item and hands the rest back as `UnprocessedItems`, as a throttled table does (moto itself
+/// never returns any). Everything else passes through untouched.
+async fn throttling_dynamodb_proxy() -> (String, std::sync::Arc<AtomicU32>) {
+    use warp::Filter;
+    let upstream = endpoint();
+    let throttled = std::sync::Arc::new(AtomicU32::new(0));
+    let counter = throttled.clone();
+    let client = reqwest::Client::new();
+    let route = warp::any()
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::bytes())
+        .then(move |method: warp::http::Method, path: warp::path::FullPath, headers: warp::http::HeaderMap, body: bytes::Bytes| {
+            let (client, upstream, counter) = (client.clone(), upstream.clone(), counter.clone());
+            async move {
+                let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                let mut body = body.to_vec();
+                let mut unprocessed = serde_json::Map::new();
+                if target.ends_with(".BatchWriteItem") {
+                    let mut request: Value = serde_json::from_slice(&body).unwrap();
+                    for (table, writes) in request["RequestItems"].as_object_mut().unwrap() {
+                        let writes = writes.as_array_mut().unwrap();
+                        if writes.len() > 1 {
+                            unprocessed.insert(table.clone(), Value::Array(writes.split_off(1)));
+                        }
+                    }
+                    if !unprocessed.is_empty() {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    body = serde_json::to_vec(&request).unwrap();
+                }
+                let mut forwarded = headers.clone();
+                forwarded.remove("host");
+                forwarded.remove("content-length");
+                let response = client
+                    .request(method, format!("{upstream}{}", path.as_str()))
+                    .headers(forwarded)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let mut answer = response.bytes().await.unwrap().to_vec();
+                if !unprocessed.is_empty() {
+                    let mut v: Value = serde_json::from_slice(&answer).unwrap();
+                    v["UnprocessedItems"] = Value::Object(unprocessed);
+                    answer = serde_json::to_vec(&v).unwrap();
+                }
+                warp::http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/x-amz-json-1.0")
+                    .body(answer)
+                    .unwrap()
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    (url, throttled)
+}
+
+// Multi-threaded: the proxy must keep answering while `serve` blocks reading the child's stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprocessed_batch_writes_are_retried_until_every_event_is_logged() {
+    let mut env = aws_env("throttle");
+    infra_init(&env);
+    let (proxy, throttled) = throttling_dynamodb_proxy().await;
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB".into(), proxy));
+    let app = serve(&env, "all");
+    let aws = clients().await;
+    let products: Vec<Value> = (0..10).map(|i| product(&format!("T{i}"), "Throttled", "Slow")).collect();
+    aws.put_events(var(&env, "CATALOG_BUS"), &products).await;
+    for i in 0..10 {
+        app.eventually(&format!("/products/T{i}"), |_| true).await;
+    }
+    assert!(throttled.load(Ordering::SeqCst) > 0, "the proxy never throttled a batch");
+    // Every event reached the log, written through retries of what came back unprocessed.
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "tests"))
+        .load()
+        .await;
+    let scan = aws_sdk_dynamodb::Client::new(&config).scan().table_name(var(&env, "CATALOG_EVENTS_TABLE")).send().await.unwrap();
+    assert_eq!(scan.count(), 10);
+    let calls = app.metric("catalog_aws_calls_total{service=\"dynamodb\",operation=\"BatchWriteItem\"}").await;
+    assert!(calls >= 10.0, "one item per call means at least ten calls, saw {calls}");
+}
