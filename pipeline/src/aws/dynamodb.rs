@@ -248,6 +248,7 @@ impl DynamoStore {
             .await
             .map_err(describe)?;
         self.metrics.consumed(out.consumed_capacity(), true);
+        let unprocessed_count = out.unprocessed_items().and_then(|m| m.get(table)).map_or(0, Vec::len);
         let unprocessed: HashSet<LogKey> = out
             .unprocessed_items()
             .and_then(|m| m.get(table))
@@ -255,7 +256,15 @@ impl DynamoStore {
             .flatten()
             .filter_map(|w| w.put_request().and_then(|p| key_of(p.item())))
             .collect();
-        Ok(pending.into_iter().filter(|(k, _)| unprocessed.contains(k)).collect())
+        debug_assert_eq!(unprocessed.len(), unprocessed_count);
+        let (left, written): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(k, _)| unprocessed.contains(k));
+        let units: u64 = written
+            .iter()
+            .filter_map(|(_, w)| w.put_request())
+            .map(|p| super::cost::write_units(super::cost::item_size(p.item())))
+            .sum();
+        self.metrics.dynamodb_estimated_write_units.inc_by(units);
+        Ok(left)
     }
 
     /// Appends the events to the log; returns the indexes of events that are not durable.
@@ -312,11 +321,17 @@ impl DynamoStore {
         match result {
             Ok(out) => {
                 self.metrics.consumed(out.consumed_capacity(), true);
-                let state = state_from_item(out.attributes().ok_or("UpdateItem returned no attributes")?).map_err(|e| e.to_string())?;
+                let item = out.attributes().ok_or("UpdateItem returned no attributes")?;
+                self.metrics.dynamodb_estimated_write_units.inc_by(super::cost::write_units(super::cost::item_size(item)));
+                let state = state_from_item(item).map_err(|e| e.to_string())?;
                 Ok(Applied::Changed(ProductChanged { product_id: state.id, revision: state.revision, versions: state.versions }))
             }
             // The facet already holds this version or a newer one: a duplicate or stale event.
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => Ok(Applied::Stale),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
+                // A failed condition still costs a write unit.
+                self.metrics.dynamodb_estimated_write_units.inc();
+                Ok(Applied::Stale)
+            }
             Err(e) => Err(describe(e)),
         }
     }

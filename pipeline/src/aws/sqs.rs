@@ -133,7 +133,12 @@ impl SqsSource {
             .await
             .map_err(|e| storage("change visibility")(describe(e)))?;
         for failed in out.failed() {
-            tracing::warn!(code = failed.code(), message = failed.message(), "changing visibility failed for a message");
+            // A message acked while its renewal was on the way no longer exists: expected.
+            if failed.code() == "ReceiptHandleIsInvalid" {
+                tracing::debug!(message = failed.message(), "visibility change for a message already deleted");
+            } else {
+                tracing::warn!(code = failed.code(), message = failed.message(), "changing visibility failed for a message");
+            }
         }
         Ok(())
     }
