@@ -235,10 +235,19 @@ async fn shuffled_duplicate_deliveries_converge_on_the_highest_version() {
     assert_eq!((view["displayPrice"].as_str(), view["stock"]["quantity"].as_u64()), (Some("$400.00"), Some(50)));
 }
 
-/// A proxy in front of moto's DynamoDB that lets each `BatchWriteItem` write only its first
-/// item and hands the rest back as `UnprocessedItems`, as a throttled table does (moto itself
-/// never returns any). Everything else passes through untouched.
-async fn throttling_dynamodb_proxy() -> (String, std::sync::Arc<AtomicU32>) {
+/// Faults a proxy in front of moto's DynamoDB injects.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Each `BatchWriteItem` writes only its first item and hands the rest back as
+    /// `UnprocessedItems`, as a throttled table does (moto itself never returns any).
+    UnprocessedWrites,
+    /// Every `UpdateItem` of this product fails with a non-retryable error.
+    FailUpdatesOf(&'static str),
+}
+
+/// A proxy in front of moto's DynamoDB that injects `fault`; everything else passes through.
+/// Returns its URL and how many requests it faulted.
+async fn dynamodb_proxy(fault: Fault) -> (String, std::sync::Arc<AtomicU32>) {
     use warp::Filter;
     let upstream = endpoint();
     let throttled = std::sync::Arc::new(AtomicU32::new(0));
@@ -255,7 +264,19 @@ async fn throttling_dynamodb_proxy() -> (String, std::sync::Arc<AtomicU32>) {
                 let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
                 let mut body = body.to_vec();
                 let mut unprocessed = serde_json::Map::new();
-                if target.ends_with(".BatchWriteItem") {
+                if let Fault::FailUpdatesOf(id) = fault {
+                    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    if target.ends_with(".UpdateItem") && request["Key"]["productId"]["S"] == id {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let error = json!({"__type": "com.amazonaws.dynamodb.v20120810#ValidationException", "message": "injected fault"});
+                        return warp::http::Response::builder()
+                            .status(400)
+                            .header("content-type", "application/x-amz-json-1.0")
+                            .body(serde_json::to_vec(&error).unwrap())
+                            .unwrap();
+                    }
+                }
+                if matches!(fault, Fault::UnprocessedWrites) && target.ends_with(".BatchWriteItem") {
                     let mut request: Value = serde_json::from_slice(&body).unwrap();
                     for (table, writes) in request["RequestItems"].as_object_mut().unwrap() {
                         let writes = writes.as_array_mut().unwrap();
@@ -303,7 +324,7 @@ async fn throttling_dynamodb_proxy() -> (String, std::sync::Arc<AtomicU32>) {
 async fn unprocessed_batch_writes_are_retried_until_every_event_is_logged() {
     let mut env = aws_env("throttle");
     infra_init(&env);
-    let (proxy, throttled) = throttling_dynamodb_proxy().await;
+    let (proxy, throttled) = dynamodb_proxy(Fault::UnprocessedWrites).await;
     env.push(("AWS_ENDPOINT_URL_DYNAMODB".into(), proxy));
     let app = serve(&env, "all");
     let aws = clients().await;
@@ -324,4 +345,39 @@ async fn unprocessed_batch_writes_are_retried_until_every_event_is_logged() {
     assert_eq!(scan.count(), 10);
     let calls = app.metric("catalog_aws_calls_total{service=\"dynamodb\",operation=\"BatchWriteItem\"}").await;
     assert!(calls >= 10.0, "one item per call means at least ten calls, saw {calls}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_versions_are_not_acked_when_the_winning_update_fails() {
+    let mut env = aws_env("superseded");
+    env.push(("CATALOG_SQS_VISIBILITY_SECS".into(), "2".into()));
+    infra_init(&env);
+    let (proxy, faulted) = dynamodb_proxy(Fault::FailUpdatesOf("F1")).await;
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB".into(), proxy));
+    let app = serve(&env, "all");
+    let aws = clients().await;
+    // Three versions of one facet in one SQS batch: they coalesce into one update of v3.
+    let compact = |v: u64| serde_json::to_string(&json!({"type": "Price Update", "source": "pricing.service",
+        "detail": {"productId": "F1", "price": v, "currency": "USD", "version": v}})).unwrap();
+    let url = aws.queue_url(var(&env, "CATALOG_INGEST_QUEUE")).await;
+    let entries = (1..=3)
+        .map(|v| aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder().id(v.to_string()).message_body(compact(v)).build().unwrap())
+        .collect();
+    aws.sqs.send_message_batch().queue_url(&url).set_entries(Some(entries)).send().await.unwrap();
+    // The update never succeeds, so SQS redrive must move all three to the DLQ: none of the
+    // superseded versions may be acked on the strength of a write that failed.
+    let dlq = aws.queue_url(var(&env, "CATALOG_DLQ")).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut dead = std::collections::BTreeSet::new();
+    while dead.len() < 3 {
+        assert!(Instant::now() < deadline, "only {dead:?} reached the DLQ");
+        let out = aws.sqs.receive_message().queue_url(&dlq).max_number_of_messages(10).wait_time_seconds(1).send().await.unwrap();
+        for m in out.messages() {
+            let v: Value = serde_json::from_str(m.body().unwrap()).unwrap();
+            dead.insert(v["detail"]["version"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(dead.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(faulted.load(Ordering::SeqCst) >= 3);
+    assert_eq!(app.metric("catalog_pipeline_messages_acked_total").await, 0.0);
 }

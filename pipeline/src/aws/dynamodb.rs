@@ -400,14 +400,14 @@ impl ProductStore for DynamoStore {
         let mut tasks = tokio::task::JoinSet::new();
         let mut unchanged = 0;
         for (_, members) in groups {
-            // All versioned: only the highest version can change anything. Otherwise apply in order.
+            // All versioned: only the highest version can change anything; the others are
+            // superseded, and share its fate (if it fails, they are retried with it).
             let all_versioned = members.iter().all(|&i| events[i].event.version.is_some());
-            let to_apply: Vec<usize> = if all_versioned {
+            let (to_apply, superseded): (Vec<usize>, Vec<usize>) = if all_versioned {
                 let best = *members.iter().max_by_key(|&&i| events[i].event.version).expect("groups are never empty");
-                unchanged += members.len() - 1;
-                vec![best]
+                (vec![best], members.into_iter().filter(|&i| i != best).collect())
             } else {
-                members
+                (members, Vec::new())
             };
             let store = self.clone();
             let batch: Vec<(usize, CatalogEvent)> = to_apply.into_iter().map(|i| (i, events[i].event.clone())).collect();
@@ -422,12 +422,17 @@ impl ProductStore for DynamoStore {
                     broken |= r.is_err();
                     results.push((i, r));
                 }
-                results
+                (results, superseded, broken)
             });
         }
         let mut changed: HashMap<ProductId, ProductChanged> = HashMap::new();
         while let Some(joined) = tasks.join_next().await {
-            let results = joined.map_err(|e| Self::unavailable("update", events.len())(e.to_string()))?;
+            let (results, superseded, broken) = joined.map_err(|e| Self::unavailable("update", events.len())(e.to_string()))?;
+            if broken {
+                failed.extend(superseded);
+            } else {
+                unchanged += superseded.len();
+            }
             for (i, r) in results {
                 match r {
                     Ok(Applied::Changed(c)) => {

@@ -113,8 +113,15 @@ impl AwsClients {
     }
 }
 
-/// Renders an SDK error with its whole cause chain: the service's code and message, not just
-/// "service error".
-pub(crate) fn describe<E: std::error::Error>(e: E) -> String {
-    aws_sdk_sqs::error::DisplayErrorContext(e).to_string()
+/// Renders an SDK error for operators: `Code: message` when the service answered, else the
+/// whole cause chain (a transport failure's detail, e.g. "connection refused", is deep in it).
+pub(crate) fn describe<E>(e: E) -> String
+where
+    E: aws_sdk_sqs::error::ProvideErrorMetadata + std::error::Error,
+{
+    match (e.code(), e.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => aws_sdk_sqs::error::DisplayErrorContext(e).to_string(),
+    }
 }
