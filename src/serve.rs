@@ -75,15 +75,14 @@ fn api_config(args: &ServeArgs) -> anyhow::Result<ApiConfig> {
             args.addr
         ));
     }
-    Ok(ApiConfig {
-        cors_origins: args.cors_origins.clone(),
-        cache_control: args.cache_control.clone(),
-        ingest_token: args.ingest_token.clone().filter(|t| !t.is_empty()).map(IngestToken::new),
-        max_request_bytes: args.max_request_bytes,
-        max_entries: args.max_entries,
-        product_routes: args.role != Role::Worker,
-        ..ApiConfig::default()
-    })
+    let mut config = ApiConfig::default();
+    config.cors_origins = args.cors_origins.clone();
+    config.cache_control = args.cache_control.clone();
+    config.ingest_token = args.ingest_token.clone().filter(|t| !t.is_empty()).map(IngestToken::new);
+    config.max_request_bytes = args.max_request_bytes;
+    config.max_entries = args.max_entries;
+    config.product_routes = args.role != Role::Worker;
+    Ok(config)
 }
 
 fn view_settings(data: &DataArgs) -> ViewSettings {

@@ -1,6 +1,9 @@
 //! BFF settings, each a named value with its default.
 
 use std::fmt;
+use std::sync::OnceLock;
+
+use warp::http::HeaderValue;
 
 pub const DEFAULT_CACHE_CONTROL: &str = "public, max-age=5, stale-while-revalidate=30";
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 4 * 1024 * 1024;
@@ -47,6 +50,8 @@ pub struct ApiConfig {
     pub max_page_size: usize,
     /// Product and ingest routes; off for a worker, which serves only health, readiness and metrics.
     pub product_routes: bool,
+    /// `cache_control` as a header value, parsed once rather than per response.
+    cache_control_header: OnceLock<HeaderValue>,
 }
 
 impl Default for ApiConfig {
@@ -61,7 +66,16 @@ impl Default for ApiConfig {
             default_page_size: DEFAULT_PAGE_SIZE,
             max_page_size: catalog_readmodel::DEFAULT_MAX_PAGE,
             product_routes: true,
+            cache_control_header: OnceLock::new(),
         }
+    }
+}
+
+impl ApiConfig {
+    /// The configured `Cache-Control`; a value that is not a valid header falls back to `no-cache`.
+    pub fn cache_control_header(&self) -> &HeaderValue {
+        self.cache_control_header
+            .get_or_init(|| HeaderValue::from_str(&self.cache_control).unwrap_or_else(|_| HeaderValue::from_static("no-cache")))
     }
 }
 

@@ -23,8 +23,8 @@ fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
     ProductId::parse(raw).map_err(|e| ApiError::bad_request("invalid_product_id", e.to_string()))
 }
 
-fn cache_control(state: &AppState) -> HeaderValue {
-    HeaderValue::from_str(&state.config.cache_control).unwrap_or_else(|_| HeaderValue::from_static("no-cache"))
+fn cache_control(state: &AppState) -> &HeaderValue {
+    state.config.cache_control_header()
 }
 
 /// The view, or a cache-aside fill from the store when the read model has not got it yet.
@@ -79,7 +79,7 @@ async fn product_response(raw_id: &str, params: &[(String, String)], cond: &Cond
     let variant = parse_variant(params)?;
     match lookup(state, &id).await? {
         Some(view) if view.listed => {
-            Ok(cached_json(cond, view.etag(variant), view.body(variant), view.gzip_body(variant), &cache_control(state)))
+            Ok(cached_json(cond, view.etag(variant), view.body(variant), view.gzip_body(variant), cache_control(state)))
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "product_not_found", format!("no product with id {id}"))),
     }
@@ -148,7 +148,7 @@ fn category_page(category: &str, params: &[(String, String)], variant: Variant, 
     body.extend_from_slice(b"],\"nextCursor\":");
     serde_json::to_writer(&mut body, &page.next_cursor).expect("json serializes");
     body.push(b'}');
-    Ok(dynamic_json(cond, body, &cache_control(state)))
+    Ok(dynamic_json(cond, body, cache_control(state)))
 }
 
 async fn by_ids(ids: &str, variant: Variant, cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
@@ -176,7 +176,7 @@ async fn by_ids(ids: &str, variant: Variant, cond: &Conditional, state: &AppStat
     body.extend_from_slice(b"],\"missing\":");
     serde_json::to_writer(&mut body, &missing).expect("json serializes");
     body.push(b'}');
-    Ok(dynamic_json(cond, body, &cache_control(state)))
+    Ok(dynamic_json(cond, body, cache_control(state)))
 }
 
 /// Splices stored bodies into a JSON array: nothing is parsed or re-serialized.
