@@ -95,11 +95,10 @@ impl ProductState {
     pub fn apply(&mut self, event: &CatalogEvent) -> Applied {
         debug_assert_eq!(event.product_id, self.id);
         let facet = event.change.facet();
-        if let (Some(incoming), Some(stored)) = (event.version, self.versions.get(facet)) {
-            if stored >= incoming {
+        if let (Some(incoming), Some(stored)) = (event.version, self.versions.get(facet))
+            && stored >= incoming {
                 return Applied::Stale;
             }
-        }
         let before = (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone());
         match &event.change {
             Change::Product(change) => match change.status {

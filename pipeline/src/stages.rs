@@ -137,12 +137,11 @@ async fn validate<S: EventSource>(
                 }
             }
         }
-        if !letters.is_empty() {
-            if let Err(e) = source.dead_letter(letters).await {
+        if !letters.is_empty()
+            && let Err(e) = source.dead_letter(letters).await {
                 // Not acked either: the source hands them out again and we retry the move.
                 tracing::error!(error = %e, "moving invalid messages to the DLQ failed");
             }
-        }
         for a in accepted {
             if out.send(a).await.is_err() {
                 return;

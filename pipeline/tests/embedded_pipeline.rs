@@ -89,7 +89,7 @@ async fn malformed_body_is_dead_lettered_with_reason_and_good_input_after_it_lan
 async fn duplicates_change_nothing_and_announce_nothing() {
     let mut h = start(|s| s);
     let body = Bytes::from_static(br#"{"productId":"P2","quantity":7,"version":3}"#);
-    h.log.append(&[body.clone()]).await.unwrap();
+    h.log.append(std::slice::from_ref(&body)).await.unwrap();
     let first = h.invalidations.recv().await.unwrap();
     assert_eq!(first.products.len(), 1);
     h.log.append(&[body.clone(), Bytes::from_static(br#"{"productId":"P2","quantity":1,"version":2}"#)]).await.unwrap();

@@ -72,10 +72,9 @@ async fn refresh<St: ProductStore>(
             .await
             .map_err(|e| ReadModelError::Storage { operation: "refresh", detail: e.to_string() })??;
     }
-    if let Some(sequence) = sequence {
-        if sequence > model.checkpoint()? {
+    if let Some(sequence) = sequence
+        && sequence > model.checkpoint()? {
             model.set_checkpoint(sequence)?;
         }
-    }
     Ok(written)
 }

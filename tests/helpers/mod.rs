@@ -17,16 +17,12 @@ pub struct TestApp {
     _dir: Option<tempfile::TempDir>,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub args: Vec<String>,
     pub envs: Vec<(String, String)>,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Self { args: Vec::new(), envs: Vec::new() }
-    }
-}
 
 pub fn spawn_app() -> TestApp {
     spawn_with(Options::default())

@@ -32,11 +32,10 @@ async fn lookup(state: &AppState, id: &ProductId) -> Result<Option<StoredView>, 
     let unavailable = |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
     if let Some(view) = state.readmodel.get(id.as_str()).map_err(|e| unavailable(e.to_string()))? {
         // Past its TTL: serve it now, re-read it in the background (stale-while-revalidate).
-        if state.readmodel.is_expired(&view) {
-            if let Some(fill) = &state.fill {
+        if state.readmodel.is_expired(&view)
+            && let Some(fill) = &state.fill {
                 fill.clone().refresh_later(id.clone());
             }
-        }
         return Ok(Some(view));
     }
     let Some(fill) = &state.fill else { return Ok(None) };

@@ -169,11 +169,10 @@ async fn ensure_queue(
     name: &str,
     attributes: HashMap<QueueAttributeName, String>,
 ) -> Result<(String, bool), String> {
-    if let Ok(out) = sqs.get_queue_url().queue_name(name).send().await {
-        if let Some(url) = out.queue_url() {
+    if let Ok(out) = sqs.get_queue_url().queue_name(name).send().await
+        && let Some(url) = out.queue_url() {
             return Ok((url.to_owned(), false));
         }
-    }
     let out = sqs
         .create_queue()
         .queue_name(name)
