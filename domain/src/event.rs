@@ -54,14 +54,6 @@ impl EventKind {
     pub fn from_source_and_type(source: &str, detail_type: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.source() == source && k.detail_type() == detail_type)
     }
-
-    pub fn facet(self) -> Facet {
-        match self {
-            EventKind::ProductUpdate => Facet::Product,
-            EventKind::InventoryUpdate => Facet::Inventory,
-            EventKind::PriceUpdate => Facet::Price,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -36,8 +36,6 @@ pub struct DeadLetter<R> {
 pub enum SourceError {
     #[error("event source storage failed during {operation}: {detail}")]
     Storage { operation: &'static str, detail: String },
-    #[error("event source is shutting down")]
-    Closed,
 }
 
 /// Where messages come from. At-least-once: a message not acked within its visibility

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use catalog_domain::ProductId;
 use catalog_pipeline::{Invalidation, ProductStore};
 use tokio::sync::mpsc;
@@ -11,7 +12,8 @@ use crate::model::{ReadModel, ReadModelError};
 
 /// Invalidations merged into one refresh at most: bounds the latency a burst adds.
 const MAX_COALESCED_PRODUCTS: usize = 4096;
-const REFRESH_ATTEMPTS: u32 = 5;
+const REFRESH_ATTEMPTS: usize = 5;
+const REFRESH_RETRY_BASE: Duration = Duration::from_millis(100);
 
 /// Refreshes views until the invalidation feed closes. Consecutive queued invalidations are
 /// merged, so a burst costs one store read and one view write per product, not per event.
@@ -33,21 +35,18 @@ pub async fn run_refresher<St: ProductStore>(model: ReadModel, store: Arc<St>, m
         }
         ids.sort();
         ids.dedup();
-        let mut attempt = 1;
-        loop {
-            match refresh(&model, &*store, ids.clone(), sequence).await {
-                Ok(_) => break,
-                Err(e) if attempt < REFRESH_ATTEMPTS => {
-                    tracing::warn!(error = %e, attempt, "view refresh failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                    attempt += 1;
-                }
-                // The checkpoint stays behind, so the next start catches these products up.
-                Err(e) => {
-                    tracing::error!(error = %e, products = ids.len(), "view refresh failed; views stay stale until catch-up");
-                    break;
-                }
-            }
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(REFRESH_RETRY_BASE)
+            .with_max_times(REFRESH_ATTEMPTS - 1)
+            .with_jitter();
+        let attempt = || refresh(&model, &*store, ids.clone(), sequence);
+        let result = attempt
+            .retry(backoff)
+            .notify(|e, _| tracing::warn!(error = %e, "view refresh failed; retrying"))
+            .await;
+        // The checkpoint stays behind, so the next start catches these products up.
+        if let Err(e) = result {
+            tracing::error!(error = %e, products = ids.len(), "view refresh failed; views stay stale until catch-up");
         }
     }
 }
