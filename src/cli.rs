@@ -78,6 +78,10 @@ pub struct AwsArgs {
     /// DynamoDB conditional updates in flight per write batch.
     #[arg(long, env = "CATALOG_WRITE_CONCURRENCY", default_value_t = catalog_pipeline::aws::DEFAULT_WRITE_CONCURRENCY)]
     pub write_concurrency: usize,
+    /// Largest event-log segment, in bytes of JSON lines before compression (each segment is
+    /// one DynamoDB item, billed per started KiB of its compressed size).
+    #[arg(long, env = "CATALOG_LOG_SEGMENT_BYTES", default_value_t = catalog_pipeline::aws::DEFAULT_LOG_SEGMENT_BYTES)]
+    pub log_segment_bytes: usize,
     /// Seconds a received message stays invisible (renewed by a heartbeat while in flight).
     #[arg(long, env = "CATALOG_SQS_VISIBILITY_SECS", default_value_t = 30)]
     pub sqs_visibility_secs: u64,
@@ -103,6 +107,7 @@ impl AwsArgs {
             visibility_timeout: std::time::Duration::from_secs(self.sqs_visibility_secs.max(1)),
             max_receive_count: self.sqs_max_receive_count.max(1),
             write_concurrency: self.write_concurrency.max(1),
+            log_segment_bytes: self.log_segment_bytes.clamp(1, 256 * 1024),
             ..AwsSettings::default()
         }
     }

@@ -331,6 +331,8 @@ async fn unprocessed_batch_writes_are_retried_until_every_event_is_logged() {
     infra_init(&env);
     let (proxy, throttled) = dynamodb_proxy(Fault::UnprocessedWrites).await;
     env.push(("AWS_ENDPOINT_URL_DYNAMODB".into(), proxy));
+    // One event per log segment, so that a batch holds several items for the proxy to refuse.
+    env.push(("CATALOG_LOG_SEGMENT_BYTES".into(), "1".into()));
     let app = serve(&env, "all");
     let aws = clients().await;
     let products: Vec<Value> = (0..10).map(|i| product(&format!("T{i}"), "Throttled", "Slow")).collect();
@@ -343,6 +345,14 @@ async fn unprocessed_batch_writes_are_retried_until_every_event_is_logged() {
     // came back unprocessed.
     let scan = aws.dynamodb.scan().table_name(var(&env, "CATALOG_EVENTS_TABLE")).send().await.unwrap();
     assert_eq!(scan.count(), 10);
+    let mut logged: Vec<String> = scan
+        .items()
+        .iter()
+        .flat_map(|item| catalog_pipeline::aws::dynamodb::decode_segment(item).unwrap())
+        .map(|e| e["detail"]["productId"].as_str().unwrap().to_owned())
+        .collect();
+    logged.sort();
+    assert_eq!(logged, (0..10).map(|i| format!("T{i}")).collect::<Vec<_>>());
     let calls = app.metric("catalog_aws_calls_total{service=\"dynamodb\",operation=\"BatchWriteItem\"}").await;
     assert!(calls >= 10.0, "one item per call means at least ten calls, saw {calls}");
 }

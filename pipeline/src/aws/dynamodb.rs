@@ -1,8 +1,8 @@
-//! The DynamoDB store: the event log as a table keyed by product and event key, current
+//! The DynamoDB store: the event log as gzip-compressed segments of many events each, current
 //! state as one item per product whose facets are written with version-guarded updates.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{DefaultHasher, Hasher};
+use std::hash::{BuildHasher, DefaultHasher, Hasher};
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, ReturnConsumedCapacity, ReturnValue, WriteRequest};
@@ -19,12 +19,16 @@ const BATCH_WRITE_MAX: usize = 25;
 const BATCH_GET_MAX: usize = 100;
 
 type Item = HashMap<String, AttributeValue>;
-type LogKey = (String, String);
+/// A log segment's key.
+type LogKey = String;
 
 /// Attribute names of a product item; one place, so the store and `infra init` agree.
 pub mod attr {
     pub const PRODUCT_ID: &str = "productId";
-    pub const EVENT_KEY: &str = "eventKey";
+    /// Log segments: key, event count, first event time, gzip of the events' JSON lines.
+    pub const SEGMENT: &str = "segment";
+    pub const COUNT: &str = "count";
+    pub const EVENTS: &str = "events";
     pub const CATEGORY: &str = "category";
     pub const NAME: &str = "productName";
     pub const DESCRIPTION: &str = "description";
@@ -84,23 +88,79 @@ pub fn event_key(event: &CatalogEvent) -> String {
     }
 }
 
-fn log_item(event: &CatalogEvent) -> Item {
-    let mut item = Item::new();
-    item.insert(attr::PRODUCT_ID.into(), s(event.product_id.as_str()));
-    item.insert(attr::EVENT_KEY.into(), s(event_key(event)));
-    item.insert(attr::KIND.into(), s(event.kind().detail_type()));
-    item.insert(attr::TIME.into(), n(event.time_millis()));
-    if let Some(v) = event.version {
-        item.insert(attr::VERSION.into(), n(v));
+/// Packs events into log segments of at most `max_bytes` of JSON lines each (an event larger
+/// than that gets a segment of its own). DynamoDB bills a write per started KiB of each item,
+/// so one compressed segment of many events costs a fraction of a unit per event where one
+/// item per event costs a whole one; that is most of the bill's gap to the classic design.
+///
+/// A segment's key is unique per write (`<first event ms>-<writer>-<counter>`), so a retry of
+/// an unprocessed put is idempotent while a redelivered event lands in a later segment too:
+/// readers fold events by version and drop repeats by [`event_key`] (see [`decode_segment`]).
+fn segments(events: &[(usize, &CatalogEvent)], max_bytes: usize, writer: &SegmentIds) -> Vec<(LogKey, Item, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut lines: Vec<u8> = Vec::new();
+    let mut members: Vec<usize> = Vec::new();
+    let mut first_time = 0;
+    let mut flush = |lines: &mut Vec<u8>, members: &mut Vec<usize>, first_time: u64| {
+        if members.is_empty() {
+            return;
+        }
+        let key = writer.next(first_time);
+        let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(lines.len() / 3), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, lines).expect("writing to a Vec cannot fail");
+        let compressed = gz.finish().expect("writing to a Vec cannot fail");
+        let mut item = Item::new();
+        item.insert(attr::SEGMENT.into(), s(key.clone()));
+        item.insert(attr::COUNT.into(), n(members.len()));
+        item.insert(attr::TIME.into(), n(first_time));
+        item.insert(attr::EVENTS.into(), AttributeValue::B(compressed.into()));
+        out.push((key, item, std::mem::take(members)));
+        lines.clear();
+    };
+    for &(i, event) in events {
+        let line = event.to_compact_json().to_string();
+        if !members.is_empty() && lines.len() + line.len() + 1 > max_bytes {
+            flush(&mut lines, &mut members, first_time);
+        }
+        if members.is_empty() {
+            first_time = event.time_millis();
+        }
+        lines.extend_from_slice(line.as_bytes());
+        lines.push(b'\n');
+        members.push(i);
     }
-    item.insert(attr::EVENT.into(), s(event.to_compact_json().to_string()));
-    item
+    flush(&mut lines, &mut members, first_time);
+    out
 }
 
-fn key_of(item: &Item) -> Option<LogKey> {
-    match (item.get(attr::PRODUCT_ID), item.get(attr::EVENT_KEY)) {
-        (Some(AttributeValue::S(p)), Some(AttributeValue::S(k))) => Some((p.clone(), k.clone())),
-        _ => None,
+/// The events of one log segment item, in the order they were written.
+pub fn decode_segment(item: &Item) -> Result<Vec<serde_json::Value>, String> {
+    let Some(AttributeValue::B(blob)) = item.get(attr::EVENTS) else {
+        return Err(format!("segment without a binary {:?} attribute", attr::EVENTS));
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(blob.as_ref()), &mut text).map_err(|e| format!("segment does not inflate: {e}"))?;
+    text.lines().map(|l| serde_json::from_str(l).map_err(|e| format!("segment line is not JSON: {e}"))).collect()
+}
+
+/// Unique segment keys for one writer process.
+pub struct SegmentIds {
+    writer: u64,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+impl SegmentIds {
+    fn new() -> Self {
+        // RandomState is seeded per process from the OS: enough to keep writers apart.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u32(std::process::id());
+        Self { writer: h.finish(), counter: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    fn next(&self, first_time_ms: u64) -> String {
+        let c = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{first_time_ms:013}-{:016x}-{c}", self.writer)
     }
 }
 
@@ -224,11 +284,12 @@ pub struct DynamoStore {
     client: aws_sdk_dynamodb::Client,
     settings: AwsSettings,
     metrics: AwsMetrics,
+    segment_ids: Arc<SegmentIds>,
 }
 
 impl DynamoStore {
     pub fn new(client: aws_sdk_dynamodb::Client, settings: AwsSettings, metrics: AwsMetrics) -> Self {
-        Self { client, settings, metrics }
+        Self { client, settings, metrics, segment_ids: Arc::new(SegmentIds::new()) }
     }
 
     fn unavailable(operation: &'static str, count: usize) -> impl Fn(String) -> StoreError {
@@ -254,7 +315,10 @@ impl DynamoStore {
             .and_then(|m| m.get(table))
             .into_iter()
             .flatten()
-            .filter_map(|w| w.put_request().and_then(|p| key_of(p.item())))
+            .filter_map(|w| match w.put_request()?.item().get(attr::SEGMENT) {
+                Some(AttributeValue::S(k)) => Some(k.clone()),
+                _ => None,
+            })
             .collect();
         debug_assert_eq!(unprocessed.len(), unprocessed_count);
         let (left, written): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(k, _)| unprocessed.contains(k));
@@ -269,17 +333,11 @@ impl DynamoStore {
 
     /// Appends the events to the log; returns the indexes of events that are not durable.
     async fn append_log(&self, events: &[SequencedEvent]) -> Result<BTreeSet<usize>, StoreError> {
+        let indexed: Vec<(usize, &CatalogEvent)> = events.iter().enumerate().map(|(i, e)| (i, &e.event)).collect();
         let mut owners: HashMap<LogKey, Vec<usize>> = HashMap::new();
         let mut requests = Vec::new();
-        for (i, e) in events.iter().enumerate() {
-            let item = log_item(&e.event);
-            let key = key_of(&item).expect("log items carry their key");
-            // One request may not name a key twice: duplicates in a batch share one put.
-            if let Some(owner) = owners.get_mut(&key) {
-                owner.push(i);
-                continue;
-            }
-            owners.insert(key.clone(), vec![i]);
+        for (key, item, members) in segments(&indexed, self.settings.log_segment_bytes, &self.segment_ids) {
+            owners.insert(key.clone(), members);
             let put = PutRequest::builder().set_item(Some(item)).build().map_err(|e| Self::unavailable("log", events.len())(e.to_string()))?;
             requests.push((key, WriteRequest::builder().put_request(put).build()));
         }
@@ -289,7 +347,7 @@ impl DynamoStore {
             match until_processed(chunk.to_vec(), attempts, self.settings.retry_base, |p| self.batch_write_once(p)).await {
                 Ok(left) => {
                     if !left.is_empty() {
-                        tracing::warn!(count = left.len(), "event log writes left unprocessed after retries");
+                        tracing::warn!(segments = left.len(), "event log writes left unprocessed after retries");
                     }
                     failed.extend(left.iter().flat_map(|(k, _)| owners[k].iter().copied()));
                 }
@@ -472,6 +530,7 @@ impl ProductStore for DynamoStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aws::DEFAULT_LOG_SEGMENT_BYTES as DEFAULT_LOG_SEGMENT;
     use catalog_domain::ParseLimits;
     use std::time::SystemTime;
 
@@ -500,6 +559,35 @@ mod tests {
         assert!(d.condition.is_none());
         assert!(d.names.values().any(|v| v == attr::DELETED));
         assert!(!d.names.values().any(|v| v == attr::NAME), "a delete keeps the facet's fields");
+    }
+
+    #[test]
+    fn segments_pack_events_within_the_limit_and_read_back_in_order() {
+        let events: Vec<CatalogEvent> =
+            (1..=50).map(|v| event(&format!(r#"{{"productId":"P{}","quantity":{v},"version":{v}}}"#, v % 7))).collect();
+        let indexed: Vec<(usize, &CatalogEvent)> = events.iter().enumerate().collect();
+        let ids = SegmentIds::new();
+        let one = segments(&indexed, DEFAULT_LOG_SEGMENT, &ids);
+        assert_eq!(one.len(), 1);
+        let (key, item, members) = &one[0];
+        assert_eq!(members, &(0..50).collect::<Vec<_>>());
+        assert_eq!(item[attr::SEGMENT], s(key.clone()));
+        assert_eq!(item[attr::COUNT], n(50));
+        let decoded = decode_segment(item).unwrap();
+        let again: Vec<serde_json::Value> = events.iter().map(|e| serde_json::to_value(e.to_compact_json()).unwrap()).collect();
+        assert_eq!(decoded, again);
+        // Compressed, 50 events take fewer started KiB than one item per event would.
+        let units = crate::aws::cost::write_units(crate::aws::cost::item_size(item));
+        assert!(units * 10 <= 50, "{units} write units for 50 events");
+
+        let small = segments(&indexed, 200, &ids);
+        assert!(small.len() > 1);
+        let members: Vec<usize> = small.iter().flat_map(|(_, _, m)| m.iter().copied()).collect();
+        assert_eq!(members, (0..50).collect::<Vec<_>>(), "every event in exactly one segment, in order");
+        let keys: HashSet<&String> = small.iter().map(|(k, _, _)| k).collect();
+        assert_eq!(keys.len(), small.len(), "segment keys are unique");
+        // An event larger than the limit still gets a segment of its own.
+        assert_eq!(segments(&indexed[..3], 1, &ids).len(), 3);
     }
 
     #[test]

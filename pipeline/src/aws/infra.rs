@@ -149,8 +149,8 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
         .map_err(|e| format!("targeting rule {}: {}", names.ingest_rule, describe(e)))?;
     report.say(!existed, format!("rule {} → {} (InputTransformer: compact shape)", names.ingest_rule, names.ingest_queue));
 
-    let created = ensure_table(clients, &names.events_table, &[(attr::PRODUCT_ID, KeyType::Hash), (attr::EVENT_KEY, KeyType::Range)], None).await?;
-    report.say(created, format!("table {} (event log: productId + eventKey)", names.events_table));
+    let created = ensure_table(clients, &names.events_table, &[(attr::SEGMENT, KeyType::Hash)], None).await?;
+    report.say(created, format!("table {} (event log: gzip segments of events)", names.events_table));
     let category_index = GlobalSecondaryIndex::builder()
         .index_name(CATEGORY_INDEX)
         .key_schema(key(attr::CATEGORY, KeyType::Hash)?)

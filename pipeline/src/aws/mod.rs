@@ -4,7 +4,7 @@
 //! Layout:
 //! - [`sqs`]: the event source: long polling, batch delete after durable writes, visibility
 //!   heartbeat, explicit dead-lettering with reason attributes.
-//! - [`dynamodb`]: the store: event log via `BatchWriteItem`, current state via
+//! - [`dynamodb`]: the store: event log segments via `BatchWriteItem`, current state via
 //!   version-guarded `UpdateItem` per product facet, reads via `BatchGetItem`.
 //! - [`eventbridge`]: the invalidation bus (`PutEvents`) and each API instance's
 //!   subscription queue.
@@ -61,6 +61,9 @@ pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 3;
 pub const DEFAULT_BATCH_ATTEMPTS: u32 = 5;
 pub const DEFAULT_WRITE_CONCURRENCY: usize = 16;
+/// 64 KiB of JSON lines gzip to roughly 8–12 KiB: a tenth of a write unit per event or less,
+/// and far below DynamoDB's 400 KB item limit even for incompressible input.
+pub const DEFAULT_LOG_SEGMENT_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct AwsSettings {
@@ -77,6 +80,8 @@ pub struct AwsSettings {
     pub retry_base: Duration,
     /// Conditional updates in flight at once per write batch.
     pub write_concurrency: usize,
+    /// Largest log segment, in bytes of uncompressed JSON lines.
+    pub log_segment_bytes: usize,
 }
 
 impl Default for AwsSettings {
@@ -89,6 +94,7 @@ impl Default for AwsSettings {
             batch_attempts: DEFAULT_BATCH_ATTEMPTS,
             retry_base: Duration::from_millis(50),
             write_concurrency: DEFAULT_WRITE_CONCURRENCY,
+            log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
         }
     }
 }
