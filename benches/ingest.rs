@@ -1,7 +1,9 @@
-//! Embedded pipeline, end to end: events/s from `POST /events` to visible in the read model,
-//! against the release binary on 127.0.0.1 with its own data dir. Prints its figures.
+//! Embedded pipeline, end to end, against the release binary on 127.0.0.1 with its own data
+//! dir: events/s from `POST /events` to visible in the read model, then event → visible
+//! latency at half that rate. Prints its figures.
 //!
-//! cargo bench --bench ingest            (CATALOG_BENCH_EVENTS to change the count)
+//! cargo bench --bench ingest            (CATALOG_BENCH_EVENTS to change the count,
+//!                                        CATALOG_BENCH_LATENCY_SECS the paced phase's length)
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +14,11 @@ use serde_json::{Value, json};
 const DEFAULT_EVENTS: usize = 100_000;
 const BATCH: usize = 1_000;
 const POSTERS: usize = 4;
+/// Paced phase: events per POST, one of them a probe whose visibility is timed.
+const PACED_BATCH: usize = 100;
+const DEFAULT_LATENCY_SECS: u64 = 10;
+/// How often a probe's product is re-read while waiting for it to show the probe.
+const PROBE_POLL: Duration = Duration::from_micros(250);
 
 fn events(total: usize) -> Vec<Value> {
     let products = total / 4;
@@ -34,6 +41,59 @@ async fn checkpoint(client: &reqwest::Client, base: &str) -> u64 {
     let ready: Value = client.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
     let detail = ready["checks"][0]["detail"].as_str().unwrap_or_default().to_owned();
     detail.rsplit("checkpoint ").next().and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Event → visible at a steady `rate`: POSTs of `PACED_BATCH` inventory updates to products
+/// already in the catalog, each batch carrying one probe; a probe's latency runs from just
+/// before its POST (so it includes the durable 202) to the first GET that shows it.
+async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, rate: f64, length: Duration) {
+    let interval = Duration::from_secs_f64(PACED_BATCH as f64 / rate);
+    let batches = (length.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut probes = Vec::with_capacity(batches);
+    let mut next_product = 0usize;
+    let started = Instant::now();
+    for b in 0..batches {
+        ticker.tick().await;
+        let version = 3 + b as u64;
+        let body: Vec<Value> = (0..PACED_BATCH)
+            .map(|_| {
+                next_product = (next_product + 1) % products;
+                json!({"source":"inventory.service","detail-type":"Inventory Update",
+                    "detail":{"productId":format!("P{next_product:07}"),"quantity":1000 + version,"version":version}})
+            })
+            .collect();
+        let probe = format!("P{next_product:07}");
+        let expected = 1000 + version;
+        let (client, base) = (client.clone(), base.to_owned());
+        probes.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let r = client.post(format!("{base}/events")).body(serde_json::to_vec(&body).unwrap()).send().await.unwrap();
+            assert_eq!(r.status(), 202);
+            loop {
+                let view: Value = client.get(format!("{base}/products/{probe}")).send().await.unwrap().json().await.unwrap();
+                if view["stock"]["quantity"].as_u64() == Some(expected) {
+                    return sent.elapsed();
+                }
+                tokio::time::sleep(PROBE_POLL).await;
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(probes.len());
+    for p in probes {
+        latencies.push(p.await.unwrap());
+    }
+    let achieved = (batches * PACED_BATCH) as f64 / started.elapsed().as_secs_f64();
+    latencies.sort();
+    let q = |f: f64| latencies[((latencies.len() as f64 * f) as usize).min(latencies.len() - 1)];
+    println!(
+        "  event → visible at {achieved:.0} events/s (half the max), {} probes: p50 {:.2?} · p99 {:.2?} · max {:.2?}",
+        latencies.len(),
+        q(0.50),
+        q(0.99),
+        latencies[latencies.len() - 1]
+    );
 }
 
 fn main() {
@@ -101,6 +161,9 @@ fn main() {
             metric("catalog_pipeline_write_batches_total"),
             metric("catalog_pipeline_events_dead_lettered_total"),
         );
+        let max_rate = total as f64 / visible.as_secs_f64();
+        let secs = std::env::var("CATALOG_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_LATENCY_SECS);
+        paced_latency(&client, &base, total / 4, max_rate / 2.0, Duration::from_secs(secs)).await;
     });
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();

@@ -13,7 +13,7 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
     let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
     let model = ReadModel::open(&db, ViewSettings { low_stock_threshold: args.low_stock_threshold }, None)
         .context("opening the read model")?;
-    let total = log.entries_from(1).count() as u64;
+    let total = log.last_sequence();
     let bar = indicatif::ProgressBar::new(total).with_style(
         indicatif::ProgressStyle::with_template("{spinner} rebuilding read model [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)")
             .expect("static template")
@@ -24,11 +24,14 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     db.flush().context("flushing the read model to disk")?;
     println!(
-        "rebuilt {} views of {} products from {} log entries in {:.2?} ({} invalid and {} dead-lettered entries skipped; checkpoint {})",
+        "rebuilt {} views of {} products from {} log entries in {:.2?} (fold {:.2?}, clear {:.2?}, write {:.2?}; {} invalid and {} dead-lettered entries skipped; checkpoint {})",
         report.views_written,
         report.products,
         report.entries_read,
         report.elapsed,
+        report.fold_elapsed,
+        report.clear_elapsed,
+        report.write_elapsed,
         report.invalid_skipped,
         report.dead_lettered_skipped,
         report.last_sequence

@@ -32,6 +32,12 @@ pub struct RebuildReport {
     pub products: u64,
     pub views_written: u64,
     pub last_sequence: u64,
+    /// Reading and folding the log.
+    pub fold_elapsed: Duration,
+    /// Dropping the old views.
+    pub clear_elapsed: Duration,
+    /// Rendering and writing the new ones.
+    pub write_elapsed: Duration,
     pub elapsed: Duration,
 }
 
@@ -67,7 +73,9 @@ pub fn rebuild(
         }
     }
     progress(report.entries_read);
+    report.fold_elapsed = started.elapsed();
     model.clear()?;
+    report.clear_elapsed = started.elapsed() - report.fold_elapsed;
     report.products = states.len() as u64;
     let mut states: Vec<ProductState> = states.into_values().collect();
     states.sort_by(|a, b| a.id.cmp(&b.id));
@@ -76,6 +84,7 @@ pub fn rebuild(
     }
     model.set_checkpoint(report.last_sequence)?;
     report.elapsed = started.elapsed();
+    report.write_elapsed = report.elapsed - report.fold_elapsed - report.clear_elapsed;
     Ok(report)
 }
 

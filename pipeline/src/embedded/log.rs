@@ -179,6 +179,11 @@ impl EmbeddedLog {
         })
     }
 
+    /// The last sequence appended (0 for an empty log): the log's length, without a scan.
+    pub fn last_sequence(&self) -> u64 {
+        lock(&self.inner.next_sequence).saturating_sub(1)
+    }
+
     /// Every sequence below this has been fully processed.
     pub fn consumed_watermark(&self) -> u64 {
         lock(&self.inner.cursor).watermark
