@@ -181,9 +181,10 @@ pub struct ServeArgs {
     /// Events per store write.
     #[arg(long, env = "CATALOG_WRITE_BATCH", default_value_t = catalog_pipeline::config::DEFAULT_WRITE_BATCH)]
     pub write_batch: usize,
-    /// Longest a partial write batch waits for more events, in milliseconds.
-    #[arg(long, env = "CATALOG_WRITE_BATCH_TIMEOUT_MS", default_value_t = 5)]
-    pub write_batch_timeout_ms: u64,
+    /// Longest a partial write batch waits for more events, in milliseconds (default: 0
+    /// embedded, where batches form from what queued while the writer was busy; 5 on AWS).
+    #[arg(long, env = "CATALOG_WRITE_BATCH_TIMEOUT_MS")]
+    pub write_batch_timeout_ms: Option<u64>,
     /// Seconds a received message stays invisible before it is redelivered.
     #[arg(long, env = "CATALOG_VISIBILITY_TIMEOUT_SECS", default_value_t = 30)]
     pub visibility_timeout_secs: u64,

@@ -93,12 +93,12 @@ fn open_read_model(db: &sled::Db, data: &DataArgs) -> anyhow::Result<ReadModel> 
     ReadModel::open(db, view_settings(data), Some(Duration::from_secs(data.view_ttl_secs))).context("opening the read model")
 }
 
-fn pipeline_config(args: &ServeArgs, receive_batch: usize, pollers: usize) -> PipelineConfig {
+fn pipeline_config(args: &ServeArgs, receive_batch: usize, pollers: usize, default_linger: Duration) -> PipelineConfig {
     PipelineConfig {
         receive_batch,
         pollers,
         write_batch: args.write_batch.max(1),
-        write_batch_timeout: Duration::from_millis(args.write_batch_timeout_ms),
+        write_batch_timeout: args.write_batch_timeout_ms.map_or(default_linger, Duration::from_millis),
         parse_limits: ParseLimits { max_body_bytes: args.data.max_body_bytes },
         ..PipelineConfig::default()
     }
@@ -180,7 +180,7 @@ async fn embedded(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
         Arc::new(log.clone()),
         store.clone(),
         bus,
-        pipeline_config(&args, args.receive_batch.max(1), 1),
+        pipeline_config(&args, args.receive_batch.max(1), 1, catalog_pipeline::config::DEFAULT_WRITE_BATCH_TIMEOUT),
         pipeline_metrics,
         stop_pipeline.clone(),
     ));
@@ -233,7 +233,7 @@ async fn aws(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
             Arc::new(source),
             store.clone(),
             bus,
-            pipeline_config(&args, 10, args.aws.pollers.max(1)),
+            pipeline_config(&args, 10, args.aws.pollers.max(1), catalog_pipeline::config::DEFAULT_AWS_WRITE_BATCH_TIMEOUT),
             pipeline_metrics,
             stop_pipeline.clone(),
         )));

@@ -4,7 +4,11 @@ use std::time::Duration;
 
 pub const DEFAULT_RECEIVE_BATCH: usize = 256;
 pub const DEFAULT_WRITE_BATCH: usize = 512;
-pub const DEFAULT_WRITE_BATCH_TIMEOUT: Duration = Duration::from_millis(5);
+/// Embedded: no linger, batches form from what queued while the writer was busy.
+pub const DEFAULT_WRITE_BATCH_TIMEOUT: Duration = Duration::ZERO;
+/// AWS: a short linger gathers several SQS receives into one batch, so fewer and fuller
+/// `BatchWriteItem` calls and log segments.
+pub const DEFAULT_AWS_WRITE_BATCH_TIMEOUT: Duration = Duration::from_millis(5);
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 8;
 pub const DEFAULT_POLLERS: usize = 1;
 pub const DEFAULT_PUBLISH_ATTEMPTS: u32 = 5;
@@ -16,7 +20,7 @@ pub struct PipelineConfig {
     pub receive_batch: usize,
     /// Events per store write; the store may split it further (DynamoDB: 25).
     pub write_batch: usize,
-    /// How long a partial write batch waits for more events.
+    /// How long a partial write batch waits for more events (zero: it takes what is queued).
     pub write_batch_timeout: Duration,
     /// Batches buffered between two stages: the backpressure bound.
     pub channel_capacity: usize,

@@ -12,8 +12,6 @@ use backon::{ExponentialBuilder, Retryable};
 use catalog_domain::CatalogEvent;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
@@ -50,7 +48,7 @@ pub async fn run<S, St, B>(
 {
     let cap = config.channel_capacity.max(1);
     let (received_tx, received_rx) = mpsc::channel(cap);
-    let (accepted_tx, accepted_rx) = mpsc::channel(cap * config.receive_batch.max(1));
+    let (accepted_tx, accepted_rx) = mpsc::channel(cap);
     let (batch_tx, batch_rx) = mpsc::channel(cap);
     let (written_tx, written_rx) = mpsc::channel(cap);
     let (published_tx, published_rx) = mpsc::channel(cap);
@@ -110,7 +108,7 @@ async fn validate<S: EventSource>(
     source: Arc<S>,
     limits: catalog_domain::ParseLimits,
     mut input: mpsc::Receiver<Vec<Received<S::Receipt>>>,
-    out: mpsc::Sender<Accepted<S::Receipt>>,
+    out: mpsc::Sender<Vec<Accepted<S::Receipt>>>,
     metrics: PipelineMetrics,
 ) {
     while let Some(batch) = input.recv().await {
@@ -142,25 +140,46 @@ async fn validate<S: EventSource>(
                 // Not acked either: the source hands them out again and we retry the move.
                 tracing::error!(error = %e, "moving invalid messages to the DLQ failed");
             }
-        for a in accepted {
-            if out.send(a).await.is_err() {
-                return;
-            }
+        if !accepted.is_empty() && out.send(accepted).await.is_err() {
+            return;
         }
     }
 }
 
-/// Regroups valid events into write batches by size or time, whatever receive batches they came in.
+/// Regroups valid events into write batches of at most `size`, whatever receive batches they
+/// came in. Whatever is already queued joins a batch at once, so batches fill up by themselves
+/// while the writer is busy and an idle pipeline adds no wait; `linger` (zero by default
+/// embedded) lets a partial batch wait that long for more, for stores that bill per call.
 async fn transform<R: Send + 'static>(
-    input: mpsc::Receiver<Accepted<R>>,
+    mut input: mpsc::Receiver<Vec<Accepted<R>>>,
     size: usize,
-    timeout: Duration,
+    linger: Duration,
     out: mpsc::Sender<Vec<Accepted<R>>>,
 ) {
-    let batches = ReceiverStream::new(input).chunks_timeout(size.max(1), timeout);
-    tokio::pin!(batches);
-    while let Some(batch) = batches.next().await {
-        if out.send(batch).await.is_err() {
+    let size = size.max(1);
+    let mut pending: Vec<Accepted<R>> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match input.recv().await {
+                Some(more) => pending = more,
+                None => return,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while pending.len() < size {
+            match input.try_recv() {
+                Ok(more) => pending.extend(more),
+                Err(mpsc::error::TryRecvError::Empty) if !linger.is_zero() => {
+                    match tokio::time::timeout_at(deadline, input.recv()).await {
+                        Ok(Some(more)) => pending.extend(more),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let rest = if pending.len() > size { pending.split_off(size) } else { Vec::new() };
+        if out.send(std::mem::replace(&mut pending, rest)).await.is_err() {
             return;
         }
     }
