@@ -1,3 +1,11 @@
+//! sled 0.34's bulk-load floor on this machine: how long writing N keys takes into a fresh
+//! database, in 4,096-key batches, with nothing of ours in the way. It bounds what any rebuild
+//! of the read model (one view key plus one category-index key per product) can reach.
+//!
+//! cargo run --release -p catalog-readmodel --example sled_floor -- [keys] [batch]
+//!   MODE=views|index|seq|par|par2 (default seq: views then index; par: both trees at once;
+//!   par2: the views from two threads). Prints the time and peak RSS.
+
 use std::time::Instant;
 fn rss() -> String { std::fs::read_to_string("/proc/self/status").unwrap().lines().filter(|l| l.starts_with("VmHWM")).collect::<Vec<_>>().join(" ") }
 fn main() {
