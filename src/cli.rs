@@ -124,7 +124,8 @@ pub struct DataArgs {
     /// Where the embedded database lives.
     #[arg(long, env = "CATALOG_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// sled page cache, in MiB.
+    /// sled page cache, in MiB, shared evenly by the event-log/state database and the read
+    /// model's.
     #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = 256)]
     pub cache_mb: u64,
     /// Largest event body accepted; larger ones are dead-lettered.

@@ -6,12 +6,26 @@ use catalog_pipeline::embedded::EmbeddedLog;
 use catalog_readmodel::ReadModel;
 
 use crate::cli::DataArgs;
-use crate::serve::open_db;
+use crate::serve::{VIEWS_DB, open_db, open_sled};
 
+/// Builds the read model into a fresh database beside the live one and swaps it in: nothing
+/// is deleted key by key (sled 0.34 clears a tree one key at a time, which took longer than
+/// writing it), and a crash part way leaves either the old views or none, which the next
+/// `serve` re-renders from the store.
 pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
+    // Held until the swap: no `serve` can be running on this data dir meanwhile.
     let db = open_db(&args)?;
     let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
-    let model = ReadModel::open(&db, ViewSettings { low_stock_threshold: args.low_stock_threshold }, None)
+    let live = args.data_dir.join(VIEWS_DB);
+    let fresh_path = args.data_dir.join(format!("{VIEWS_DB}.rebuild"));
+    let old_path = args.data_dir.join(format!("{VIEWS_DB}.old"));
+    for leftover in [&fresh_path, &old_path] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).with_context(|| format!("removing {}", leftover.display()))?;
+        }
+    }
+    let fresh = open_sled(&args, &fresh_path)?;
+    let model = ReadModel::open(&fresh, ViewSettings { low_stock_threshold: args.low_stock_threshold }, None)
         .context("opening the read model")?;
     let total = log.last_sequence();
     let bar = indicatif::ProgressBar::new(total).with_style(
@@ -22,7 +36,16 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
     let report = catalog_replay::rebuild(&log, &model, ParseLimits { max_body_bytes: args.max_body_bytes }, |n| bar.set_position(n))
         .context("rebuilding the read model")?;
     bar.finish_and_clear();
-    db.flush().context("flushing the read model to disk")?;
+    fresh.flush().context("flushing the rebuilt read model to disk")?;
+    drop(model);
+    drop(fresh);
+    if live.exists() {
+        std::fs::rename(&live, &old_path).with_context(|| format!("moving {} aside", live.display()))?;
+    }
+    std::fs::rename(&fresh_path, &live).with_context(|| format!("moving the rebuilt read model to {}", live.display()))?;
+    std::fs::remove_dir_all(&old_path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        .with_context(|| format!("removing the old read model {}", old_path.display()))?;
+    drop(db);
     println!(
         "rebuilt {} views of {} products from {} log entries in {:.2?} (fold {:.2?}, clear {:.2?}, write {:.2?}; {} invalid and {} dead-lettered entries skipped; checkpoint {})",
         report.views_written,

@@ -31,13 +31,28 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest a readiness check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The event log and product state (embedded backend).
+pub const MAIN_DB: &str = "catalog.sled";
+/// The read model: derived and disposable, so it lives apart and a rebuild can replace it whole.
+pub const VIEWS_DB: &str = "views.sled";
+
+/// Opens the main database; it holds the data dir's lock for as long as it is open.
 pub fn open_db(args: &DataArgs) -> anyhow::Result<sled::Db> {
+    open_sled(args, &args.data_dir.join(MAIN_DB))
+}
+
+/// Opens the read model's database.
+pub fn open_views_db(args: &DataArgs) -> anyhow::Result<sled::Db> {
+    open_sled(args, &args.data_dir.join(VIEWS_DB))
+}
+
+/// Each database gets half of `--cache-mb`.
+pub fn open_sled(args: &DataArgs, path: &std::path::Path) -> anyhow::Result<sled::Db> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
-    let path = args.data_dir.join("catalog.sled");
     sled::Config::new()
-        .path(&path)
-        .cache_capacity(args.cache_mb * 1024 * 1024)
+        .path(path)
+        .cache_capacity(args.cache_mb * 1024 * 1024 / 2)
         .open()
         .map_err(|e| match e {
             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => anyhow!(
@@ -155,7 +170,8 @@ async fn embedded(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
     };
     let log = EmbeddedLog::open(&db, log_config).context("opening the event log")?;
     let store = Arc::new(EmbeddedStore::open(&db).context("opening the product store")?);
-    let model = open_read_model(&db, &args.data)?;
+    let views_db = open_views_db(&args.data)?;
+    let model = open_read_model(&views_db, &args.data)?;
 
     if args.demo && log.entries_from(1).next().is_none() {
         log.append(&crate::demo::events()).await.context("loading the demo catalog")?;
@@ -203,6 +219,7 @@ async fn embedded(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
     log.close();
     drain(Duration::from_secs(args.shutdown_timeout_secs), vec![http.server, pipeline, refresher, gauges]).await;
     db.flush_async().await.context("flushing the database")?;
+    views_db.flush_async().await.context("flushing the read model")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -240,7 +257,7 @@ async fn aws(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
     }
 
     // Every role keeps a read model; only the api role fills and serves it.
-    let db = open_db(&args.data)?;
+    let db = open_views_db(&args.data)?;
     let model = open_read_model(&db, &args.data)?;
     let mut subscription = None;
     if matches!(args.role, Role::All | Role::Api) {
