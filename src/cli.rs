@@ -126,7 +126,7 @@ pub struct DataArgs {
     pub data_dir: PathBuf,
     /// sled page cache, in MiB, shared evenly by the event-log/state database and the read
     /// model's.
-    #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = 256)]
+    #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = 128)]
     pub cache_mb: u64,
     /// Largest event body accepted; larger ones are dead-lettered.
     #[arg(long, env = "CATALOG_MAX_BODY_BYTES", default_value_t = catalog_domain::event::DEFAULT_MAX_BODY_BYTES)]

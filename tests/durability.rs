@@ -86,6 +86,16 @@ async fn replay_rebuild_restores_a_lost_read_model() {
     app.eventually("/products/RB2", |_| true).await;
     app.stop();
 
+    // The read model's database lost outright (what a crash between the rebuild's two renames
+    // leaves): serve re-renders every view from the store at start.
+    std::fs::remove_dir_all(dir.path().join("views.sled")).unwrap();
+    let mut app = start_in(dir.path(), &Options::default());
+    assert_eq!(app.get_json("/products/RB1").await, (200, before.clone()));
+    app.stop();
+
+    // A rebuild that died part way left its half-built database behind: the next one starts over.
+    std::fs::create_dir_all(dir.path().join("views.sled.rebuild/blobs")).unwrap();
+    std::fs::write(dir.path().join("views.sled.rebuild/db"), b"half written").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
         .args(["replay", "rebuild", "--data-dir"])
         .arg(dir.path())
@@ -94,6 +104,9 @@ async fn replay_rebuild_restores_a_lost_read_model() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("rebuilt 2 views of 2 products from 3 log entries"), "{report}");
+    let mut entries: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    entries.sort();
+    assert_eq!(entries, ["catalog.sled", "views.sled"], "the rebuilt database swapped in, nothing left over");
 
     let app = start_in(dir.path(), &Options::default());
     assert_eq!(app.get_json("/products/RB1").await, (200, before));
