@@ -1,6 +1,7 @@
 //! `catalog`: the one binary. It parses the command line, wires the crates together and does
 //! little else: `serve` runs pipeline + read model + BFF, `replay` holds the operator tools.
 
+mod alloc;
 mod cli;
 mod demo;
 mod infra;
@@ -9,10 +10,8 @@ mod serve;
 
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
+    alloc::tune();
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
