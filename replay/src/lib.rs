@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
 use catalog_pipeline::SourceError;
-use catalog_pipeline::embedded::EmbeddedLog;
+use catalog_pipeline::embedded::{EmbeddedLog, LogEntry};
 use catalog_readmodel::{ReadModel, ReadModelError};
 
 /// Views written per batch while rebuilding.
 const WRITE_CHUNK: usize = 4096;
+/// Log entries parsed together (in parallel) before they are folded in order.
+const PARSE_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -42,6 +44,9 @@ pub struct RebuildReport {
 }
 
 /// Rebuilds every view from the log. `progress` is called with the entries read so far.
+///
+/// Parsing and writing are spread over the machine's cores (the fold itself stays in log
+/// order); the model should be empty, as `catalog replay rebuild` makes it, or it is cleared.
 pub fn rebuild(
     log: &EmbeddedLog,
     model: &ReadModel,
@@ -49,43 +54,89 @@ pub fn rebuild(
     mut progress: impl FnMut(u64),
 ) -> Result<RebuildReport, ReplayError> {
     let started = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dead: HashSet<u64> = log.dead_letters()?.into_iter().map(|(r, _)| r.sequence).collect();
     let mut report = RebuildReport::default();
     let mut states: HashMap<ProductId, ProductState> = HashMap::new();
-    for entry in log.entries_from(1) {
-        let entry = entry?;
-        report.entries_read += 1;
-        report.last_sequence = entry.sequence;
-        if report.entries_read % 65_536 == 0 {
-            progress(report.entries_read);
+    // A reader thread walks the log while the chunk before is parsed and folded.
+    let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<Result<Vec<LogEntry>, SourceError>>(2);
+    let reader_log = log.clone();
+    let reader = std::thread::spawn(move || {
+        let mut entries = reader_log.entries_from(1);
+        loop {
+            let chunk: Result<Vec<LogEntry>, SourceError> = entries.by_ref().take(PARSE_CHUNK).collect();
+            let done = chunk.as_ref().map_or(true, Vec::is_empty);
+            if chunks_tx.send(chunk).is_err() || done {
+                return;
+            }
         }
-        if dead.contains(&entry.sequence) {
-            report.dead_lettered_skipped += 1;
-            continue;
+    });
+    for chunk in chunks_rx {
+        let mut chunk = chunk?;
+        if chunk.is_empty() {
+            break;
         }
-        let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) else {
-            report.invalid_skipped += 1;
-            continue;
-        };
-        let state = states.entry(event.product_id.clone()).or_insert_with(|| ProductState::new(event.product_id.clone()));
-        if state.apply(&event) == catalog_domain::state::Applied::Changed {
-            report.events_applied += 1;
+        report.entries_read += chunk.len() as u64;
+        report.last_sequence = chunk.last().map_or(report.last_sequence, |e| e.sequence);
+        let before = chunk.len();
+        chunk.retain(|e| !dead.contains(&e.sequence));
+        report.dead_lettered_skipped += (before - chunk.len()) as u64;
+        for event in parse_in_parallel(&chunk, limits, threads) {
+            let Some(event) = event else {
+                report.invalid_skipped += 1;
+                continue;
+            };
+            let state = states.entry(event.product_id.clone()).or_insert_with(|| ProductState::new(event.product_id.clone()));
+            if state.apply(&event) == catalog_domain::state::Applied::Changed {
+                report.events_applied += 1;
+            }
         }
+        progress(report.entries_read);
     }
-    progress(report.entries_read);
+    reader.join().expect("log reader panicked");
     report.fold_elapsed = started.elapsed();
     model.clear()?;
     report.clear_elapsed = started.elapsed() - report.fold_elapsed;
     report.products = states.len() as u64;
     let mut states: Vec<ProductState> = states.into_values().collect();
-    states.sort_by(|a, b| a.id.cmp(&b.id));
-    for chunk in states.chunks(WRITE_CHUNK) {
-        report.views_written += model.apply(chunk)? as u64;
-    }
+    states.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    // Contiguous id ranges per thread: each walks its own part of the trees.
+    let per_thread = states.len().div_ceil(threads).max(1);
+    let written: Result<Vec<usize>, ReadModelError> = std::thread::scope(|scope| {
+        let workers: Vec<_> = states
+            .chunks(per_thread)
+            .map(|part| {
+                scope.spawn(move || -> Result<usize, ReadModelError> {
+                    let mut n = 0;
+                    for chunk in part.chunks(WRITE_CHUNK) {
+                        n += model.apply(chunk)?;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("rebuild writer panicked")).collect()
+    });
+    report.views_written = written?.into_iter().sum::<usize>() as u64;
     model.set_checkpoint(report.last_sequence)?;
     report.elapsed = started.elapsed();
     report.write_elapsed = report.elapsed - report.fold_elapsed - report.clear_elapsed;
     Ok(report)
+}
+
+/// Parses a chunk of log entries on `threads` threads; `None` for an entry that is invalid.
+fn parse_in_parallel(chunk: &[LogEntry], limits: ParseLimits, threads: usize) -> Vec<Option<CatalogEvent>> {
+    let parse = |part: &[LogEntry]| -> Vec<Option<CatalogEvent>> {
+        part.iter().map(|e| CatalogEvent::parse(&e.body, e.accepted_at, limits).ok()).collect()
+    };
+    if threads < 2 || chunk.len() < 2 * 1024 {
+        return parse(chunk);
+    }
+    let per_thread = chunk.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = chunk.chunks(per_thread).map(|part| scope.spawn(move || parse(part))).collect();
+        workers.into_iter().flat_map(|w| w.join().expect("parser thread panicked")).collect()
+    })
 }
 
 #[cfg(test)]
