@@ -12,6 +12,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start and moved into its command: the size of a variant costs nothing here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the pipeline, the read model and the BFF in one process (embedded: no AWS needed).
