@@ -37,6 +37,16 @@ fn events(total: usize) -> Vec<Value> {
     out
 }
 
+/// CPU seconds (user + system) the server has used so far, from /proc (Linux ticks of 10 ms):
+/// steadier than wall-clock rates on a shared machine, so A/B runs compare it too.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 async fn checkpoint(client: &reqwest::Client, base: &str) -> u64 {
     let ready: Value = client.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
     let detail = ready["checks"][0]["detail"].as_str().unwrap_or_default().to_owned();
@@ -111,7 +121,7 @@ fn main() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = match external {
+    let base = match external.clone() {
         Some(url) => url,
         None => loop {
             let line = lines.next().unwrap().unwrap();
@@ -120,11 +130,13 @@ fn main() {
             }
         },
     };
+    let server_pid = child.id();
     let bodies: Vec<Vec<u8>> = events(total).chunks(BATCH).map(|c| serde_json::to_vec(c).unwrap()).collect();
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
+        let cpu_before = cpu_seconds(server_pid);
         let started = Instant::now();
         let mut posters = Vec::new();
         for k in 0..POSTERS {
@@ -147,6 +159,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let visible = started.elapsed();
+        let cpu = cpu_before.zip(cpu_seconds(server_pid)).map(|(a, b)| b - a);
         let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
         let metric = |name: &str| -> f64 {
             metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).fold(0.0, |a, b| a + b)
@@ -154,6 +167,9 @@ fn main() {
         println!("embedded pipeline, {total} events ({} products, {:.0} B/event), {POSTERS} posters × {BATCH}-event POSTs", total / 4, bytes as f64 / total as f64);
         println!("  accepted (durable, 202)   {:>9.0} events/s   ({accepted:.2?})", total as f64 / accepted.as_secs_f64());
         println!("  POST → visible            {:>9.0} events/s   ({visible:.2?})", total as f64 / visible.as_secs_f64());
+        if let Some(cpu) = cpu.filter(|_| external.is_none()) {
+            println!("  server CPU                {:>9.2} µs/event   ({cpu:.2} s user + system)", cpu * 1e6 / total as f64);
+        }
         println!(
             "  applied {} · unchanged {} · write batches {} · dead-lettered {}",
             metric("catalog_pipeline_events_applied_total"),
