@@ -297,3 +297,51 @@ async fn release<S: EventSource>(source: &S, receipts: Vec<S::Receipt>, reason: 
         Err(e) => tracing::error!(error = %e, "release failed; messages return after their visibility timeout"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn accepted(n: u64) -> Accepted<u64> {
+        let body = format!(r#"{{"productId":"P{n}","quantity":{n}}}"#);
+        let event = CatalogEvent::parse(body.as_bytes(), SystemTime::UNIX_EPOCH, catalog_domain::ParseLimits::default()).unwrap();
+        Accepted { receipt: n, redelivered: false, event: SequencedEvent { sequence: Some(n), event } }
+    }
+
+    fn receipts(batch: &[Accepted<u64>]) -> Vec<u64> {
+        batch.iter().map(|a| a.receipt).collect()
+    }
+
+    #[tokio::test]
+    async fn without_linger_queued_batches_merge_up_to_the_size_and_split_the_rest() {
+        let (tx, rx) = mpsc::channel(8);
+        let (out_tx, mut out) = mpsc::channel(8);
+        tx.send((1..=3).map(accepted).collect()).await.unwrap();
+        tx.send((4..=6).map(accepted).collect()).await.unwrap();
+        drop(tx);
+        transform(rx, 4, Duration::ZERO, out_tx).await;
+        assert_eq!(receipts(&out.recv().await.unwrap()), [1, 2, 3, 4]);
+        assert_eq!(receipts(&out.recv().await.unwrap()), [5, 6], "the remainder is not lost when the input closes");
+        assert!(out.recv().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_batch_goes_at_once_without_linger_and_waits_with_it() {
+        for (linger, expected) in [(Duration::ZERO, vec![vec![1], vec![2]]), (Duration::from_millis(5), vec![vec![1, 2]])] {
+            let (tx, rx) = mpsc::channel(8);
+            let (out_tx, mut out) = mpsc::channel(8);
+            let stage = tokio::spawn(transform(rx, 10, linger, out_tx));
+            tx.send(vec![accepted(1)]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            tx.send(vec![accepted(2)]).await.unwrap();
+            drop(tx);
+            let mut got = Vec::new();
+            while let Some(batch) = out.recv().await {
+                got.push(receipts(&batch));
+            }
+            stage.await.unwrap();
+            assert_eq!(got, expected, "linger {linger:?}");
+        }
+    }
+}
