@@ -102,6 +102,27 @@ impl TestApp {
         }
     }
 
+    /// Polls `/readyz` until the read model reflects every log entry up to `sequence`. A view
+    /// answering is not enough before a listing: a GET fills one product's view from the store
+    /// (cache-aside) while the pipeline may still be on the products before it.
+    pub async fn caught_up(&self, sequence: u64) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, ready) = self.get_json("/readyz").await;
+            let checkpoint = ready["checks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["detail"].as_str()?.rsplit_once("checkpoint ")?.1.parse::<u64>().ok())
+                .next();
+            if checkpoint.is_some_and(|c| c >= sequence) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the read model never reached sequence {sequence}; last: {ready}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         let text = self.get("/metrics").await.text().await.unwrap();
         text.lines()
