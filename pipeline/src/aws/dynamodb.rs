@@ -96,7 +96,8 @@ pub fn event_key(event: &CatalogEvent) -> String {
 /// A segment's key is unique per write (`<first event ms>-<writer>-<counter>`), so a retry of
 /// an unprocessed put is idempotent while a redelivered event lands in a later segment too:
 /// readers fold events by version and drop repeats by [`event_key`] (see [`decode_segment`]).
-fn segments(events: &[(usize, &CatalogEvent)], max_bytes: usize, writer: &SegmentIds) -> Vec<(LogKey, Item, Vec<usize>)> {
+/// Members are the events' positions in `events`.
+fn segments<'a>(events: impl IntoIterator<Item = &'a CatalogEvent>, max_bytes: usize, writer: &SegmentIds) -> Vec<(LogKey, Item, Vec<usize>)> {
     let mut out = Vec::new();
     let mut lines: Vec<u8> = Vec::new();
     let mut members: Vec<usize> = Vec::new();
@@ -117,7 +118,7 @@ fn segments(events: &[(usize, &CatalogEvent)], max_bytes: usize, writer: &Segmen
         out.push((key, item, std::mem::take(members)));
         lines.clear();
     };
-    for &(i, event) in events {
+    for (i, event) in events.into_iter().enumerate() {
         let line = event.to_compact_json().to_string();
         if !members.is_empty() && lines.len() + line.len() + 1 > max_bytes {
             flush(&mut lines, &mut members, first_time);
@@ -273,6 +274,10 @@ fn facet_update(event: &CatalogEvent) -> FacetUpdate {
     FacetUpdate { expression, condition, names, values }
 }
 
+/// One facet's updates, in arrival order (event index, event), and the indexes of the events
+/// they supersede.
+type FacetWork = (Vec<(usize, CatalogEvent)>, Vec<usize>);
+
 /// What one facet update did.
 enum Applied {
     Changed(ProductChanged),
@@ -333,10 +338,9 @@ impl DynamoStore {
 
     /// Appends the events to the log; returns the indexes of events that are not durable.
     async fn append_log(&self, events: &[SequencedEvent]) -> Result<BTreeSet<usize>, StoreError> {
-        let indexed: Vec<(usize, &CatalogEvent)> = events.iter().enumerate().map(|(i, e)| (i, &e.event)).collect();
         let mut owners: HashMap<LogKey, Vec<usize>> = HashMap::new();
         let mut requests = Vec::new();
-        for (key, item, members) in segments(&indexed, self.settings.log_segment_bytes, &self.segment_ids) {
+        for (key, item, members) in segments(events.iter().map(|e| &e.event), self.settings.log_segment_bytes, &self.segment_ids) {
             owners.insert(key.clone(), members);
             let put = PutRequest::builder().set_item(Some(item)).build().map_err(|e| Self::unavailable("log", events.len())(e.to_string()))?;
             requests.push((key, WriteRequest::builder().put_request(put).build()));
@@ -454,10 +458,12 @@ impl ProductStore for DynamoStore {
             });
             groups[g].1.push(i);
         }
-        let permits = Arc::new(Semaphore::new(self.settings.write_concurrency.max(1)));
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut unchanged = 0;
-        for (_, members) in groups {
+        // One task per product, its facets one after another: DynamoDB serializes writes to one
+        // item anyway, and emulators built on moto (LocalStack included) lose one of two
+        // concurrent updates that create the same item.
+        let mut per_product: Vec<Vec<FacetWork>> = Vec::new();
+        let mut product_index: HashMap<ProductId, usize> = HashMap::new();
+        for ((product, _), members) in groups {
             // All versioned: only the highest version can change anything; the others are
             // superseded, and share its fate (if it fails, they are retried with it).
             let all_versioned = members.iter().all(|&i| events[i].event.version.is_some());
@@ -467,42 +473,57 @@ impl ProductStore for DynamoStore {
             } else {
                 (members, Vec::new())
             };
-            let store = self.clone();
             let batch: Vec<(usize, CatalogEvent)> = to_apply.into_iter().map(|i| (i, events[i].event.clone())).collect();
+            let p = *product_index.entry(product).or_insert_with(|| {
+                per_product.push(Vec::new());
+                per_product.len() - 1
+            });
+            per_product[p].push((batch, superseded));
+        }
+        let permits = Arc::new(Semaphore::new(self.settings.write_concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut unchanged = 0;
+        for facets in per_product {
+            let store = self.clone();
             let permits = permits.clone();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await.expect("semaphore is never closed");
-                let mut results = Vec::with_capacity(batch.len());
-                let mut broken = false;
-                for (i, event) in batch {
-                    // After a failure the rest of the group waits too, so arrival order holds.
-                    let r = if broken { Err("an earlier update of this facet failed".to_owned()) } else { store.update_facet(&event).await };
-                    broken |= r.is_err();
-                    results.push((i, r));
+                let mut outcomes = Vec::with_capacity(facets.len());
+                for (batch, superseded) in facets {
+                    let mut results = Vec::with_capacity(batch.len());
+                    let mut broken = false;
+                    for (i, event) in batch {
+                        // After a failure the rest of the facet waits too, so arrival order holds.
+                        let r = if broken { Err("an earlier update of this facet failed".to_owned()) } else { store.update_facet(&event).await };
+                        broken |= r.is_err();
+                        results.push((i, r));
+                    }
+                    outcomes.push((results, superseded, broken));
                 }
-                (results, superseded, broken)
+                outcomes
             });
         }
         let mut changed: HashMap<ProductId, ProductChanged> = HashMap::new();
         while let Some(joined) = tasks.join_next().await {
-            let (results, superseded, broken) = joined.map_err(|e| Self::unavailable("update", events.len())(e.to_string()))?;
-            if broken {
-                failed.extend(superseded);
-            } else {
-                unchanged += superseded.len();
-            }
-            for (i, r) in results {
-                match r {
-                    Ok(Applied::Changed(c)) => {
-                        let slot = changed.entry(c.product_id.clone()).or_insert_with(|| c.clone());
-                        if c.revision > slot.revision {
-                            *slot = c;
+            for (results, superseded, broken) in joined.map_err(|e| Self::unavailable("update", events.len())(e.to_string()))? {
+                if broken {
+                    failed.extend(superseded);
+                } else {
+                    unchanged += superseded.len();
+                }
+                for (i, r) in results {
+                    match r {
+                        Ok(Applied::Changed(c)) => {
+                            let slot = changed.entry(c.product_id.clone()).or_insert_with(|| c.clone());
+                            if c.revision > slot.revision {
+                                *slot = c;
+                            }
                         }
-                    }
-                    Ok(Applied::Stale) => unchanged += 1,
-                    Err(e) => {
-                        tracing::warn!(error = %e, product = %events[i].event.product_id, "UpdateItem failed");
-                        failed.insert(i);
+                        Ok(Applied::Stale) => unchanged += 1,
+                        Err(e) => {
+                            tracing::warn!(error = %e, product = %events[i].event.product_id, "UpdateItem failed");
+                            failed.insert(i);
+                        }
                     }
                 }
             }
@@ -565,9 +586,8 @@ mod tests {
     fn segments_pack_events_within_the_limit_and_read_back_in_order() {
         let events: Vec<CatalogEvent> =
             (1..=50).map(|v| event(&format!(r#"{{"productId":"P{}","quantity":{v},"version":{v}}}"#, v % 7))).collect();
-        let indexed: Vec<(usize, &CatalogEvent)> = events.iter().enumerate().collect();
         let ids = SegmentIds::new();
-        let one = segments(&indexed, DEFAULT_LOG_SEGMENT, &ids);
+        let one = segments(&events, DEFAULT_LOG_SEGMENT, &ids);
         assert_eq!(one.len(), 1);
         let (key, item, members) = &one[0];
         assert_eq!(members, &(0..50).collect::<Vec<_>>());
@@ -580,14 +600,14 @@ mod tests {
         let units = crate::aws::cost::write_units(crate::aws::cost::item_size(item));
         assert!(units * 10 <= 50, "{units} write units for 50 events");
 
-        let small = segments(&indexed, 200, &ids);
+        let small = segments(&events, 200, &ids);
         assert!(small.len() > 1);
         let members: Vec<usize> = small.iter().flat_map(|(_, _, m)| m.iter().copied()).collect();
         assert_eq!(members, (0..50).collect::<Vec<_>>(), "every event in exactly one segment, in order");
         let keys: HashSet<&String> = small.iter().map(|(k, _, _)| k).collect();
         assert_eq!(keys.len(), small.len(), "segment keys are unique");
         // An event larger than the limit still gets a segment of its own.
-        assert_eq!(segments(&indexed[..3], 1, &ids).len(), 3);
+        assert_eq!(segments(&events[..3], 1, &ids).len(), 3);
     }
 
     #[test]
