@@ -109,7 +109,7 @@ impl AwsArgs {
             visibility_timeout: std::time::Duration::from_secs(self.sqs_visibility_secs.max(1)),
             max_receive_count: self.sqs_max_receive_count.max(1),
             write_concurrency: self.write_concurrency.max(1),
-            log_segment_bytes: self.log_segment_bytes.clamp(1, 256 * 1024),
+            log_segment_bytes: self.log_segment_bytes.clamp(1, catalog_pipeline::aws::MAX_LOG_SEGMENT_BYTES),
             ..AwsSettings::default()
         }
     }
@@ -126,8 +126,8 @@ pub struct DataArgs {
     /// Where the embedded database lives.
     #[arg(long, env = "CATALOG_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// sled page cache, in MiB, shared evenly by the event-log/state database and the read
-    /// model's.
+    /// sled page cache, in MiB: shared evenly by the event-log/state database and the read
+    /// model's (embedded), or all the read model's (AWS, where it is the only one).
     #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = 128)]
     pub cache_mb: u64,
     /// Largest event body accepted; larger ones are dead-lettered.

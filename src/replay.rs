@@ -24,7 +24,7 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
             std::fs::remove_dir_all(leftover).with_context(|| format!("removing {}", leftover.display()))?;
         }
     }
-    let fresh = open_sled(&args, &fresh_path)?;
+    let fresh = open_sled(&args, &fresh_path, args.cache_mb / 2)?;
     let model = ReadModel::open(&fresh, ViewSettings { low_stock_threshold: args.low_stock_threshold }, None)
         .context("opening the read model")?;
     let total = log.last_sequence();

@@ -36,23 +36,23 @@ pub const MAIN_DB: &str = "catalog.sled";
 /// The read model: derived and disposable, so it lives apart and a rebuild can replace it whole.
 pub const VIEWS_DB: &str = "views.sled";
 
-/// Opens the main database; it holds the data dir's lock for as long as it is open.
+/// Opens the main database; it holds the data dir's lock for as long as it is open. A read
+/// model's database is always open beside it, so each gets half of `--cache-mb`.
 pub fn open_db(args: &DataArgs) -> anyhow::Result<sled::Db> {
-    open_sled(args, &args.data_dir.join(MAIN_DB))
+    open_sled(args, &args.data_dir.join(MAIN_DB), args.cache_mb / 2)
 }
 
-/// Opens the read model's database.
+/// Opens the read model's database beside the main one (half of `--cache-mb`).
 pub fn open_views_db(args: &DataArgs) -> anyhow::Result<sled::Db> {
-    open_sled(args, &args.data_dir.join(VIEWS_DB))
+    open_sled(args, &args.data_dir.join(VIEWS_DB), args.cache_mb / 2)
 }
 
-/// Each database gets half of `--cache-mb`.
-pub fn open_sled(args: &DataArgs, path: &std::path::Path) -> anyhow::Result<sled::Db> {
+pub fn open_sled(args: &DataArgs, path: &std::path::Path, cache_mb: u64) -> anyhow::Result<sled::Db> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
     sled::Config::new()
         .path(path)
-        .cache_capacity(args.cache_mb * 1024 * 1024 / 2)
+        .cache_capacity(cache_mb * 1024 * 1024)
         .open()
         .map_err(|e| match e {
             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => anyhow!(
@@ -256,8 +256,9 @@ async fn aws(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
         )));
     }
 
-    // Every role keeps a read model; only the api role fills and serves it.
-    let db = open_views_db(&args.data)?;
+    // Every role keeps a read model; only the api role fills and serves it. It is the only
+    // database in AWS mode, so it has all of `--cache-mb`.
+    let db = open_sled(&args.data, &args.data.data_dir.join(VIEWS_DB), args.data.cache_mb)?;
     let model = open_read_model(&db, &args.data)?;
     let mut subscription = None;
     if matches!(args.role, Role::All | Role::Api) {

@@ -12,8 +12,6 @@ use catalog_pipeline::SourceError;
 use catalog_pipeline::embedded::{EmbeddedLog, LogEntry};
 use catalog_readmodel::{ReadModel, ReadModelError};
 
-/// Views written per batch while rebuilding.
-const WRITE_CHUNK: usize = 4096;
 /// Log entries parsed together (in parallel) before they are folded in order.
 const PARSE_CHUNK: usize = 16 * 1024;
 
@@ -105,15 +103,7 @@ pub fn rebuild(
     let written: Result<Vec<usize>, ReadModelError> = std::thread::scope(|scope| {
         let workers: Vec<_> = states
             .chunks(per_thread)
-            .map(|part| {
-                scope.spawn(move || -> Result<usize, ReadModelError> {
-                    let mut n = 0;
-                    for chunk in part.chunks(WRITE_CHUNK) {
-                        n += model.apply(chunk)?;
-                    }
-                    Ok(n)
-                })
-            })
+            .map(|part| scope.spawn(move || model.apply(part)))
             .collect();
         workers.into_iter().map(|w| w.join().expect("rebuild writer panicked")).collect()
     });

@@ -64,6 +64,9 @@ pub const DEFAULT_WRITE_CONCURRENCY: usize = 16;
 /// 64 KiB of JSON lines gzip to roughly 8–12 KiB: a tenth of a write unit per event or less,
 /// and far below DynamoDB's 400 KB item limit even for incompressible input.
 pub const DEFAULT_LOG_SEGMENT_BYTES: usize = 64 * 1024;
+/// Largest segment allowed: its compressed item stays under DynamoDB's 400 KB item limit even
+/// if the events do not compress at all.
+pub const MAX_LOG_SEGMENT_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct AwsSettings {
