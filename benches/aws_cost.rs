@@ -67,7 +67,12 @@ fn events(total: usize, repeat_share: f64) -> Vec<Value> {
     for group in 0..total.div_ceil(10) {
         let mut ids = Vec::new();
         for i in 0..10 {
-            let id = if i >= 10 - repeats_per_ten { ids[i - (10 - repeats_per_ten)] } else { next_product += 1; next_product };
+            let id = if i >= 10 - repeats_per_ten {
+                ids[i - (10 - repeats_per_ten)]
+            } else {
+                next_product += 1;
+                next_product
+            };
             ids.push(id);
             let version = group * 10 + i + 1;
             out.push(json!({"source": "inventory.service", "detail-type": "Inventory Update",
@@ -98,8 +103,13 @@ async fn run(endpoint: &str, total: usize, repeat_share: f64, label: &str) -> Fi
         ("CATALOG_BACKEND".into(), "aws".into()),
     ];
     for (var, base) in [
-        ("CATALOG_BUS", "bus"), ("CATALOG_INGEST_RULE", "ingest"), ("CATALOG_INGEST_QUEUE", "ingest"), ("CATALOG_DLQ", "dlq"),
-        ("CATALOG_EVENTS_TABLE", "events"), ("CATALOG_PRODUCTS_TABLE", "products"), ("CATALOG_INVALIDATION_PREFIX", "inv"),
+        ("CATALOG_BUS", "bus"),
+        ("CATALOG_INGEST_RULE", "ingest"),
+        ("CATALOG_INGEST_QUEUE", "ingest"),
+        ("CATALOG_DLQ", "dlq"),
+        ("CATALOG_EVENTS_TABLE", "events"),
+        ("CATALOG_PRODUCTS_TABLE", "products"),
+        ("CATALOG_INVALIDATION_PREFIX", "inv"),
     ] {
         env.push((var.into(), format!("{base}-{suffix}")));
     }
@@ -197,8 +207,12 @@ fn main() {
     if started_moto {
         let _ = Command::new(root.join("scripts/moto")).arg("stop").status();
     }
-    println!("AWS bill per million events: {total} events per scenario, 1 worker + {API_INSTANCES} API instances, list prices us-east-1");
-    println!("(worker and API compute are containers, not priced here; the seed's Lambda column is; producers' PutEvents excluded)\n");
+    println!(
+        "AWS bill per million events: {total} events per scenario, 1 worker + {API_INSTANCES} API instances, list prices us-east-1"
+    );
+    println!(
+        "(worker and API compute are containers, not priced here; the seed's Lambda column is; producers' PutEvents excluded)\n"
+    );
     for (label, f) in &results {
         println!(
             "{label}: per event {:.3} SQS requests + {:.3} deliveries, {:.3} WRU (moto reported {:.3}), {:.3} RRU, {:.3} EventBridge entries",
@@ -209,6 +223,10 @@ fn main() {
             println!("  {item:<56} ${cost:>6.3}");
             total_cost += cost;
         }
-        println!("  {:<56} ${total_cost:>6.3}   = {:.2}× the seed design's ${SEED_DESIGN_PER_MILLION:.2}\n", "total per million events", total_cost / SEED_DESIGN_PER_MILLION);
+        println!(
+            "  {:<56} ${total_cost:>6.3}   = {:.2}× the seed design's ${SEED_DESIGN_PER_MILLION:.2}\n",
+            "total per million events",
+            total_cost / SEED_DESIGN_PER_MILLION
+        );
     }
 }

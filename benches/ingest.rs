@@ -5,9 +5,9 @@
 //! cargo bench --bench ingest            (CATALOG_BENCH_EVENTS to change the count,
 //!                                        CATALOG_BENCH_LATENCY_SECS the paced phase's length)
 
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use std::io::{BufRead, BufReader};
 
 use serde_json::{Value, json};
 
@@ -162,9 +162,17 @@ fn main() {
         let cpu = cpu_before.zip(cpu_seconds(server_pid)).map(|(a, b)| b - a);
         let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
         let metric = |name: &str| -> f64 {
-            metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).fold(0.0, |a, b| a + b)
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .fold(0.0, |a, b| a + b)
         };
-        println!("embedded pipeline, {total} events ({} products, {:.0} B/event), {POSTERS} posters × {BATCH}-event POSTs", total / 4, bytes as f64 / total as f64);
+        println!(
+            "embedded pipeline, {total} events ({} products, {:.0} B/event), {POSTERS} posters × {BATCH}-event POSTs",
+            total / 4,
+            bytes as f64 / total as f64
+        );
         println!("  accepted (durable, 202)   {:>9.0} events/s   ({accepted:.2?})", total as f64 / accepted.as_secs_f64());
         println!("  POST → visible            {:>9.0} events/s   ({visible:.2?})", total as f64 / visible.as_secs_f64());
         if let Some(cpu) = cpu.filter(|_| external.is_none()) {

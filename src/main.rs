@@ -16,9 +16,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CATALOG_LOG").unwrap_or_else(|_| "info,sled=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CATALOG_LOG").unwrap_or_else(|_| "info,sled=warn".into()))
         .init();
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),

@@ -29,12 +29,15 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
         .context("opening the read model")?;
     let total = log.last_sequence();
     let bar = indicatif::ProgressBar::new(total).with_style(
-        indicatif::ProgressStyle::with_template("{spinner} rebuilding read model [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)")
-            .expect("static template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} rebuilding read model [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
-    let report = catalog_replay::rebuild(&log, &model, ParseLimits { max_body_bytes: args.max_body_bytes }, |n| bar.set_position(n))
-        .context("rebuilding the read model")?;
+    let report =
+        catalog_replay::rebuild(&log, &model, ParseLimits { max_body_bytes: args.max_body_bytes }, |n| bar.set_position(n))
+            .context("rebuilding the read model")?;
     bar.finish_and_clear();
     fresh.flush().context("flushing the rebuilt read model to disk")?;
     drop(model);
@@ -43,7 +46,8 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
         std::fs::rename(&live, &old_path).with_context(|| format!("moving {} aside", live.display()))?;
     }
     std::fs::rename(&fresh_path, &live).with_context(|| format!("moving the rebuilt read model to {}", live.display()))?;
-    std::fs::remove_dir_all(&old_path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+    std::fs::remove_dir_all(&old_path)
+        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
         .with_context(|| format!("removing the old read model {}", old_path.display()))?;
     drop(db);
     println!(

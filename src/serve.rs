@@ -48,8 +48,7 @@ pub fn open_views_db(args: &DataArgs) -> anyhow::Result<sled::Db> {
 }
 
 pub fn open_sled(args: &DataArgs, path: &std::path::Path, cache_mb: u64) -> anyhow::Result<sled::Db> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
     sled::Config::new()
         .path(path)
         .cache_capacity(cache_mb * 1024 * 1024)
@@ -180,11 +179,8 @@ async fn embedded(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
     catch_up(&log, &model, &store, limits).await?;
 
     let bus = Arc::new(EmbeddedBus::new());
-    let refresher = tokio::spawn(catalog_readmodel::run_refresher(
-        model.clone(),
-        store.clone(),
-        bus.subscribe(DEFAULT_SUBSCRIBER_CAPACITY),
-    ));
+    let refresher =
+        tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), bus.subscribe(DEFAULT_SUBSCRIBER_CAPACITY)));
     let mut registry = Registry::default();
     let pipeline_metrics = PipelineMetrics::default();
     pipeline_metrics.register(&mut registry);
@@ -200,16 +196,19 @@ async fn embedded(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
         pipeline_metrics,
         stop_pipeline.clone(),
     ));
-    let http = start_http(args.addr, AppState {
-        readmodel: model.clone(),
-        ingest: Some(Arc::new(log.clone())),
-        fill: Some(Arc::new(StoreFill::new(store.clone(), model.clone()))),
-        readiness: Arc::new(EmbeddedReadiness { log: log.clone(), model: model.clone() }),
-        registry: Arc::new(registry),
-        metrics: api_metrics,
-        config: api,
-        draining: Arc::new(AtomicBool::new(false)),
-    })
+    let http = start_http(
+        args.addr,
+        AppState {
+            readmodel: model.clone(),
+            ingest: Some(Arc::new(log.clone())),
+            fill: Some(Arc::new(StoreFill::new(store.clone(), model.clone()))),
+            readiness: Arc::new(EmbeddedReadiness { log: log.clone(), model: model.clone() }),
+            registry: Arc::new(registry),
+            metrics: api_metrics,
+            config: api,
+            draining: Arc::new(AtomicBool::new(false)),
+        },
+    )
     .await?;
 
     shutdown_signal().await;
@@ -284,16 +283,19 @@ async fn aws(args: ServeArgs, api: ApiConfig) -> anyhow::Result<()> {
         subscription = Some(sub);
     }
 
-    let http = start_http(args.addr, AppState {
-        readmodel: model.clone(),
-        ingest: None,
-        fill: Some(Arc::new(StoreFill::new(store.clone(), model.clone()))),
-        readiness: Arc::new(AwsReadiness { clients: clients.clone(), settings: settings.clone(), worker }),
-        registry: Arc::new(registry),
-        metrics: api_metrics,
-        config: api,
-        draining: Arc::new(AtomicBool::new(false)),
-    })
+    let http = start_http(
+        args.addr,
+        AppState {
+            readmodel: model.clone(),
+            ingest: None,
+            fill: Some(Arc::new(StoreFill::new(store.clone(), model.clone()))),
+            readiness: Arc::new(AwsReadiness { clients: clients.clone(), settings: settings.clone(), worker }),
+            registry: Arc::new(registry),
+            metrics: api_metrics,
+            config: api,
+            draining: Arc::new(AtomicBool::new(false)),
+        },
+    )
     .await?;
 
     shutdown_signal().await;
@@ -383,7 +385,11 @@ impl Readiness for EmbeddedReadiness {
                 Check {
                     name: "eventSource",
                     ok: true,
-                    detail: format!("embedded log, backlog {}, dead letters {}", self.log.backlog(), self.log.dead_letter_count()),
+                    detail: format!(
+                        "embedded log, backlog {}, dead letters {}",
+                        self.log.backlog(),
+                        self.log.dead_letter_count()
+                    ),
                 },
                 Check { name: "store", ok: true, detail: "embedded sled store".into() },
                 Check { name: "breaker", ok: true, detail: "closed (embedded store is local)".into() },
@@ -409,8 +415,12 @@ impl Readiness for AwsReadiness {
             )
             .await;
             let store = match table {
-                Ok(Ok(_)) => Check { name: "store", ok: true, detail: format!("DynamoDB table {} reachable", names.products_table) },
-                Ok(Err(e)) => Check { name: "store", ok: false, detail: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string() },
+                Ok(Ok(_)) => {
+                    Check { name: "store", ok: true, detail: format!("DynamoDB table {} reachable", names.products_table) }
+                }
+                Ok(Err(e)) => {
+                    Check { name: "store", ok: false, detail: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string() }
+                }
                 Err(_) => Check { name: "store", ok: false, detail: format!("DynamoDB did not answer within {CHECK_TIMEOUT:?}") },
             };
             let mut checks = vec![Check { name: "readModel", ok: true, detail: "open".into() }, store];
@@ -437,7 +447,9 @@ impl Readiness for AwsReadiness {
                         Check { name: "eventSource", ok: true, detail: format!("SQS {}, backlog {backlog}", names.ingest_queue) }
                     }
                     Ok(Err(e)) => Check { name: "eventSource", ok: false, detail: e.to_string() },
-                    Err(_) => Check { name: "eventSource", ok: false, detail: format!("SQS did not answer within {CHECK_TIMEOUT:?}") },
+                    Err(_) => {
+                        Check { name: "eventSource", ok: false, detail: format!("SQS did not answer within {CHECK_TIMEOUT:?}") }
+                    }
                 });
             }
             checks.push(Check { name: "breaker", ok: true, detail: "closed (failed writes are released to SQS redrive)".into() });

@@ -83,7 +83,8 @@ async fn large_answers_are_gzipped_when_accepted() {
     let app = spawn_app();
     let long = "a long description ".repeat(100);
     app.ingest(&json!({"source": "product.service", "detail-type": "Product Update",
-        "detail": {"productId": "G1", "name": "Big", "category": "Huge", "status": "created", "description": long}})).await;
+        "detail": {"productId": "G1", "name": "Big", "category": "Huge", "status": "created", "description": long}}))
+        .await;
     app.eventually("/products/G1", |_| true).await;
     let plain = app.get("/products/G1").await.bytes().await.unwrap();
     assert!(plain.len() > 1024);

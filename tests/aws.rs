@@ -13,9 +13,8 @@ use helpers::*;
 use serde_json::{Value, json};
 
 fn endpoint() -> String {
-    std::env::var("CATALOG_TEST_AWS_ENDPOINT").expect(
-        "AWS tests need the moto server: run scripts/test, or export CATALOG_TEST_AWS_ENDPOINT=$(scripts/moto start)",
-    )
+    std::env::var("CATALOG_TEST_AWS_ENDPOINT")
+        .expect("AWS tests need the moto server: run scripts/test, or export CATALOG_TEST_AWS_ENDPOINT=$(scripts/moto start)")
 }
 
 /// The standard AWS environment pointed at moto, and resource names unique to one test.
@@ -166,26 +165,26 @@ async fn a_bad_event_lands_in_the_dlq_with_its_reason_attributes() {
     infra_init(&env);
     let app = serve(&env, "all");
     let aws = clients().await;
-    let good = serde_json::to_string(&json!({"type": "Inventory Update", "source": "inventory.service", "detail": {"productId": "D1", "quantity": 3}})).unwrap();
+    let good = serde_json::to_string(
+        &json!({"type": "Inventory Update", "source": "inventory.service", "detail": {"productId": "D1", "quantity": 3}}),
+    )
+    .unwrap();
     let named = serde_json::to_string(&product("D1", "Desk", "Office")).unwrap();
     aws.send_raw(var(&env, "CATALOG_INGEST_QUEUE"), &["{not json".into(), named, good]).await;
     app.eventually("/products/D1", |v| v["stock"]["quantity"] == 3).await;
     let dlq = aws.queue_url(var(&env, "CATALOG_DLQ")).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     let message = loop {
-        let out = aws.sqs.receive_message().queue_url(&dlq).message_attribute_names("All").wait_time_seconds(1).send().await.unwrap();
+        let out =
+            aws.sqs.receive_message().queue_url(&dlq).message_attribute_names("All").wait_time_seconds(1).send().await.unwrap();
         if let Some(m) = out.messages().first() {
             break m.clone();
         }
         assert!(Instant::now() < deadline, "nothing reached the DLQ");
     };
     assert_eq!(message.body(), Some("{not json"));
-    let attrs: HashMap<&str, &str> = message
-        .message_attributes()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.string_value().unwrap_or_default()))
-        .collect();
+    let attrs: HashMap<&str, &str> =
+        message.message_attributes().unwrap().iter().map(|(k, v)| (k.as_str(), v.string_value().unwrap_or_default())).collect();
     assert_eq!(attrs["catalog.error.code"], "malformed_json");
     assert_eq!(attrs["catalog.error.stage"], "validate");
     assert!(attrs["catalog.error.message"].contains("not valid JSON"), "{attrs:?}");
@@ -219,7 +218,9 @@ async fn shuffled_duplicate_deliveries_converge_on_the_highest_version() {
     infra_init(&env);
     let app = serve(&env, "all");
     let aws = clients().await;
-    let compact = |e: Value| serde_json::to_string(&json!({"type": e["detail-type"], "source": e["source"], "detail": e["detail"]})).unwrap();
+    let compact = |e: Value| {
+        serde_json::to_string(&json!({"type": e["detail-type"], "source": e["source"], "detail": e["detail"]})).unwrap()
+    };
     let mut bodies = vec![compact(product("S1", "Sofa", "Living"))];
     for v in [3, 1, 4, 4, 2, 1, 3] {
         bodies.push(compact(price("S1", &format!("{v}00"), "USD", v)));
@@ -367,11 +368,20 @@ async fn superseded_versions_are_not_acked_when_the_winning_update_fails() {
     let app = serve(&env, "all");
     let aws = clients().await;
     // Three versions of one facet in one SQS batch: they coalesce into one update of v3.
-    let compact = |v: u64| serde_json::to_string(&json!({"type": "Price Update", "source": "pricing.service",
-        "detail": {"productId": "F1", "price": v, "currency": "USD", "version": v}})).unwrap();
+    let compact = |v: u64| {
+        serde_json::to_string(&json!({"type": "Price Update", "source": "pricing.service",
+        "detail": {"productId": "F1", "price": v, "currency": "USD", "version": v}}))
+        .unwrap()
+    };
     let url = aws.queue_url(var(&env, "CATALOG_INGEST_QUEUE")).await;
     let entries = (1..=3)
-        .map(|v| aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder().id(v.to_string()).message_body(compact(v)).build().unwrap())
+        .map(|v| {
+            aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                .id(v.to_string())
+                .message_body(compact(v))
+                .build()
+                .unwrap()
+        })
         .collect();
     aws.sqs.send_message_batch().queue_url(&url).set_entries(Some(entries)).send().await.unwrap();
     // The update never succeeds, so SQS redrive must move all three to the DLQ: none of the

@@ -13,8 +13,13 @@ async fn stale_and_duplicate_events_converge_on_the_highest_version() {
     app.ingest(&json!([product("V1", "Vase", "Home")])).await;
     // Shuffled, duplicated deliveries of versions 1..=4.
     let deliveries = json!([
-        price("V1", "40", "USD", 4), price("V1", "10", "USD", 1), price("V1", "40", "USD", 4),
-        price("V1", "30", "USD", 3), price("V1", "20", "USD", 2), stock("V1", 9, 2), stock("V1", 1, 1),
+        price("V1", "40", "USD", 4),
+        price("V1", "10", "USD", 1),
+        price("V1", "40", "USD", 4),
+        price("V1", "30", "USD", 3),
+        price("V1", "20", "USD", 2),
+        stock("V1", 9, 2),
+        stock("V1", 1, 1),
     ]);
     app.ingest(&deliveries).await;
     app.ingest(&deliveries).await;
@@ -104,7 +109,8 @@ async fn replay_rebuild_restores_a_lost_read_model() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("rebuilt 2 views of 2 products from 3 log entries"), "{report}");
-    let mut entries: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut entries: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     entries.sort();
     assert_eq!(entries, ["catalog.sled", "views.sled"], "the rebuilt database swapped in, nothing left over");
 

@@ -89,8 +89,7 @@ pub fn validate_origin(origin: &str) -> Result<(), String> {
         .strip_prefix("https://")
         .or_else(|| origin.strip_prefix("http://"))
         .ok_or_else(|| format!("CORS origin {origin:?} must start with http:// or https://"))?;
-    let ok = !rest.is_empty()
-        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    let ok = !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
     if ok { Ok(()) } else { Err(format!("CORS origin {origin:?} must be scheme://host[:port], with no path")) }
 }
 

@@ -74,13 +74,7 @@ impl Conditional {
 }
 
 /// A JSON answer with ETag, 304 on a match, and the gzip twin when the client accepts it.
-pub fn cached_json(
-    cond: &Conditional,
-    etag: Bytes,
-    body: Bytes,
-    gzip_body: Option<Bytes>,
-    cache_control: &HeaderValue,
-) -> Reply {
+pub fn cached_json(cond: &Conditional, etag: Bytes, body: Bytes, gzip_body: Option<Bytes>, cache_control: &HeaderValue) -> Reply {
     let etag_value = HeaderValue::from_maybe_shared(etag.clone()).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
     let builder = Response::builder()
         .header(header::ETAG, etag_value)

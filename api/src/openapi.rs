@@ -4,8 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    __path_get_product, __path_healthz, __path_list_products, __path_metrics, __path_openapi, __path_post_events,
-    __path_readyz,
+    __path_get_product, __path_healthz, __path_list_products, __path_metrics, __path_openapi, __path_post_events, __path_readyz,
 };
 
 #[derive(OpenApi)]

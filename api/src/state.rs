@@ -1,10 +1,10 @@
 //! What the routes need from the rest of the process, behind small object-safe ports.
 
-use std::future::Future;
 use std::collections::HashSet;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use catalog_domain::ProductId;

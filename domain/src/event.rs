@@ -342,11 +342,7 @@ fn required_str<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<
     optional_str(obj, field)?.ok_or(ValidationError::MissingField(field))
 }
 
-fn text_field(
-    obj: &Map<String, Value>,
-    field: &'static str,
-    max_chars: usize,
-) -> Result<Option<String>, ValidationError> {
+fn text_field(obj: &Map<String, Value>, field: &'static str, max_chars: usize) -> Result<Option<String>, ValidationError> {
     let Some(text) = optional_str(obj, field)? else { return Ok(None) };
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -369,10 +365,9 @@ fn parse_product_id(detail: &Map<String, Value>) -> Result<ProductId, Validation
 fn parse_u64(detail: &Map<String, Value>, field: &'static str, what: &'static str) -> Result<Option<u64>, ValidationError> {
     match detail.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| ValidationError::InvalidValue {
-            field,
-            reason: format!("{n} is not {what}"),
-        }),
+        Some(Value::Number(n)) => {
+            n.as_u64().map(Some).ok_or_else(|| ValidationError::InvalidValue { field, reason: format!("{n} is not {what}") })
+        }
         Some(other) => Err(wrong_type(field, "a number", other)),
     }
 }
@@ -397,9 +392,9 @@ fn parse_price(detail: &Map<String, Value>, currency: Currency) -> Result<Option
     match detail.get("price") {
         None | Some(Value::Null) => Ok(None),
         // With serde_json's arbitrary_precision the number keeps its exact source text.
-        Some(Value::Number(n)) => Money::parse(&n.to_string(), currency).map(Some).map_err(|e: MoneyError| {
-            ValidationError::InvalidValue { field: "price", reason: e.to_string() }
-        }),
+        Some(Value::Number(n)) => Money::parse(&n.to_string(), currency)
+            .map(Some)
+            .map_err(|e: MoneyError| ValidationError::InvalidValue { field: "price", reason: e.to_string() }),
         Some(other) => Err(wrong_type("price", "a decimal number", other)),
     }
 }
@@ -481,9 +476,11 @@ mod tests {
 
     #[test]
     fn every_invalid_case_has_its_code() {
-        let inv = |detail: &str| format!(r#"{{"source":"inventory.service","detail-type":"Inventory Update","detail":{detail}}}"#);
+        let inv =
+            |detail: &str| format!(r#"{{"source":"inventory.service","detail-type":"Inventory Update","detail":{detail}}}"#);
         let price = |detail: &str| format!(r#"{{"source":"pricing.service","detail-type":"Price Update","detail":{detail}}}"#);
-        let product = |detail: &str| format!(r#"{{"source":"product.service","detail-type":"Product Update","detail":{detail}}}"#);
+        let product =
+            |detail: &str| format!(r#"{{"source":"product.service","detail-type":"Product Update","detail":{detail}}}"#);
         let cases: Vec<(String, &str)> = vec![
             ("{not json".into(), "malformed_json"),
             ("".into(), "malformed_json"),

@@ -96,9 +96,10 @@ impl ProductState {
         debug_assert_eq!(event.product_id, self.id);
         let facet = event.change.facet();
         if let (Some(incoming), Some(stored)) = (event.version, self.versions.get(facet))
-            && stored >= incoming {
-                return Applied::Stale;
-            }
+            && stored >= incoming
+        {
+            return Applied::Stale;
+        }
         let before = (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone());
         match &event.change {
             Change::Product(change) => match change.status {
@@ -151,8 +152,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     fn event(body: &str) -> CatalogEvent {
-        CatalogEvent::parse(body.as_bytes(), SystemTime::UNIX_EPOCH + Duration::from_secs(1), ParseLimits::default())
-            .unwrap()
+        CatalogEvent::parse(body.as_bytes(), SystemTime::UNIX_EPOCH + Duration::from_secs(1), ParseLimits::default()).unwrap()
     }
 
     fn fold(bodies: &[&str]) -> ProductState {
@@ -197,21 +197,16 @@ mod tests {
             let mut bodies: Vec<&str> = order.iter().map(|&i| events[i]).collect();
             bodies.extend(events);
             let got = fold(&bodies);
-            assert_eq!((got.info, got.price, got.quantity, got.versions), (
-                expected.info.clone(),
-                expected.price,
-                expected.quantity,
-                expected.versions.clone()
-            ));
+            assert_eq!(
+                (got.info, got.price, got.quantity, got.versions),
+                (expected.info.clone(), expected.price, expected.quantity, expected.versions.clone())
+            );
         }
     }
 
     #[test]
     fn unversioned_events_apply_in_arrival_order() {
-        let state = fold(&[
-            r#"{"productId":"P1","quantity":3}"#,
-            r#"{"productId":"P1","quantity":1}"#,
-        ]);
+        let state = fold(&[r#"{"productId":"P1","quantity":3}"#, r#"{"productId":"P1","quantity":1}"#]);
         assert_eq!(state.quantity, Some(1));
     }
 

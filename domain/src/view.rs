@@ -110,8 +110,7 @@ pub fn render(state: &ProductState, settings: ViewSettings) -> Option<RenderedVi
     let price = state.effective_price();
     let display_price = price.map(|p| p.display());
     let availability = Availability::of(state.quantity, settings);
-    let updated_at =
-        humantime::format_rfc3339_seconds(time_from_millis(state.updated_at_ms) + Duration::ZERO).to_string();
+    let updated_at = humantime::format_rfc3339_seconds(time_from_millis(state.updated_at_ms) + Duration::ZERO).to_string();
     let web = WebView {
         product: ProductPart {
             id: state.id.as_str(),
@@ -175,8 +174,7 @@ mod tests {
             r#"{"productId":"P123","price":1200,"currency":"JPY"}"#,
             r#"{"productId":"P123","quantity":2}"#,
         ]);
-        let mobile: serde_json::Value =
-            serde_json::from_slice(&render(&state, ViewSettings::default()).unwrap().mobile).unwrap();
+        let mobile: serde_json::Value = serde_json::from_slice(&render(&state, ViewSettings::default()).unwrap().mobile).unwrap();
         assert_eq!(
             mobile,
             serde_json::json!({"id": "P123", "name": "Laptop", "displayPrice": "¥1200", "availability": "Low Stock"})

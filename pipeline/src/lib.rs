@@ -20,6 +20,6 @@ pub mod stages;
 pub use config::PipelineConfig;
 pub use metrics::PipelineMetrics;
 pub use ports::{
-    DeadLetter, EventSource, Invalidation, InvalidationBus, ProductChanged, ProductStore, Received, SequencedEvent,
-    SourceError, StoreError, WriteOutcome,
+    DeadLetter, EventSource, Invalidation, InvalidationBus, ProductChanged, ProductStore, Received, SequencedEvent, SourceError,
+    StoreError, WriteOutcome,
 };

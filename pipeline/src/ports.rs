@@ -53,10 +53,7 @@ pub trait EventSource: Send + Sync + 'static {
     fn release(&self, receipts: Vec<Self::Receipt>, reason: &str) -> impl Future<Output = Result<(), SourceError>> + Send;
 
     /// Moves messages to the dead-letter queue with their reason and removes them from the source.
-    fn dead_letter(
-        &self,
-        letters: Vec<DeadLetter<Self::Receipt>>,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    fn dead_letter(&self, letters: Vec<DeadLetter<Self::Receipt>>) -> impl Future<Output = Result<(), SourceError>> + Send;
 }
 
 /// A validated event with its log position, if the source has one.

@@ -16,9 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
 use crate::metrics::{CodeLabel, PipelineMetrics};
-use crate::ports::{
-    DeadLetter, EventSource, Invalidation, InvalidationBus, ProductStore, Received, SequencedEvent,
-};
+use crate::ports::{DeadLetter, EventSource, Invalidation, InvalidationBus, ProductStore, Received, SequencedEvent};
 
 /// A valid event still tied to the message that carried it.
 struct Accepted<R> {
@@ -55,7 +53,13 @@ pub async fn run<S, St, B>(
 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..config.pollers.max(1) {
-        tasks.spawn(ingest(source.clone(), config.receive_batch, received_tx.clone(), metrics.received.clone(), shutdown.clone()));
+        tasks.spawn(ingest(
+            source.clone(),
+            config.receive_batch,
+            received_tx.clone(),
+            metrics.received.clone(),
+            shutdown.clone(),
+        ));
     }
     drop(received_tx);
     tasks.spawn(validate(source.clone(), config.parse_limits, received_rx, accepted_tx, metrics.clone()));
@@ -136,10 +140,11 @@ async fn validate<S: EventSource>(
             }
         }
         if !letters.is_empty()
-            && let Err(e) = source.dead_letter(letters).await {
-                // Not acked either: the source hands them out again and we retry the move.
-                tracing::error!(error = %e, "moving invalid messages to the DLQ failed");
-            }
+            && let Err(e) = source.dead_letter(letters).await
+        {
+            // Not acked either: the source hands them out again and we retry the move.
+            tracing::error!(error = %e, "moving invalid messages to the DLQ failed");
+        }
         if !accepted.is_empty() && out.send(accepted).await.is_err() {
             return;
         }

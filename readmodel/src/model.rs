@@ -140,9 +140,9 @@ impl ReadModel {
             let current = self.inner.views.get(key).map_err(storage("get"))?;
             let current_view = current.clone().and_then(|v| StoredView::decode(Bytes::from_owner(v)));
             // Newer always wins; the same revision only renews an expired view's timestamp.
-            let keep = current_view.as_ref().is_some_and(|v| {
-                v.revision > state.revision || (v.revision == state.revision && !self.is_expired(v))
-            });
+            let keep = current_view
+                .as_ref()
+                .is_some_and(|v| v.revision > state.revision || (v.revision == state.revision && !self.is_expired(v)));
             if keep {
                 return Ok(false);
             }
@@ -257,7 +257,10 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 25);
-        let ids: Vec<String> = seen.iter().map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap()["id"].as_str().unwrap().to_owned()).collect();
+        let ids: Vec<String> = seen
+            .iter()
+            .map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap()["id"].as_str().unwrap().to_owned())
+            .collect();
         let mut sorted = ids.clone();
         sorted.sort();
         sorted.dedup();
@@ -271,7 +274,8 @@ mod tests {
         rm.apply(&[state("P1", &[created("P1", "A"), created("P1", "B")])]).unwrap();
         assert!(rm.page("A", None, 10).unwrap().items.is_empty());
         assert_eq!(rm.page("B", None, 10).unwrap().items.len(), 1);
-        let deleted = state("P1", &[created("P1", "A"), created("P1", "B"), serde_json::json!({"productId":"P1","status":"deleted"})]);
+        let deleted =
+            state("P1", &[created("P1", "A"), created("P1", "B"), serde_json::json!({"productId":"P1","status":"deleted"})]);
         rm.apply(&[deleted]).unwrap();
         assert!(rm.page("B", None, 10).unwrap().items.is_empty());
         assert!(!rm.get("P1").unwrap().unwrap().listed);

@@ -35,15 +35,10 @@ pub async fn run_refresher<St: ProductStore>(model: ReadModel, store: Arc<St>, m
         }
         ids.sort();
         ids.dedup();
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(REFRESH_RETRY_BASE)
-            .with_max_times(REFRESH_ATTEMPTS - 1)
-            .with_jitter();
+        let backoff =
+            ExponentialBuilder::default().with_min_delay(REFRESH_RETRY_BASE).with_max_times(REFRESH_ATTEMPTS - 1).with_jitter();
         let attempt = || refresh(&model, &*store, ids.clone(), sequence);
-        let result = attempt
-            .retry(backoff)
-            .notify(|e, _| tracing::warn!(error = %e, "view refresh failed; retrying"))
-            .await;
+        let result = attempt.retry(backoff).notify(|e, _| tracing::warn!(error = %e, "view refresh failed; retrying")).await;
         // The checkpoint stays behind, so the next start catches these products up.
         if let Err(e) = result {
             tracing::error!(error = %e, products = ids.len(), "view refresh failed; views stay stale until catch-up");
@@ -72,8 +67,9 @@ async fn refresh<St: ProductStore>(
             .map_err(|e| ReadModelError::Storage { operation: "refresh", detail: e.to_string() })??;
     }
     if let Some(sequence) = sequence
-        && sequence > model.checkpoint()? {
-            model.set_checkpoint(sequence)?;
-        }
+        && sequence > model.checkpoint()?
+    {
+        model.set_checkpoint(sequence)?;
+    }
     Ok(written)
 }

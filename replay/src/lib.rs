@@ -101,10 +101,7 @@ pub fn rebuild(
     // Contiguous id ranges per thread: each walks its own part of the trees.
     let per_thread = states.len().div_ceil(threads).max(1);
     let written: Result<Vec<usize>, ReadModelError> = std::thread::scope(|scope| {
-        let workers: Vec<_> = states
-            .chunks(per_thread)
-            .map(|part| scope.spawn(move || model.apply(part)))
-            .collect();
+        let workers: Vec<_> = states.chunks(per_thread).map(|part| scope.spawn(move || model.apply(part))).collect();
         workers.into_iter().map(|w| w.join().expect("rebuild writer panicked")).collect()
     });
     report.views_written = written?.into_iter().sum::<usize>() as u64;

@@ -23,7 +23,6 @@ pub struct Options {
     pub envs: Vec<(String, String)>,
 }
 
-
 pub fn spawn_app() -> TestApp {
     spawn_with(Options::default())
 }

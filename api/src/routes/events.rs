@@ -41,7 +41,11 @@ async fn accept(authorization: Option<&str>, body: &[u8], state: &AppState) -> R
     if let Some(token) = &state.config.ingest_token {
         let presented = authorization.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or_default();
         if !token.matches(presented.trim()) {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <CATALOG_INGEST_TOKEN>"));
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <CATALOG_INGEST_TOKEN>",
+            ));
         }
     }
     let Some(ingest) = &state.ingest else {
@@ -61,11 +65,8 @@ async fn accept(authorization: Option<&str>, body: &[u8], state: &AppState) -> R
 fn split_entries(body: &[u8], max_entries: usize) -> Result<Vec<Bytes>, ApiError> {
     let malformed = |e: serde_json::Error| ApiError::bad_request("malformed_json", format!("body is not valid JSON: {e}"));
     let raw: Box<RawValue> = serde_json::from_slice(body).map_err(malformed)?;
-    let entries: Vec<&RawValue> = if raw.get().trim_start().starts_with('[') {
-        serde_json::from_str(raw.get()).map_err(malformed)?
-    } else {
-        vec![&raw]
-    };
+    let entries: Vec<&RawValue> =
+        if raw.get().trim_start().starts_with('[') { serde_json::from_str(raw.get()).map_err(malformed)? } else { vec![&raw] };
     if entries.len() > max_entries {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -82,8 +83,11 @@ fn split_entries(body: &[u8], max_entries: usize) -> Result<Vec<Bytes>, ApiError
         }
     }
     if !errors.is_empty() {
-        return Err(ApiError::bad_request("invalid_entries", format!("{} of {} entries are not events; nothing was accepted", errors.len(), entries.len()))
-            .with_details(Value::Array(errors)));
+        return Err(ApiError::bad_request(
+            "invalid_entries",
+            format!("{} of {} entries are not events; nothing was accepted", errors.len(), entries.len()),
+        )
+        .with_details(Value::Array(errors)));
     }
     Ok(messages)
 }
@@ -109,10 +113,11 @@ fn to_message(entry: &RawValue) -> Result<Bytes, (&'static str, String)> {
     let e: PutEventsEntry = serde_json::from_str(text).map_err(|e| ("invalid_entry", e.to_string()))?;
     let source = e.source.ok_or(("missing_field", "PutEvents entry without Source".to_owned()))?;
     let detail_type = e.detail_type.ok_or(("missing_field", "PutEvents entry without DetailType".to_owned()))?;
-    let detail_text: String = serde_json::from_str(e.detail.ok_or(("missing_field", "PutEvents entry without Detail".to_owned()))?.get())
-        .map_err(|_| ("invalid_detail", "Detail must be a string holding a JSON object".to_owned()))?;
-    let detail: &RawValue = serde_json::from_str(&detail_text)
-        .map_err(|e| ("invalid_detail", format!("Detail is not valid JSON: {e}")))?;
+    let detail_text: String =
+        serde_json::from_str(e.detail.ok_or(("missing_field", "PutEvents entry without Detail".to_owned()))?.get())
+            .map_err(|_| ("invalid_detail", "Detail must be a string holding a JSON object".to_owned()))?;
+    let detail: &RawValue =
+        serde_json::from_str(&detail_text).map_err(|e| ("invalid_detail", format!("Detail is not valid JSON: {e}")))?;
     #[derive(serde::Serialize)]
     struct Compact<'a> {
         #[serde(rename = "type")]
@@ -139,10 +144,14 @@ mod tests {
 
     #[test]
     fn put_events_entries_become_compact_envelopes() {
-        let body = br#"{"Source":"inventory.service","DetailType":"Inventory Update","Detail":"{\"productId\":\"P1\",\"quantity\":5}"}"#;
+        let body =
+            br#"{"Source":"inventory.service","DetailType":"Inventory Update","Detail":"{\"productId\":\"P1\",\"quantity\":5}"}"#;
         let out = split_entries(body, 10).unwrap();
         let v: Value = serde_json::from_slice(&out[0]).unwrap();
-        assert_eq!(v, serde_json::json!({"type":"Inventory Update","source":"inventory.service","detail":{"productId":"P1","quantity":5}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"Inventory Update","source":"inventory.service","detail":{"productId":"P1","quantity":5}})
+        );
     }
 
     #[test]

@@ -24,7 +24,13 @@ pub async fn readyz(state: Arc<AppState>) -> Reply {
     let checks = state.readiness.checks().await;
     let draining = state.draining.load(Ordering::SeqCst);
     let ready = !draining && checks.iter().all(|c| c.ok);
-    let status = if draining { "draining" } else if ready { "ready" } else { "not_ready" };
+    let status = if draining {
+        "draining"
+    } else if ready {
+        "ready"
+    } else {
+        "not_ready"
+    };
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json_status(code, &serde_json::json!({"status": status, "checks": checks}))
 }
@@ -39,7 +45,10 @@ pub fn metrics(state: Arc<AppState>) -> Reply {
             .header(header::CACHE_CONTROL, "no-store")
             .body(text.into())
             .expect("valid response"),
-        Err(e) => json_status(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": {"code": "metrics", "message": e.to_string()}})),
+        Err(e) => json_status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": {"code": "metrics", "message": e.to_string()}}),
+        ),
     }
 }
 
@@ -48,8 +57,5 @@ pub fn metrics(state: Arc<AppState>) -> Reply {
 pub fn openapi() -> Reply {
     static DOC: OnceLock<String> = OnceLock::new();
     let doc = DOC.get_or_init(crate::openapi::document);
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(doc.clone().into())
-        .expect("valid response")
+    Response::builder().header(header::CONTENT_TYPE, "application/json").body(doc.clone().into()).expect("valid response")
 }

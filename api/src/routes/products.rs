@@ -33,9 +33,10 @@ async fn lookup(state: &AppState, id: &ProductId) -> Result<Option<StoredView>, 
     if let Some(view) = state.readmodel.get(id.as_str()).map_err(|e| unavailable(e.to_string()))? {
         // Past its TTL: serve it now, re-read it in the background (stale-while-revalidate).
         if state.readmodel.is_expired(&view)
-            && let Some(fill) = &state.fill {
-                fill.clone().refresh_later(id.clone());
-            }
+            && let Some(fill) = &state.fill
+        {
+            fill.clone().refresh_later(id.clone());
+        }
         return Ok(Some(view));
     }
     let Some(fill) = &state.fill else { return Ok(None) };
@@ -73,7 +74,12 @@ pub async fn get_product(raw_id: String, params: Vec<(String, String)>, cond: Co
     response
 }
 
-async fn product_response(raw_id: &str, params: &[(String, String)], cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
+async fn product_response(
+    raw_id: &str,
+    params: &[(String, String)],
+    cond: &Conditional,
+    state: &AppState,
+) -> Result<Response, ApiError> {
     let id = parse_id(raw_id)?;
     let variant = parse_variant(params)?;
     match lookup(state, &id).await? {
@@ -125,7 +131,13 @@ async fn list_response(params: &[(String, String)], cond: &Conditional, state: &
     }
 }
 
-fn category_page(category: &str, params: &[(String, String)], variant: Variant, cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
+fn category_page(
+    category: &str,
+    params: &[(String, String)],
+    variant: Variant,
+    cond: &Conditional,
+    state: &AppState,
+) -> Result<Response, ApiError> {
     if category.is_empty() {
         return Err(ApiError::bad_request("invalid_category", "category must not be empty"));
     }

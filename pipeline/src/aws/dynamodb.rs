@@ -97,7 +97,11 @@ pub fn event_key(event: &CatalogEvent) -> String {
 /// an unprocessed put is idempotent while a redelivered event lands in a later segment too:
 /// readers fold events by version and drop repeats by [`event_key`] (see [`decode_segment`]).
 /// Members are the events' positions in `events`.
-fn segments<'a>(events: impl IntoIterator<Item = &'a CatalogEvent>, max_bytes: usize, writer: &SegmentIds) -> Vec<(LogKey, Item, Vec<usize>)> {
+fn segments<'a>(
+    events: impl IntoIterator<Item = &'a CatalogEvent>,
+    max_bytes: usize,
+    writer: &SegmentIds,
+) -> Vec<(LogKey, Item, Vec<usize>)> {
     let mut out = Vec::new();
     let mut lines: Vec<u8> = Vec::new();
     let mut members: Vec<usize> = Vec::new();
@@ -140,7 +144,8 @@ pub fn decode_segment(item: &Item) -> Result<Vec<serde_json::Value>, String> {
         return Err(format!("segment without a binary {:?} attribute", attr::EVENTS));
     };
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(blob.as_ref()), &mut text).map_err(|e| format!("segment does not inflate: {e}"))?;
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(blob.as_ref()), &mut text)
+        .map_err(|e| format!("segment does not inflate: {e}"))?;
     text.lines().map(|l| serde_json::from_str(l).map_err(|e| format!("segment line is not JSON: {e}"))).collect()
 }
 
@@ -340,9 +345,13 @@ impl DynamoStore {
     async fn append_log(&self, events: &[SequencedEvent]) -> Result<BTreeSet<usize>, StoreError> {
         let mut owners: HashMap<LogKey, Vec<usize>> = HashMap::new();
         let mut requests = Vec::new();
-        for (key, item, members) in segments(events.iter().map(|e| &e.event), self.settings.log_segment_bytes, &self.segment_ids) {
+        for (key, item, members) in segments(events.iter().map(|e| &e.event), self.settings.log_segment_bytes, &self.segment_ids)
+        {
             owners.insert(key.clone(), members);
-            let put = PutRequest::builder().set_item(Some(item)).build().map_err(|e| Self::unavailable("log", events.len())(e.to_string()))?;
+            let put = PutRequest::builder()
+                .set_item(Some(item))
+                .build()
+                .map_err(|e| Self::unavailable("log", events.len())(e.to_string()))?;
             requests.push((key, WriteRequest::builder().put_request(put).build()));
         }
         let mut failed = BTreeSet::new();
@@ -400,7 +409,8 @@ impl DynamoStore {
 
     async fn batch_get_once(&self, keys: Vec<Item>, found: &std::sync::Mutex<Vec<Item>>) -> Result<Vec<Item>, String> {
         let table = &self.settings.names.products_table;
-        let request = KeysAndAttributes::builder().set_keys(Some(keys)).consistent_read(true).build().map_err(|e| e.to_string())?;
+        let request =
+            KeysAndAttributes::builder().set_keys(Some(keys)).consistent_read(true).build().map_err(|e| e.to_string())?;
         self.metrics.call("dynamodb", "BatchGetItem");
         let out = self
             .client
@@ -494,7 +504,11 @@ impl ProductStore for DynamoStore {
                     let mut broken = false;
                     for (i, event) in batch {
                         // After a failure the rest of the facet waits too, so arrival order holds.
-                        let r = if broken { Err("an earlier update of this facet failed".to_owned()) } else { store.update_facet(&event).await };
+                        let r = if broken {
+                            Err("an earlier update of this facet failed".to_owned())
+                        } else {
+                            store.update_facet(&event).await
+                        };
                         broken |= r.is_err();
                         results.push((i, r));
                     }
@@ -528,7 +542,12 @@ impl ProductStore for DynamoStore {
                 }
             }
         }
-        Ok(WriteOutcome { changed: changed.into_values().collect(), unchanged_products: Vec::new(), unchanged, failed: failed.into_iter().collect() })
+        Ok(WriteOutcome {
+            changed: changed.into_values().collect(),
+            unchanged_products: Vec::new(),
+            unchanged,
+            failed: failed.into_iter().collect(),
+        })
     }
 
     async fn get_states(&self, ids: &[ProductId]) -> Result<Vec<ProductState>, StoreError> {

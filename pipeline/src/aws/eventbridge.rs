@@ -75,7 +75,11 @@ impl InvalidationBus for EventBridgeBus {
             .map(|chunk| {
                 let products = chunk
                     .iter()
-                    .map(|p| ChangedProduct { product_id: p.product_id.to_string(), revision: p.revision, versions: p.versions.clone() })
+                    .map(|p| ChangedProduct {
+                        product_id: p.product_id.to_string(),
+                        revision: p.revision,
+                        versions: p.versions.clone(),
+                    })
                     .collect();
                 let detail = ChangedDetail { products };
                 PutEventsRequestEntry::builder()
@@ -191,7 +195,8 @@ impl InvalidationSubscription {
                     tracing::warn!(body = m.body(), "ignoring a message that is not a Product Changed event");
                 }
                 if let Some(handle) = m.receipt_handle() {
-                    entries.extend(DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(handle).build().ok());
+                    entries
+                        .extend(DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(handle).build().ok());
                 }
             }
             if !products.is_empty() && feed.send(Invalidation { products, log_sequence: None }).await.is_err() {

@@ -49,7 +49,12 @@ pub(crate) async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<St
 }
 
 /// Lets the rule (and only it) send to the queue, as EventBridge requires on real AWS.
-pub(crate) async fn allow_rule_to_send(sqs: &aws_sdk_sqs::Client, url: &str, queue_arn: &str, rule_arn: &str) -> Result<(), String> {
+pub(crate) async fn allow_rule_to_send(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    queue_arn: &str,
+    rule_arn: &str,
+) -> Result<(), String> {
     let policy = serde_json::json!({
         "Version": "2012-10-17",
         "Statement": [{
@@ -114,7 +119,13 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
             .await
             .map_err(|e| format!("updating {}: {}", names.ingest_queue, describe(e)))?;
     }
-    report.say(created, format!("queue {} (redrive to {} after {} receives)", names.ingest_queue, names.dead_letter_queue, settings.max_receive_count));
+    report.say(
+        created,
+        format!(
+            "queue {} (redrive to {} after {} receives)",
+            names.ingest_queue, names.dead_letter_queue, settings.max_receive_count
+        ),
+    );
     let ingest_arn = queue_arn(&clients.sqs, &ingest_url).await?;
 
     let existed = clients.eventbridge.describe_rule().name(&names.ingest_rule).event_bus_name(&names.bus).send().await.is_ok();
@@ -137,7 +148,12 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
         .input_template(INPUT_TEMPLATE)
         .build()
         .map_err(|e| e.to_string())?;
-    let target = Target::builder().id(INGEST_TARGET_ID).arn(&ingest_arn).input_transformer(transformer).build().map_err(|e| e.to_string())?;
+    let target = Target::builder()
+        .id(INGEST_TARGET_ID)
+        .arn(&ingest_arn)
+        .input_transformer(transformer)
+        .build()
+        .map_err(|e| e.to_string())?;
     clients
         .eventbridge
         .put_targets()
@@ -159,7 +175,8 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
         .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
         .build()
         .map_err(|e| e.to_string())?;
-    let created = ensure_table(clients, &names.products_table, &[(attr::PRODUCT_ID, KeyType::Hash)], Some(category_index)).await?;
+    let created =
+        ensure_table(clients, &names.products_table, &[(attr::PRODUCT_ID, KeyType::Hash)], Some(category_index)).await?;
     report.say(created, format!("table {} (current state, GSI {CATEGORY_INDEX})", names.products_table));
     Ok(report.0)
 }
@@ -170,9 +187,10 @@ async fn ensure_queue(
     attributes: HashMap<QueueAttributeName, String>,
 ) -> Result<(String, bool), String> {
     if let Ok(out) = sqs.get_queue_url().queue_name(name).send().await
-        && let Some(url) = out.queue_url() {
-            return Ok((url.to_owned(), false));
-        }
+        && let Some(url) = out.queue_url()
+    {
+        return Ok((url.to_owned(), false));
+    }
     let out = sqs
         .create_queue()
         .queue_name(name)
@@ -220,7 +238,8 @@ async fn ensure_table(
     };
     let deadline = tokio::time::Instant::now() + TABLE_ACTIVE_TIMEOUT;
     loop {
-        let status = db.describe_table().table_name(name).send().await.map_err(|e| format!("describing {name}: {}", describe(e)))?;
+        let status =
+            db.describe_table().table_name(name).send().await.map_err(|e| format!("describing {name}: {}", describe(e)))?;
         if status.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
             return Ok(created);
         }

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageAttributeValue,
-    MessageSystemAttributeName, SendMessageBatchRequestEntry,
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
+    SendMessageBatchRequestEntry,
 };
 use bytes::Bytes;
 use catalog_domain::event::time_from_millis;
@@ -50,9 +50,12 @@ fn storage(operation: &'static str) -> impl Fn(String) -> SourceError {
 }
 
 pub(crate) async fn lookup_queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<String, String> {
-    let out = client.get_queue_url().queue_name(name).send().await.map_err(|e| {
-        format!("queue {name:?} not found ({}); run `catalog infra init` first", describe(e))
-    })?;
+    let out = client
+        .get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .map_err(|e| format!("queue {name:?} not found ({}); run `catalog infra init` first", describe(e)))?;
     out.queue_url().map(str::to_owned).ok_or_else(|| format!("queue {name:?} has no URL"))
 }
 
@@ -290,7 +293,11 @@ impl EventSource for SqsSource {
                 .filter_map(|i| chunk.get(i).map(|l| l.receipt.handle.clone()))
                 .collect();
             for failed in out.failed() {
-                tracing::error!(code = failed.code(), message = failed.message(), "sending a message to the DLQ failed; it will come back");
+                tracing::error!(
+                    code = failed.code(),
+                    message = failed.message(),
+                    "sending a message to the DLQ failed; it will come back"
+                );
             }
             self.delete(sent).await?;
         }

@@ -121,11 +121,8 @@ impl EmbeddedLog {
         let meta = db.open_tree(trees::META).map_err(&open)?;
         let last = log.last().map_err(&open)?.and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
         let next_sequence = last.map_or(1, |s| s + 1);
-        let watermark = meta
-            .get(WATERMARK_KEY)
-            .map_err(&open)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(1);
+        let watermark =
+            meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(1);
         let dead_letters = AtomicU64::new(dlq.len() as u64);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -250,11 +247,10 @@ impl EmbeddedLog {
                 let (key, value) = item.map_err(storage_error("read"))?;
                 let Some(entry) = decode_entry(&key, value) else { continue };
                 cursor.next_unread = entry.sequence + 1;
-                cursor.in_flight.insert(entry.sequence, Lease {
-                    visible_at: now + inner.config.visibility_timeout,
-                    receive_count: 1,
-                    last_error: None,
-                });
+                cursor.in_flight.insert(
+                    entry.sequence,
+                    Lease { visible_at: now + inner.config.visibility_timeout, receive_count: 1, last_error: None },
+                );
                 out.push(received(entry, 1));
             }
         }

@@ -70,7 +70,8 @@ impl EmbeddedStore {
         let mut outcome = WriteOutcome { unchanged, ..WriteOutcome::default() };
         for id in order {
             let (state, changed) = &touched[id];
-            let announced = ProductChanged { product_id: state.id.clone(), revision: state.revision, versions: state.versions.clone() };
+            let announced =
+                ProductChanged { product_id: state.id.clone(), revision: state.revision, versions: state.versions.clone() };
             if *changed {
                 batch.insert(id.as_str(), encode(state));
                 outcome.changed.push(announced);
@@ -96,8 +97,10 @@ impl ProductStore for EmbeddedStore {
         // sled calls block; a batch of hundreds must not stall the runtime thread serving GETs.
         let store = self.clone();
         let events = events.to_vec();
-        tokio::task::spawn_blocking(move || store.write_blocking(&events)).await.map_err(|e| {
-            StoreError::Unavailable { operation: "write", count: 0, detail: e.to_string() }
+        tokio::task::spawn_blocking(move || store.write_blocking(&events)).await.map_err(|e| StoreError::Unavailable {
+            operation: "write",
+            count: 0,
+            detail: e.to_string(),
         })?
     }
 
