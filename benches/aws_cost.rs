@@ -1,4 +1,4 @@
-//! The AWS bill per million events, priced from the project's own counters (COST-MODEL.md):
+//! The AWS bill per million events, priced from the project's own counters (docs/cost-model.md):
 //! a worker and two API instances on the moto server, events sent through EventBridge
 //! PutEvents exactly as producers send them. Batching and coalescing move these figures; the
 //! machine does not, so moto is a fair stand-in for counting.
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 const DEFAULT_EVENTS: usize = 1_000;
 const API_INSTANCES: usize = 2;
-// List prices, us-east-1 (COST-MODEL.md).
+// List prices, us-east-1 (docs/cost-model.md).
 const SQS_PER_REQUEST: f64 = 0.40e-6;
 const EVENTBRIDGE_PER_EVENT: f64 = 1.00e-6;
 const DYNAMODB_PER_WRU: f64 = 0.625e-6;

@@ -1,9 +1,23 @@
-//! The command line: every flag has a `CATALOG_*` environment twin and a default that serves a laptop.
+//! The command line: every flag has a `CATALOG_*` environment twin, a default taken from the
+//! crate that owns the limit, and a range checked here, so a value that makes no sense is
+//! refused at start with the flag, its variable and the range it must be in.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use catalog_api::config as api;
+use catalog_aws as aws;
+use catalog_pipeline::config as pipeline;
+use catalog_pipeline::embedded;
+
+/// sled's page cache when `--cache-mb` is not given, in MiB.
+pub const DEFAULT_CACHE_MB: u64 = 128;
+/// Longest a graceful shutdown waits for in-flight batches.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 #[command(name = "catalog", version, about = "Event-sourced product catalog: pipeline, read model and BFF in one binary")]
@@ -50,53 +64,109 @@ pub enum Role {
     Worker,
 }
 
+/// A whole number in `min..=max`. clap's own range check names only the flag; this error
+/// also names the environment variable, which is where most deployments set the value.
+#[derive(Clone, Copy)]
+pub struct InRange {
+    min: u64,
+    max: u64,
+}
+
+impl InRange {
+    const fn new(min: u64, max: u64) -> Self {
+        Self { min, max }
+    }
+}
+
+impl TypedValueParser for InRange {
+    type Value = u64;
+
+    fn parse_ref(&self, cmd: &clap::Command, arg: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<u64, clap::Error> {
+        let text = value.to_string_lossy();
+        match text.trim().parse::<u64>() {
+            Ok(v) if (self.min..=self.max).contains(&v) => Ok(v),
+            _ => {
+                let flag = arg.and_then(clap::Arg::get_long).map_or_else(|| "the value".to_owned(), |l| format!("--{l}"));
+                let env = arg.and_then(clap::Arg::get_env).map(|e| format!(" (or {})", e.to_string_lossy())).unwrap_or_default();
+                let range = if self.max == u64::MAX {
+                    format!("at least {}", self.min)
+                } else {
+                    format!("from {} to {}", self.min, self.max)
+                };
+                let message = format!("invalid value {text:?} for {flag}{env}: expected a whole number {range}\n");
+                Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd))
+            }
+        }
+    }
+}
+
+fn usize_in(min: usize, max: usize) -> impl TypedValueParser<Value = usize> {
+    // Bounds are usize, so every accepted value converts back without loss.
+    InRange::new(min as u64, max as u64).map(|v| v as usize)
+}
+
+fn u32_in(min: u32, max: u32) -> impl TypedValueParser<Value = u32> {
+    InRange::new(u64::from(min), u64::from(max)).map(|v| v as u32)
+}
+
+/// SQS holds a message invisible for at most 12 hours, and redrives after at most 1,000 receives.
+const SQS_MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
+const SQS_MAX_RECEIVE_COUNT: u32 = 1_000;
+
 /// AWS resource names and limits; the endpoint, region and credentials come from the
 /// standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, profiles, roles…).
 #[derive(Args, Clone)]
 pub struct AwsArgs {
     /// EventBridge bus producers publish to.
-    #[arg(long, env = "CATALOG_BUS", default_value = "catalog")]
+    #[arg(long, env = "CATALOG_BUS", default_value = aws::DEFAULT_BUS)]
     pub bus: String,
     /// Rule that routes catalog events from the bus to the ingest queue.
-    #[arg(long, env = "CATALOG_INGEST_RULE", default_value = "catalog-ingest")]
+    #[arg(long, env = "CATALOG_INGEST_RULE", default_value = aws::DEFAULT_INGEST_RULE)]
     pub ingest_rule: String,
-    #[arg(long, env = "CATALOG_INGEST_QUEUE", default_value = "catalog-ingest")]
+    /// SQS queue the pipeline reads events from.
+    #[arg(long, env = "CATALOG_INGEST_QUEUE", default_value = aws::DEFAULT_INGEST_QUEUE)]
     pub ingest_queue: String,
-    #[arg(long, env = "CATALOG_DLQ", default_value = "catalog-ingest-dlq")]
+    /// SQS queue that keeps invalid and repeatedly failing events.
+    #[arg(long, env = "CATALOG_DLQ", default_value = aws::DEFAULT_DEAD_LETTER_QUEUE)]
     pub dead_letter_queue: String,
-    #[arg(long, env = "CATALOG_EVENTS_TABLE", default_value = "catalog-events")]
+    /// DynamoDB table of the event log (gzip segments).
+    #[arg(long, env = "CATALOG_EVENTS_TABLE", default_value = aws::DEFAULT_EVENTS_TABLE)]
     pub events_table: String,
-    #[arg(long, env = "CATALOG_PRODUCTS_TABLE", default_value = "catalog-products")]
+    /// DynamoDB table of current product state.
+    #[arg(long, env = "CATALOG_PRODUCTS_TABLE", default_value = aws::DEFAULT_PRODUCTS_TABLE)]
     pub products_table: String,
     /// Prefix of each API instance's invalidation queue and rule.
-    #[arg(long, env = "CATALOG_INVALIDATION_PREFIX", default_value = "catalog-invalidations")]
+    #[arg(long, env = "CATALOG_INVALIDATION_PREFIX", default_value = aws::DEFAULT_INVALIDATION_PREFIX)]
     pub invalidation_prefix: String,
-    /// SQS long-poll wait, in seconds (at most 20).
-    #[arg(long, env = "CATALOG_SQS_WAIT_SECS", default_value_t = 20)]
+    /// SQS long-poll wait, in seconds.
+    #[arg(long, env = "CATALOG_SQS_WAIT_SECS", default_value_t = aws::DEFAULT_WAIT_TIME.as_secs(),
+          value_parser = InRange::new(0, aws::MAX_WAIT_TIME.as_secs()))]
     pub sqs_wait_secs: u64,
     /// Concurrent SQS receive loops per worker.
-    #[arg(long, env = "CATALOG_POLLERS", default_value_t = 4)]
+    #[arg(long, env = "CATALOG_POLLERS", default_value_t = aws::DEFAULT_POLLERS, value_parser = usize_in(1, 64))]
     pub pollers: usize,
     /// DynamoDB conditional updates in flight per write batch.
-    #[arg(long, env = "CATALOG_WRITE_CONCURRENCY", default_value_t = catalog_pipeline::aws::DEFAULT_WRITE_CONCURRENCY)]
+    #[arg(long, env = "CATALOG_WRITE_CONCURRENCY", default_value_t = aws::DEFAULT_WRITE_CONCURRENCY, value_parser = usize_in(1, 1024))]
     pub write_concurrency: usize,
     /// Largest event-log segment, in bytes of JSON lines before compression (each segment is
     /// one DynamoDB item, billed per started KiB of its compressed size).
-    #[arg(long, env = "CATALOG_LOG_SEGMENT_BYTES", default_value_t = catalog_pipeline::aws::DEFAULT_LOG_SEGMENT_BYTES)]
+    #[arg(long, env = "CATALOG_LOG_SEGMENT_BYTES", default_value_t = aws::DEFAULT_LOG_SEGMENT_BYTES,
+          value_parser = usize_in(1, aws::MAX_LOG_SEGMENT_BYTES))]
     pub log_segment_bytes: usize,
     /// Seconds a received message stays invisible (renewed by a heartbeat while in flight).
-    #[arg(long, env = "CATALOG_SQS_VISIBILITY_SECS", default_value_t = 30)]
+    #[arg(long, env = "CATALOG_SQS_VISIBILITY_SECS", default_value_t = aws::DEFAULT_VISIBILITY_TIMEOUT.as_secs(),
+          value_parser = InRange::new(1, SQS_MAX_VISIBILITY_SECS))]
     pub sqs_visibility_secs: u64,
     /// Receives before SQS moves a failing message to the DLQ (the queue's redrive policy).
-    #[arg(long, env = "CATALOG_SQS_MAX_RECEIVE_COUNT", default_value_t = 3)]
+    #[arg(long, env = "CATALOG_SQS_MAX_RECEIVE_COUNT", default_value_t = aws::DEFAULT_MAX_RECEIVE_COUNT,
+          value_parser = u32_in(1, SQS_MAX_RECEIVE_COUNT))]
     pub sqs_max_receive_count: u32,
 }
 
 impl AwsArgs {
-    pub fn settings(&self) -> catalog_pipeline::aws::AwsSettings {
-        use catalog_pipeline::aws::{AwsNames, AwsSettings};
-        AwsSettings {
-            names: AwsNames {
+    pub fn settings(&self) -> aws::AwsSettings {
+        aws::AwsSettings {
+            names: aws::AwsNames {
                 bus: self.bus.clone(),
                 ingest_rule: self.ingest_rule.clone(),
                 ingest_queue: self.ingest_queue.clone(),
@@ -105,12 +175,12 @@ impl AwsArgs {
                 products_table: self.products_table.clone(),
                 invalidation_prefix: self.invalidation_prefix.clone(),
             },
-            wait_time: std::time::Duration::from_secs(self.sqs_wait_secs.min(20)),
-            visibility_timeout: std::time::Duration::from_secs(self.sqs_visibility_secs.max(1)),
-            max_receive_count: self.sqs_max_receive_count.max(1),
-            write_concurrency: self.write_concurrency.max(1),
-            log_segment_bytes: self.log_segment_bytes.clamp(1, catalog_pipeline::aws::MAX_LOG_SEGMENT_BYTES),
-            ..AwsSettings::default()
+            wait_time: Duration::from_secs(self.sqs_wait_secs),
+            visibility_timeout: Duration::from_secs(self.sqs_visibility_secs),
+            max_receive_count: self.sqs_max_receive_count,
+            write_concurrency: self.write_concurrency,
+            log_segment_bytes: self.log_segment_bytes,
+            ..aws::AwsSettings::default()
         }
     }
 }
@@ -123,23 +193,35 @@ pub enum ReplayCommand {
 
 #[derive(Args, Clone)]
 pub struct DataArgs {
-    /// Where the embedded database lives.
+    /// Where the embedded databases live.
     #[arg(long, env = "CATALOG_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
     /// sled page cache, in MiB: shared evenly by the event-log/state database and the read
     /// model's (embedded), or all the read model's (AWS, where it is the only one).
-    #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = 128)]
+    #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = DEFAULT_CACHE_MB, value_parser = InRange::new(1, 1 << 20))]
     pub cache_mb: u64,
     /// Largest event body accepted; larger ones are dead-lettered.
-    #[arg(long, env = "CATALOG_MAX_BODY_BYTES", default_value_t = catalog_domain::event::DEFAULT_MAX_BODY_BYTES)]
+    #[arg(long, env = "CATALOG_MAX_BODY_BYTES", default_value_t = catalog_domain::event::DEFAULT_MAX_BODY_BYTES,
+          value_parser = usize_in(1, 16 << 20))]
     pub max_body_bytes: usize,
     /// Quantity at or below which a product shows `Low Stock`.
     #[arg(long, env = "CATALOG_LOW_STOCK_THRESHOLD", default_value_t = catalog_domain::view::DEFAULT_LOW_STOCK_THRESHOLD)]
     pub low_stock_threshold: u64,
     /// Seconds a view is served before it is re-read from the store: the backstop for a
     /// missed invalidation.
-    #[arg(long, env = "CATALOG_VIEW_TTL_SECS", default_value_t = 300)]
+    #[arg(long, env = "CATALOG_VIEW_TTL_SECS", default_value_t = catalog_readmodel::DEFAULT_VIEW_TTL.as_secs(),
+          value_parser = InRange::new(1, u64::from(u32::MAX)))]
     pub view_ttl_secs: u64,
+}
+
+impl DataArgs {
+    pub fn parse_limits(&self) -> catalog_domain::ParseLimits {
+        catalog_domain::ParseLimits { max_body_bytes: self.max_body_bytes }
+    }
+
+    pub fn view_settings(&self) -> catalog_domain::ViewSettings {
+        catalog_domain::ViewSettings { low_stock_threshold: self.low_stock_threshold }
+    }
 }
 
 #[derive(Args)]
@@ -170,34 +252,139 @@ pub struct ServeArgs {
     #[arg(long = "cors-origin", env = "CATALOG_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
     /// Cache-Control of product answers.
-    #[arg(long, env = "CATALOG_CACHE_CONTROL", default_value = catalog_api::config::DEFAULT_CACHE_CONTROL)]
+    #[arg(long, env = "CATALOG_CACHE_CONTROL", default_value = api::DEFAULT_CACHE_CONTROL)]
     pub cache_control: String,
     /// Largest `POST /events` request body.
-    #[arg(long, env = "CATALOG_MAX_REQUEST_BYTES", default_value_t = catalog_api::config::DEFAULT_MAX_REQUEST_BYTES)]
+    #[arg(long, env = "CATALOG_MAX_REQUEST_BYTES", default_value_t = api::DEFAULT_MAX_REQUEST_BYTES,
+          value_parser = InRange::new(1, 1 << 30))]
     pub max_request_bytes: u64,
     /// Most entries in one `POST /events`.
-    #[arg(long, env = "CATALOG_MAX_ENTRIES", default_value_t = catalog_api::config::DEFAULT_MAX_ENTRIES)]
+    #[arg(long, env = "CATALOG_MAX_ENTRIES", default_value_t = api::DEFAULT_MAX_ENTRIES, value_parser = usize_in(1, 1_000_000))]
     pub max_entries: usize,
-    /// Messages taken from the event source per receive.
-    #[arg(long, env = "CATALOG_RECEIVE_BATCH", default_value_t = catalog_pipeline::config::DEFAULT_RECEIVE_BATCH)]
+    /// Messages taken from the event source per receive (SQS returns at most 10 whatever this says).
+    #[arg(long, env = "CATALOG_RECEIVE_BATCH", default_value_t = pipeline::DEFAULT_RECEIVE_BATCH, value_parser = usize_in(1, 100_000))]
     pub receive_batch: usize,
     /// Events per store write.
-    #[arg(long, env = "CATALOG_WRITE_BATCH", default_value_t = catalog_pipeline::config::DEFAULT_WRITE_BATCH)]
+    #[arg(long, env = "CATALOG_WRITE_BATCH", default_value_t = pipeline::DEFAULT_WRITE_BATCH, value_parser = usize_in(1, 100_000))]
     pub write_batch: usize,
     /// Longest a partial write batch waits for more events, in milliseconds (default: 0
     /// embedded, where batches form from what queued while the writer was busy; 5 on AWS).
-    #[arg(long, env = "CATALOG_WRITE_BATCH_TIMEOUT_MS")]
+    #[arg(long, env = "CATALOG_WRITE_BATCH_TIMEOUT_MS", value_parser = InRange::new(0, 60_000))]
     pub write_batch_timeout_ms: Option<u64>,
-    /// Seconds a received message stays invisible before it is redelivered.
-    #[arg(long, env = "CATALOG_VISIBILITY_TIMEOUT_SECS", default_value_t = 30)]
+    /// Seconds a received message stays invisible before it is redelivered (embedded).
+    #[arg(long, env = "CATALOG_VISIBILITY_TIMEOUT_SECS", default_value_t = embedded::DEFAULT_VISIBILITY_TIMEOUT.as_secs(),
+          value_parser = InRange::new(1, SQS_MAX_VISIBILITY_SECS))]
     pub visibility_timeout_secs: u64,
-    /// Deliveries before a failing message goes to the dead-letter queue.
-    #[arg(long, env = "CATALOG_MAX_RECEIVE_COUNT", default_value_t = 3)]
+    /// Deliveries before a failing message goes to the dead-letter queue (embedded).
+    #[arg(long, env = "CATALOG_MAX_RECEIVE_COUNT", default_value_t = embedded::DEFAULT_MAX_RECEIVE_COUNT,
+          value_parser = u32_in(1, SQS_MAX_RECEIVE_COUNT))]
     pub max_receive_count: u32,
     /// Runtime worker threads (default: one per core).
-    #[arg(long, env = "CATALOG_WORKER_THREADS")]
+    #[arg(long, env = "CATALOG_WORKER_THREADS", value_parser = usize_in(1, 1024))]
     pub worker_threads: Option<usize>,
     /// Longest a graceful shutdown waits for in-flight batches, in seconds.
-    #[arg(long, env = "CATALOG_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "CATALOG_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
+          value_parser = InRange::new(0, 3600))]
     pub shutdown_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    /// Checks what clap cannot see flag by flag, and maps the flags onto the BFF's settings.
+    pub fn api_config(&self) -> anyhow::Result<api::ApiConfig> {
+        if self.backend == Backend::Embedded && self.role != Role::All {
+            let role = self.role.to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned());
+            anyhow::bail!(
+                "--role {role} needs --backend aws (CATALOG_BACKEND=aws): the embedded backend runs everything in one process"
+            );
+        }
+        for origin in &self.cors_origins {
+            api::validate_origin(origin).map_err(|e| anyhow::anyhow!("--cors-origin (CATALOG_CORS_ORIGINS): {e}"))?;
+        }
+        let token = match &self.ingest_token {
+            Some(t) if t.trim().is_empty() => anyhow::bail!(
+                "--ingest-token (CATALOG_INGEST_TOKEN) is empty: set a token, or unset the variable to serve without one on loopback"
+            ),
+            Some(t) => Some(api::IngestToken::new(t.clone())),
+            None => None,
+        };
+        let ingests = self.backend == Backend::Embedded;
+        if ingests && !self.addr.ip().is_loopback() && token.is_none() && !self.allow_public_ingest {
+            anyhow::bail!(
+                "refusing to serve POST /events on {} without a token: set CATALOG_INGEST_TOKEN, bind to 127.0.0.1, or pass --allow-public-ingest",
+                self.addr
+            );
+        }
+        let mut config = api::ApiConfig::default();
+        config.cors_origins = self.cors_origins.clone();
+        config.cache_control = self.cache_control.clone();
+        config.ingest_token = token;
+        config.max_request_bytes = self.max_request_bytes;
+        config.max_entries = self.max_entries;
+        config.product_routes = self.role != Role::Worker;
+        Ok(config)
+    }
+
+    /// The pipeline's settings; `receive_batch` and `pollers` depend on the source.
+    pub fn pipeline_config(&self, receive_batch: usize, pollers: usize, default_linger: Duration) -> pipeline::PipelineConfig {
+        pipeline::PipelineConfig {
+            receive_batch,
+            pollers,
+            write_batch: self.write_batch,
+            write_batch_timeout: self.write_batch_timeout_ms.map_or(default_linger, Duration::from_millis),
+            parse_limits: self.data.parse_limits(),
+            ..pipeline::PipelineConfig::default()
+        }
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut argv = vec!["catalog", "serve"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Serve(args) => args,
+            _ => unreachable!("parsed a serve command"),
+        })
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_flag_the_variable_and_the_range() {
+        for (flag, value) in [("--cache-mb", "0"), ("--write-batch", "0"), ("--max-entries", "0"), ("--sqs-wait-secs", "21")] {
+            let message = serve(&[flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} was accepted")).to_string();
+            assert!(message.contains(flag), "{message}");
+            assert!(message.contains("(or CATALOG_"), "{message}");
+            assert!(message.contains("expected a whole number"), "{message}");
+        }
+        assert!(serve(&["--cache-mb", "abc"]).is_err());
+    }
+
+    #[test]
+    fn defaults_parse_and_are_in_range() {
+        let args = serve(&[]).unwrap();
+        assert_eq!(args.data.cache_mb, DEFAULT_CACHE_MB);
+        assert_eq!(args.write_batch, pipeline::DEFAULT_WRITE_BATCH);
+        assert!(args.api_config().is_ok());
+    }
+
+    #[test]
+    fn an_empty_or_blank_token_is_refused() {
+        for token in ["", "  "] {
+            let args = serve(&["--ingest-token", token]).unwrap();
+            let message = args.api_config().unwrap_err().to_string();
+            assert!(message.contains("CATALOG_INGEST_TOKEN"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_split_role_needs_the_aws_backend_and_says_so_in_flag_words() {
+        let message = serve(&["--role", "api"]).unwrap().api_config().unwrap_err().to_string();
+        assert!(message.starts_with("--role api needs --backend aws"), "{message}");
+    }
 }

@@ -1,7 +1,7 @@
 //! `catalog infra init`: create the AWS resources, idempotently, and say what happened.
 
-use anyhow::{Context, anyhow};
-use catalog_pipeline::aws::AwsClients;
+use anyhow::Context;
+use catalog_aws::AwsClients;
 
 use crate::cli::AwsArgs;
 
@@ -9,7 +9,7 @@ pub fn init(args: AwsArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async {
         let clients = AwsClients::from_env().await;
-        let lines = catalog_pipeline::aws::infra::init(&clients, &args.settings()).await.map_err(|e| anyhow!(e))?;
+        let lines = catalog_aws::infra::init(&clients, &args.settings()).await?;
         for line in lines {
             println!("{line}");
         }

@@ -2,7 +2,9 @@
 //! little else: `serve` runs pipeline + read model + BFF, `replay` holds the operator tools.
 
 mod alloc;
+mod assemble;
 mod cli;
+mod datadir;
 mod demo;
 mod infra;
 mod replay;

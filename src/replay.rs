@@ -1,32 +1,29 @@
 //! `catalog replay …`: the operator tools, run against a stopped instance's data dir.
 
 use anyhow::Context;
-use catalog_domain::{ParseLimits, ViewSettings};
 use catalog_pipeline::embedded::EmbeddedLog;
 use catalog_readmodel::ReadModel;
 
 use crate::cli::DataArgs;
-use crate::serve::{VIEWS_DB, open_db, open_sled};
+use crate::datadir::DataDir;
 
 /// Builds the read model into a fresh database beside the live one and swaps it in: nothing
 /// is deleted key by key (sled 0.34 clears a tree one key at a time, which took longer than
 /// writing it), and a crash part way leaves either the old views or none, which the next
 /// `serve` re-renders from the store.
 pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
+    let data = DataDir::existing(&args.data_dir, args.cache_mb)?;
     // Held until the swap: no `serve` can be running on this data dir meanwhile.
-    let db = open_db(&args)?;
+    let db = data.open_main()?;
     let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
-    let live = args.data_dir.join(VIEWS_DB);
-    let fresh_path = args.data_dir.join(format!("{VIEWS_DB}.rebuild"));
-    let old_path = args.data_dir.join(format!("{VIEWS_DB}.old"));
+    let (live, fresh_path, old_path) = (data.views_path(), data.rebuild_path(), data.replaced_path());
     for leftover in [&fresh_path, &old_path] {
         if leftover.exists() {
             std::fs::remove_dir_all(leftover).with_context(|| format!("removing {}", leftover.display()))?;
         }
     }
-    let fresh = open_sled(&args, &fresh_path, args.cache_mb / 2)?;
-    let model = ReadModel::open(&fresh, ViewSettings { low_stock_threshold: args.low_stock_threshold }, None)
-        .context("opening the read model")?;
+    let fresh = data.open_rebuild()?;
+    let model = ReadModel::open(&fresh, args.view_settings(), None).context("opening the read model")?;
     let total = log.last_sequence();
     let bar = indicatif::ProgressBar::new(total).with_style(
         indicatif::ProgressStyle::with_template(
@@ -35,9 +32,8 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
         .expect("static template")
         .progress_chars("=> "),
     );
-    let report =
-        catalog_replay::rebuild(&log, &model, ParseLimits { max_body_bytes: args.max_body_bytes }, |n| bar.set_position(n))
-            .context("rebuilding the read model")?;
+    let report = catalog_replay::rebuild(&log, &model, args.parse_limits(), |n| bar.set_position(n))
+        .context("rebuilding the read model")?;
     bar.finish_and_clear();
     fresh.flush().context("flushing the rebuilt read model to disk")?;
     drop(model);

@@ -1,4 +1,4 @@
-//! Every route of contract §2 against the real binary.
+//! Every route of docs/contract.md §2 against the real binary.
 
 mod helpers;
 

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use warp::http::{HeaderValue, Response, StatusCode, header};
 use warp::reply::Response as Reply;
 
-/// Lists bigger than this are gzipped for clients that accept it (contract §2).
+/// Lists bigger than this are gzipped for clients that accept it (docs/contract.md §2).
 pub const GZIP_MIN_BYTES: usize = 1024;
 
 /// `{"error": {"code", "message"}}` with `Cache-Control: no-store`.

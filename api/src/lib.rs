@@ -1,12 +1,12 @@
-//! The Backend-for-Frontend: every route of contract §2 on warp, answering from the read model.
+//! The Backend-for-Frontend: every route of docs/contract.md §2 on warp, answering from the read model.
 //!
 //! Layout:
-//! - [`config`]: CORS origins, cache headers, limits and the ingest token, each with its default.
-//! - [`state`]: `AppState` and the small ports the routes call (`Ingest`, `ViewFill`, `Readiness`),
+//! - `config`: CORS origins, cache headers, limits and the ingest token, each with its default.
+//! - `state`: `AppState` and the small ports the routes call (`Ingest`, `ViewFill`, `Readiness`),
 //!   so the BFF runs the same over embedded and AWS backends.
-//! - [`http`]: ETag / If-None-Match, gzip and JSON error responses, shared by every route.
-//! - [`routes`]: products, events and operations routes; [`routes::routes`] assembles them.
-//! - [`openapi`]: the OpenAPI document, generated from the handlers and the view types.
+//! - `http`: ETag / If-None-Match, gzip and JSON error responses, shared by every route.
+//! - `routes`: products, events and operations routes; `routes::routes` assembles them.
+//! - `openapi`: the OpenAPI document, generated from the handlers and the view types.
 
 pub mod config;
 mod http;

@@ -1,4 +1,4 @@
-//! Catalog events: the three kinds of contract §1, read from any of the three SQS body
+//! Catalog events: the three kinds of docs/contract.md §1, read from any of the three SQS body
 //! shapes (full EventBridge envelope, compact InputTransformer shape, bare detail).
 
 use std::time::{Duration, SystemTime};
@@ -24,7 +24,7 @@ pub enum Facet {
     Price,
 }
 
-/// The event kinds of contract §1, each identified by its source and detail-type.
+/// The event kinds of docs/contract.md §1, each identified by its source and detail-type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     ProductUpdate,
@@ -229,7 +229,7 @@ impl CatalogEvent {
         }
     }
 
-    /// The compact envelope of this event (contract §1, shape 2), which [`CatalogEvent::parse`]
+    /// The compact envelope of this event (docs/contract.md §1, shape 2), which [`CatalogEvent::parse`]
     /// reads back to the same event: what a durable event log stores, so replay re-validates
     /// through the one parser.
     pub fn to_compact_json(&self) -> Value {

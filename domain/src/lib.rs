@@ -2,11 +2,11 @@
 //! pipeline works with, per-product state with facet versions, and the views the BFF serves.
 //!
 //! Layout:
-//! - [`id`]: `ProductId`, the one key everything is partitioned by.
-//! - [`money`]: `Money` in integer minor units and ISO 4217 `Currency`, parsed from text, never f64.
-//! - [`event`]: the three event kinds and three body shapes of contract §1, with typed `ValidationError`s.
-//! - [`state`]: `ProductState`, the fold of a product's events; versions make it convergent.
-//! - [`view`]: the web and mobile JSON a GET returns, rendered once per change.
+//! - `id`: `ProductId`, the one key everything is partitioned by.
+//! - `money`: `Money` in integer minor units and ISO 4217 `Currency`, parsed from text, never f64.
+//! - `event`: the three event kinds and three body shapes of docs/contract.md §1, with typed `ValidationError`s.
+//! - `state`: `ProductState`, the fold of a product's events; versions make it convergent.
+//! - `view`: the web and mobile JSON a GET returns, rendered once per change.
 //!
 //! Nothing here does I/O, so every rule of the contract is unit-tested in isolation.
 

@@ -90,7 +90,7 @@ impl ProductState {
         }
     }
 
-    /// Applies one event under the version rule of contract §1: a facet whose stored version
+    /// Applies one event under the version rule of docs/contract.md §1: a facet whose stored version
     /// is ≥ the event's ignores it; events without a version apply in arrival order.
     pub fn apply(&mut self, event: &CatalogEvent) -> Applied {
         debug_assert_eq!(event.product_id, self.id);

@@ -1,4 +1,4 @@
-//! Product views as the BFF sends them (contract §2), rendered once when a product changes
+//! Product views as the BFF sends them (docs/contract.md §2), rendered once when a product changes
 //! so that a GET only copies bytes.
 
 use std::time::Duration;
@@ -47,7 +47,7 @@ impl Availability {
 
 #[derive(Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-/// The web view of a product (contract §2).
+/// The web view of a product (docs/contract.md §2).
 #[cfg_attr(feature = "openapi", schema(as = ProductView))]
 pub struct WebView<'a> {
     product: ProductPart<'a>,

@@ -2,24 +2,30 @@
 //! joined by bounded channels, over ports that the embedded and AWS adapters implement.
 //!
 //! Layout:
-//! - [`ports`]: the three traits the core talks to (`EventSource`, `ProductStore`,
+//! - `ports`: the three traits the core talks to (`EventSource`, `ProductStore`,
 //!   `InvalidationBus`) and the values that cross them. The core never names a backend.
-//! - [`stages`]: one function per stage and [`stages::run`], the one place the topology is wired.
-//! - [`embedded`]: sled-backed adapters for a single process with no cloud. Its inbox doubles
+//! - `stages`: one function per stage and `stages::run`, the one place the topology is wired.
+//! - `error`: `BackendError`, every port's error, classified (unavailable, throttled,
+//!   rejected, corrupt) so retries and the breaker act on the class, not on text.
+//! - `embedded`: sled-backed adapters for a single process with no cloud. Its inbox doubles
 //!   as the append-only event log, which keeps the write path at three sled writes per event.
-//! - [`config`]: every limit of the pipeline, named, with its default.
-//! - [`metrics`]: counters that drive `/metrics` and the benchmarks' per-event figures.
+//!   The AWS adapters implement the same ports in the `catalog-aws` crate.
+//! - `health`: the readiness lines each backend reports.
+//! - `config`: every limit of the pipeline, named, with its default.
+//! - `metrics`: counters that drive `/metrics` and the benchmarks' per-event figures.
 
-pub mod aws;
 pub mod config;
 pub mod embedded;
+pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod ports;
 pub mod stages;
 
 pub use config::PipelineConfig;
+pub use error::{BackendError, BoxError, FailureClass};
 pub use metrics::PipelineMetrics;
 pub use ports::{
-    DeadLetter, EventSource, Invalidation, InvalidationBus, ProductChanged, ProductStore, Received, SequencedEvent, SourceError,
-    StoreError, WriteOutcome,
+    DeadLetter, EventSource, Invalidation, InvalidationBus, ProductChanged, ProductStore, PublishError, Received, SequencedEvent,
+    SourceError, StoreError, WriteOutcome,
 };

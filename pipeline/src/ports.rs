@@ -8,6 +8,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use catalog_domain::{CatalogEvent, FacetVersions, ProductId, ProductState};
 
+use crate::error::BackendError;
+
 /// A message as the source handed it out; `receipt` is what acks, releases or dead-letters it.
 #[derive(Debug, Clone)]
 pub struct Received<R> {
@@ -32,11 +34,8 @@ pub struct DeadLetter<R> {
     pub stage: &'static str,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("event source storage failed during {operation}: {detail}")]
-    Storage { operation: &'static str, detail: String },
-}
+/// A failed event-source call ([`BackendError`], classified).
+pub type SourceError = BackendError;
 
 /// Where messages come from. At-least-once: a message not acked within its visibility
 /// window comes back, and after the source's maximum receive count it is dead-lettered.
@@ -82,15 +81,12 @@ pub struct WriteOutcome {
     pub unchanged_products: Vec<ProductChanged>,
     pub unchanged: usize,
     pub failed: Vec<usize>,
+    /// Why the `failed` events failed (the last cause seen), for logs and the breaker.
+    pub failure: Option<BackendError>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store {operation} failed for {count} events: {detail}")]
-    Unavailable { operation: &'static str, count: usize, detail: String },
-    #[error("stored state of product {product_id} is unreadable: {detail}")]
-    Corrupt { product_id: String, detail: String },
-}
+/// A failed store call ([`BackendError`], classified).
+pub type StoreError = BackendError;
 
 /// The system of record: the append-only event log and current product state.
 pub trait ProductStore: Send + Sync + 'static {
@@ -110,12 +106,8 @@ pub struct Invalidation {
     pub log_sequence: Option<u64>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("publishing {count} invalidations failed: {detail}")]
-pub struct PublishError {
-    pub count: usize,
-    pub detail: String,
-}
+/// A failed publish ([`BackendError`], classified).
+pub type PublishError = BackendError;
 
 pub trait InvalidationBus: Send + Sync + 'static {
     fn publish(&self, invalidation: Invalidation) -> impl Future<Output = Result<(), PublishError>> + Send;

@@ -1,5 +1,5 @@
 //! The pipeline's stages and the one function that wires them:
-//! ingest → validate → transform → write → publish → ack.
+//! ingest → validate → batch → write → publish → ack.
 //!
 //! Each stage is a task reading one bounded channel and writing the next, so a slow store
 //! slows ingest down instead of filling memory. Shutdown stops ingest only; every later
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
+use crate::error::chain;
 use crate::metrics::{CodeLabel, PipelineMetrics};
 use crate::ports::{DeadLetter, EventSource, Invalidation, InvalidationBus, ProductStore, Received, SequencedEvent};
 
@@ -63,7 +64,7 @@ pub async fn run<S, St, B>(
     }
     drop(received_tx);
     tasks.spawn(validate(source.clone(), config.parse_limits, received_rx, accepted_tx, metrics.clone()));
-    tasks.spawn(transform(accepted_rx, config.write_batch, config.write_batch_timeout, batch_tx));
+    tasks.spawn(batch(accepted_rx, config.write_batch, config.write_batch_timeout, batch_tx));
     tasks.spawn(write(source.clone(), store, batch_rx, written_tx, metrics.clone()));
     tasks.spawn(publish(source.clone(), bus, config.clone(), written_rx, published_tx, metrics.clone()));
     tasks.spawn(ack(source, published_rx, metrics.acked.clone()));
@@ -97,7 +98,7 @@ async fn ingest<S: EventSource>(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "receive failed; retrying");
+                tracing::error!(error = %chain(&e), "receive failed; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -143,7 +144,7 @@ async fn validate<S: EventSource>(
             && let Err(e) = source.dead_letter(letters).await
         {
             // Not acked either: the source hands them out again and we retry the move.
-            tracing::error!(error = %e, "moving invalid messages to the DLQ failed");
+            tracing::error!(error = %chain(&e), "moving invalid messages to the DLQ failed");
         }
         if !accepted.is_empty() && out.send(accepted).await.is_err() {
             return;
@@ -155,7 +156,7 @@ async fn validate<S: EventSource>(
 /// came in. Whatever is already queued joins a batch at once, so batches fill up by themselves
 /// while the writer is busy and an idle pipeline adds no wait; `linger` (zero by default
 /// embedded) lets a partial batch wait that long for more, for stores that bill per call.
-async fn transform<R: Send + 'static>(
+async fn batch<R: Send + 'static>(
     mut input: mpsc::Receiver<Vec<Accepted<R>>>,
     size: usize,
     linger: Duration,
@@ -204,9 +205,9 @@ async fn write<S: EventSource, St: ProductStore>(
         let outcome = match store.write_batch(&events).await {
             Ok(outcome) => outcome,
             Err(e) => {
-                tracing::error!(error = %e, events = events.len(), "store write failed; releasing the batch");
+                tracing::error!(error = %chain(&e), events = events.len(), "store write failed; releasing the batch");
                 metrics.write_failures.inc_by(events.len() as u64);
-                release(&*source, receipts, &e.to_string(), &metrics).await;
+                release(&*source, receipts, &chain(&e), &metrics).await;
                 continue;
             }
         };
@@ -227,7 +228,9 @@ async fn write<S: EventSource, St: ProductStore>(
         }
         if !retry.is_empty() {
             metrics.write_failures.inc_by(retry.len() as u64);
-            release(&*source, retry, "store did not accept these events", &metrics).await;
+            let reason =
+                outcome.failure.as_ref().map_or_else(|| "the store did not accept these events".to_owned(), |e| chain(e));
+            release(&*source, retry, &reason, &metrics).await;
         }
         let mut products = outcome.changed;
         if redelivered {
@@ -264,11 +267,11 @@ async fn publish<S: EventSource, B: InvalidationBus>(
                 .retry(backoff)
                 .notify(|e, _| {
                     metrics.publish_failures.inc();
-                    tracing::warn!(error = %e, "publishing invalidations failed; retrying");
+                    tracing::warn!(error = %chain(e), "publishing invalidations failed; retrying");
                 })
                 .await;
             if let Err(e) = result {
-                release(&*source, written.receipts, &e.to_string(), &metrics).await;
+                release(&*source, written.receipts, &chain(&e), &metrics).await;
                 continue;
             }
             metrics.invalidations.inc_by(count);
@@ -288,7 +291,7 @@ async fn ack<S: EventSource>(source: Arc<S>, mut input: mpsc::Receiver<Vec<S::Re
                 acked.inc_by(n);
             }
             // They come back after their visibility timeout; every write is idempotent.
-            Err(e) => tracing::error!(error = %e, "ack failed; messages will be redelivered"),
+            Err(e) => tracing::error!(error = %chain(&e), "ack failed; messages will be redelivered"),
         }
     }
 }
@@ -299,7 +302,7 @@ async fn release<S: EventSource>(source: &S, receipts: Vec<S::Receipt>, reason: 
         Ok(()) => {
             metrics.released.inc_by(n);
         }
-        Err(e) => tracing::error!(error = %e, "release failed; messages return after their visibility timeout"),
+        Err(e) => tracing::error!(error = %chain(&e), "release failed; messages return after their visibility timeout"),
     }
 }
 
@@ -325,7 +328,7 @@ mod tests {
         tx.send((1..=3).map(accepted).collect()).await.unwrap();
         tx.send((4..=6).map(accepted).collect()).await.unwrap();
         drop(tx);
-        transform(rx, 4, Duration::ZERO, out_tx).await;
+        batch(rx, 4, Duration::ZERO, out_tx).await;
         assert_eq!(receipts(&out.recv().await.unwrap()), [1, 2, 3, 4]);
         assert_eq!(receipts(&out.recv().await.unwrap()), [5, 6], "the remainder is not lost when the input closes");
         assert!(out.recv().await.is_none());
@@ -336,7 +339,7 @@ mod tests {
         for (linger, expected) in [(Duration::ZERO, vec![vec![1], vec![2]]), (Duration::from_millis(5), vec![vec![1, 2]])] {
             let (tx, rx) = mpsc::channel(8);
             let (out_tx, mut out) = mpsc::channel(8);
-            let stage = tokio::spawn(transform(rx, 10, linger, out_tx));
+            let stage = tokio::spawn(batch(rx, 10, linger, out_tx));
             tx.send(vec![accepted(1)]).await.unwrap();
             tokio::time::sleep(Duration::from_millis(2)).await;
             tx.send(vec![accepted(2)]).await.unwrap();

@@ -112,7 +112,7 @@ struct FlakyStore {
 impl ProductStore for FlakyStore {
     async fn write_batch(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable { operation: "write", count: events.len(), detail: "injected outage".into() });
+            return Err(StoreError::unavailable(format!("writing {} events", events.len()), "injected outage"));
         }
         self.inner.write_batch(events).await
     }

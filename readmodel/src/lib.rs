@@ -2,14 +2,14 @@
 //! for cursor pagination, and a checkpoint of the last applied log sequence.
 //!
 //! Layout:
-//! - [`view`]: the stored form of a view: bodies, gzip bodies and ETags, so a GET only slices bytes.
-//! - [`model`]: `ReadModel`, reads (by id, by category, many ids) and monotonic writes.
-//! - [`refresh`]: the task that turns invalidations into fresh views (refresh-ahead).
+//! - `view`: the stored form of a view: bodies, gzip bodies and ETags, so a GET only slices bytes.
+//! - `model`: `ReadModel`, reads (by id, by category, many ids) and monotonic writes.
+//! - `refresh`: the task that turns invalidations into fresh views (refresh-ahead).
 
 mod model;
 mod refresh;
 mod view;
 
-pub use model::{DEFAULT_MAX_PAGE, Page, ReadModel, ReadModelError};
+pub use model::{DEFAULT_MAX_PAGE, DEFAULT_VIEW_TTL, Page, ReadModel, ReadModelError};
 pub use refresh::{catch_up, run_refresher};
 pub use view::{StoredView, Variant};

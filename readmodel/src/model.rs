@@ -11,8 +11,11 @@ use catalog_pipeline::StoreError;
 
 use crate::view::StoredView;
 
-/// The largest page a list route may ask for (contract §2).
+/// The largest page a list route may ask for (docs/contract.md).
 pub const DEFAULT_MAX_PAGE: usize = 100;
+/// How long a view is served before it is re-read from the store: the backstop for a missed
+/// invalidation.
+pub const DEFAULT_VIEW_TTL: Duration = Duration::from_secs(300);
 const CHECKPOINT_KEY: &[u8] = b"applied_sequence";
 
 mod trees {
@@ -23,14 +26,20 @@ mod trees {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadModelError {
-    #[error("read model storage failed during {operation}: {detail}")]
-    Storage { operation: &'static str, detail: String },
-    #[error("refreshing views from the store failed: {0}")]
+    #[error("read model storage failed during {operation}")]
+    Storage {
+        operation: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("refreshing views from the store failed")]
     Store(#[from] StoreError),
+    #[error("a read-model task failed")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 fn storage(operation: &'static str) -> impl Fn(sled::Error) -> ReadModelError {
-    move |e| ReadModelError::Storage { operation, detail: e.to_string() }
+    move |source| ReadModelError::Storage { operation, source }
 }
 
 /// Cheap to clone; clones share the same trees.
@@ -195,14 +204,6 @@ impl ReadModel {
         self.inner.by_category.clear().map_err(&clear)?;
         self.inner.meta.clear().map_err(&clear)?;
         Ok(())
-    }
-
-    /// Every listed view, in id order (for verification).
-    pub fn iter(&self) -> impl Iterator<Item = Result<StoredView, ReadModelError>> + use<> {
-        self.inner.views.iter().filter_map(|item| match item {
-            Ok((_, v)) => StoredView::decode(Bytes::from_owner(v)).map(Ok),
-            Err(e) => Some(Err(storage("scan")(e))),
-        })
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use catalog_domain::ProductId;
+use catalog_pipeline::error::chain;
 use catalog_pipeline::{Invalidation, ProductStore};
 use tokio::sync::mpsc;
 
@@ -38,10 +39,11 @@ pub async fn run_refresher<St: ProductStore>(model: ReadModel, store: Arc<St>, m
         let backoff =
             ExponentialBuilder::default().with_min_delay(REFRESH_RETRY_BASE).with_max_times(REFRESH_ATTEMPTS - 1).with_jitter();
         let attempt = || refresh(&model, &*store, ids.clone(), sequence);
-        let result = attempt.retry(backoff).notify(|e, _| tracing::warn!(error = %e, "view refresh failed; retrying")).await;
+        let result =
+            attempt.retry(backoff).notify(|e, _| tracing::warn!(error = %chain(e), "view refresh failed; retrying")).await;
         // The checkpoint stays behind, so the next start catches these products up.
         if let Err(e) = result {
-            tracing::error!(error = %e, products = ids.len(), "view refresh failed; views stay stale until catch-up");
+            tracing::error!(error = %chain(&e), products = ids.len(), "view refresh failed; views stay stale until catch-up");
         }
     }
 }
@@ -62,9 +64,7 @@ async fn refresh<St: ProductStore>(
         let states = store.get_states(chunk).await?;
         let m = model.clone();
         // sled writes block; keep them off the threads that serve GETs.
-        written += tokio::task::spawn_blocking(move || m.apply(&states))
-            .await
-            .map_err(|e| ReadModelError::Storage { operation: "refresh", detail: e.to_string() })??;
+        written += tokio::task::spawn_blocking(move || m.apply(&states)).await??;
     }
     if let Some(sequence) = sequence
         && sequence > model.checkpoint()?

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use catalog_domain::ProductState;
 use catalog_domain::view::{RenderedView, ViewSettings, render};
 
-/// Bodies at least this large are also stored gzipped (contract §2: over 1 KiB).
+/// Bodies at least this large are also stored gzipped (docs/contract.md §2: over 1 KiB).
 pub const GZIP_MIN_BYTES: usize = 1024;
 const FORMAT: u8 = 2;
 const ETAG_LEN: usize = 18;

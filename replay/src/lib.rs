@@ -1,6 +1,6 @@
 //! Operator tools that rebuild derived state from the event log.
 //!
-//! - [`rebuild`]: the read model from the embedded event log, through the same fold the
+//! - `rebuild`: the read model from the embedded event log, through the same fold the
 //!   pipeline uses, in log order; dead-lettered messages are skipped since the store never
 //!   applied them. Failures are reported, never swallowed.
 

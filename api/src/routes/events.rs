@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use catalog_pipeline::error::chain;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use warp::http::StatusCode;
@@ -54,7 +55,10 @@ async fn accept(authorization: Option<&str>, body: &[u8], state: &AppState) -> R
     let messages = split_entries(body, state.config.max_entries)?;
     let n = messages.len();
     if n > 0 {
-        ingest.accept(messages).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e))?;
+        ingest
+            .accept(messages)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", chain(&e)))?;
     }
     Ok(n)
 }

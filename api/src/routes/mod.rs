@@ -1,4 +1,4 @@
-//! Route assembly: every route of contract §2, CORS around them, JSON for every rejection.
+//! Route assembly: every route of docs/contract.md §2, CORS around them, JSON for every rejection.
 
 mod events;
 mod ops;

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use catalog_domain::ProductId;
-use catalog_readmodel::{StoredView, Variant};
+use catalog_pipeline::error::chain;
+use catalog_readmodel::{ReadModelError, StoredView, Variant};
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 
@@ -29,8 +30,8 @@ fn cache_control(state: &AppState) -> &HeaderValue {
 
 /// The view, or a cache-aside fill from the store when the read model has not got it yet.
 async fn lookup(state: &AppState, id: &ProductId) -> Result<Option<StoredView>, ApiError> {
-    let unavailable = |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
-    if let Some(view) = state.readmodel.get(id.as_str()).map_err(|e| unavailable(e.to_string()))? {
+    let unavailable = |e: ReadModelError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", chain(&e));
+    if let Some(view) = state.readmodel.get(id.as_str()).map_err(unavailable)? {
         // Past its TTL: serve it now, re-read it in the background (stale-while-revalidate).
         if state.readmodel.is_expired(&view)
             && let Some(fill) = &state.fill
@@ -152,7 +153,7 @@ fn category_page(
     let page = state
         .readmodel
         .page(category, cursor.as_ref().map(ProductId::as_str), limit)
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", chain(&e)))?;
     let mut body = Vec::with_capacity(page.items.len() * 400 + 64);
     body.extend_from_slice(b"{\"items\":[");
     join_bodies(&mut body, &page.items, variant);

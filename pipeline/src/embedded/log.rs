@@ -199,8 +199,8 @@ impl EmbeddedLog {
             let (_, value) = item.map_err(&read)?;
             let header_len = value.get(..4).map_or(0, |b| u32::from_be_bytes(b.try_into().unwrap_or_default()) as usize);
             let header = value.get(4..4 + header_len).unwrap_or_default();
-            let record: DeadLetterRecord = serde_json::from_slice(header)
-                .map_err(|e| SourceError::Storage { operation: "decode dead letter", detail: e.to_string() })?;
+            let record: DeadLetterRecord =
+                serde_json::from_slice(header).map_err(|e| SourceError::corrupt("decoding a dead letter", e))?;
             let body = Bytes::from_owner(value).slice(4 + header_len..);
             out.push((record, body));
         }

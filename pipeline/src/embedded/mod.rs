@@ -10,7 +10,7 @@ mod log;
 mod store;
 
 pub use bus::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus};
-pub use log::{DeadLetterRecord, EmbeddedLog, LogConfig, LogEntry};
+pub use log::{DEFAULT_MAX_RECEIVE_COUNT, DEFAULT_VISIBILITY_TIMEOUT, DeadLetterRecord, EmbeddedLog, LogConfig, LogEntry};
 pub use store::EmbeddedStore;
 
 /// Trees of the embedded database, named in one place so tools can find them.
@@ -21,6 +21,14 @@ pub(crate) mod trees {
     pub const STATE: &str = "product_state";
 }
 
-fn storage_error(operation: &'static str) -> impl Fn(sled::Error) -> crate::SourceError {
-    move |e| crate::SourceError::Storage { operation, detail: e.to_string() }
+/// A sled failure, classified: a corrupt file is not an outage, anything else (I/O) is.
+pub(crate) fn storage_error(operation: &'static str) -> impl Fn(sled::Error) -> crate::BackendError {
+    move |e| {
+        let class = match e {
+            sled::Error::Corruption { .. } => crate::FailureClass::Corrupt,
+            sled::Error::Unsupported(_) | sled::Error::ReportableBug(_) => crate::FailureClass::Rejected,
+            sled::Error::Io(_) | sled::Error::CollectionNotFound(_) => crate::FailureClass::Unavailable,
+        };
+        crate::BackendError::new(class, format!("embedded {operation}"), e)
+    }
 }

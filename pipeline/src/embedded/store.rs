@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use catalog_domain::state::Applied;
 use catalog_domain::{ProductId, ProductState};
 
-use super::trees;
+use super::{storage_error, trees};
 use crate::ports::{ProductChanged, ProductStore, SequencedEvent, StoreError, WriteOutcome};
 
 #[derive(Clone)]
@@ -14,39 +14,14 @@ pub struct EmbeddedStore {
     state: sled::Tree,
 }
 
-fn unavailable(operation: &'static str, count: usize) -> impl Fn(sled::Error) -> StoreError {
-    move |e| StoreError::Unavailable { operation, count, detail: e.to_string() }
-}
-
 impl EmbeddedStore {
     pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
-        Ok(Self { state: db.open_tree(trees::STATE).map_err(unavailable("open", 0))? })
+        Ok(Self { state: db.open_tree(trees::STATE).map_err(storage_error("store open"))? })
     }
 
     pub fn get(&self, id: &ProductId) -> Result<Option<ProductState>, StoreError> {
-        let value = self.state.get(id.as_str()).map_err(unavailable("get", 1))?;
+        let value = self.state.get(id.as_str()).map_err(storage_error("store get"))?;
         value.map(|v| decode(id.as_str(), &v)).transpose()
-    }
-
-    /// Every stored product, in id order.
-    pub fn all_states(&self) -> impl Iterator<Item = Result<ProductState, StoreError>> + use<> {
-        self.state.iter().map(|item| {
-            let (key, value) = item.map_err(unavailable("scan", 0))?;
-            decode(&String::from_utf8_lossy(&key), &value)
-        })
-    }
-
-    /// Replaces all current state (re-projection from the log).
-    pub fn replace_all(&self, states: impl IntoIterator<Item = ProductState>) -> Result<usize, StoreError> {
-        self.state.clear().map_err(unavailable("clear", 0))?;
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for state in states {
-            batch.insert(state.id.as_str(), encode(&state));
-            n += 1;
-        }
-        self.state.apply_batch(batch).map_err(unavailable("write", n))?;
-        Ok(n)
     }
 
     fn write_blocking(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
@@ -79,7 +54,7 @@ impl EmbeddedStore {
                 outcome.unchanged_products.push(announced);
             }
         }
-        self.state.apply_batch(batch).map_err(unavailable("write", events.len()))?;
+        self.state.apply_batch(batch).map_err(storage_error("store write"))?;
         Ok(outcome)
     }
 }
@@ -89,7 +64,7 @@ fn encode(state: &ProductState) -> Vec<u8> {
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { product_id: id.to_owned(), detail: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(format!("embedded state of product {id}"), e))
 }
 
 impl ProductStore for EmbeddedStore {
@@ -97,11 +72,9 @@ impl ProductStore for EmbeddedStore {
         // sled calls block; a batch of hundreds must not stall the runtime thread serving GETs.
         let store = self.clone();
         let events = events.to_vec();
-        tokio::task::spawn_blocking(move || store.write_blocking(&events)).await.map_err(|e| StoreError::Unavailable {
-            operation: "write",
-            count: 0,
-            detail: e.to_string(),
-        })?
+        tokio::task::spawn_blocking(move || store.write_blocking(&events))
+            .await
+            .map_err(|e| StoreError::unavailable("embedded store write", e))?
     }
 
     async fn get_states(&self, ids: &[ProductId]) -> Result<Vec<ProductState>, StoreError> {

@@ -2,7 +2,7 @@
 //! state as one item per product whose facets are written with version-guarded updates.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasher, DefaultHasher, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, ReturnConsumedCapacity, ReturnValue, WriteRequest};
@@ -10,9 +10,12 @@ use catalog_domain::state::ProductInfo;
 use catalog_domain::{CatalogEvent, Change, Currency, Facet, FacetVersions, Money, ProductId, ProductState, ProductStatus};
 use tokio::sync::Semaphore;
 
-use super::retry::until_processed;
-use super::{AwsMetrics, AwsSettings, describe};
-use crate::ports::{ProductChanged, ProductStore, SequencedEvent, StoreError, WriteOutcome};
+use catalog_pipeline::{
+    BackendError, BoxError, FailureClass, ProductChanged, ProductStore, SequencedEvent, StoreError, WriteOutcome,
+};
+
+use crate::retry::until_processed;
+use crate::{AwsMetrics, AwsSettings, classify};
 
 /// `BatchWriteItem` takes at most 25 requests, `BatchGetItem` at most 100 keys.
 const BATCH_WRITE_MAX: usize = 25;
@@ -43,10 +46,7 @@ pub mod attr {
     pub const PRICE_VERSION: &str = "priceVersion";
     pub const REVISION: &str = "revision";
     pub const UPDATED_AT: &str = "updatedAt";
-    pub const KIND: &str = "kind";
-    pub const VERSION: &str = "version";
     pub const TIME: &str = "time";
-    pub const EVENT: &str = "event";
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -57,34 +57,11 @@ fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn facet_name(facet: Facet) -> &'static str {
-    match facet {
-        Facet::Product => "product",
-        Facet::Inventory => "inventory",
-        Facet::Price => "price",
-    }
-}
-
 fn version_attr(facet: Facet) -> &'static str {
     match facet {
         Facet::Product => attr::PRODUCT_VERSION,
         Facet::Inventory => attr::INVENTORY_VERSION,
         Facet::Price => attr::PRICE_VERSION,
-    }
-}
-
-/// The log's sort key: facet and version, or for unversioned events facet, time and a hash of
-/// the event, so a redelivered message lands on the same item (idempotent) and a product's
-/// log reads back in order.
-pub fn event_key(event: &CatalogEvent) -> String {
-    let facet = facet_name(event.change.facet());
-    match event.version {
-        Some(v) => format!("{facet}#v{v:020}"),
-        None => {
-            let mut h = DefaultHasher::new();
-            h.write(&serde_json::to_vec(&event.to_compact_json()).expect("json serializes"));
-            format!("{facet}#t{:013}#{:016x}", event.time_millis(), h.finish())
-        }
     }
 }
 
@@ -95,7 +72,7 @@ pub fn event_key(event: &CatalogEvent) -> String {
 ///
 /// A segment's key is unique per write (`<first event ms>-<writer>-<counter>`), so a retry of
 /// an unprocessed put is idempotent while a redelivered event lands in a later segment too:
-/// readers fold events by version and drop repeats by [`event_key`] (see [`decode_segment`]).
+/// readers fold events by version (see [`decode_segment`]).
 /// Members are the events' positions in `events`.
 fn segments<'a>(
     events: impl IntoIterator<Item = &'a CatalogEvent>,
@@ -139,14 +116,18 @@ fn segments<'a>(
 }
 
 /// The events of one log segment item, in the order they were written.
-pub fn decode_segment(item: &Item) -> Result<Vec<serde_json::Value>, String> {
+pub fn decode_segment(item: &Item) -> Result<Vec<serde_json::Value>, StoreError> {
+    let key = match item.get(attr::SEGMENT) {
+        Some(AttributeValue::S(k)) => k.as_str(),
+        _ => "?",
+    };
+    let corrupt = |e: BoxError| StoreError::corrupt(format!("event log segment {key}"), e);
     let Some(AttributeValue::B(blob)) = item.get(attr::EVENTS) else {
-        return Err(format!("segment without a binary {:?} attribute", attr::EVENTS));
+        return Err(corrupt(format!("no binary {:?} attribute", attr::EVENTS).into()));
     };
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(blob.as_ref()), &mut text)
-        .map_err(|e| format!("segment does not inflate: {e}"))?;
-    text.lines().map(|l| serde_json::from_str(l).map_err(|e| format!("segment line is not JSON: {e}"))).collect()
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(blob.as_ref()), &mut text).map_err(|e| corrupt(e.into()))?;
+    text.lines().map(|l| serde_json::from_str(l).map_err(|e| corrupt(e.into()))).collect()
 }
 
 /// Unique segment keys for one writer process.
@@ -182,12 +163,12 @@ pub fn state_from_item(item: &Item) -> Result<ProductState, StoreError> {
     };
     let unsigned = |k: &str| number(k).and_then(|v| u64::try_from(v).ok());
     let raw_id = text(attr::PRODUCT_ID).unwrap_or_default();
-    let corrupt = |detail: String| StoreError::Corrupt { product_id: raw_id.clone(), detail };
-    let id = ProductId::parse(&raw_id).map_err(|e| corrupt(e.to_string()))?;
+    let corrupt = |detail: BoxError| StoreError::corrupt(format!("products table item {raw_id:?}"), detail);
+    let id = ProductId::parse(&raw_id).map_err(|e| corrupt(e.into()))?;
     let money = |minor: &str, currency: &str| -> Result<Option<Money>, StoreError> {
         match (number(minor), text(currency)) {
             (Some(m), Some(c)) => {
-                let currency = Currency::parse(&c).ok_or_else(|| corrupt(format!("unknown currency {c:?}")))?;
+                let currency = Currency::parse(&c).ok_or_else(|| corrupt(format!("unknown currency {c:?}").into()))?;
                 Ok(Some(Money::from_minor(m, currency)))
             }
             _ => Ok(None),
@@ -279,9 +260,56 @@ fn facet_update(event: &CatalogEvent) -> FacetUpdate {
     FacetUpdate { expression, condition, names, values }
 }
 
-/// One facet's updates, in arrival order (event index, event), and the indexes of the events
-/// they supersede.
-type FacetWork = (Vec<(usize, CatalogEvent)>, Vec<usize>);
+/// One facet's share of a write batch: the updates to run in turn (indexes into the batch, in
+/// arrival order) and the events they supersede, which share their fate.
+#[derive(Debug, PartialEq, Eq)]
+struct FacetWork {
+    updates: Vec<usize>,
+    superseded: Vec<usize>,
+}
+
+/// What a write batch asks of the products table, decided before any call: per product (in
+/// first-arrival order), its facets in turn. Events in `skip` (not durable in the log) are left
+/// out. Where every event of a facet is versioned only the highest version can change
+/// anything, so it alone is written and the others are superseded.
+fn plan(events: &[SequencedEvent], skip: &BTreeSet<usize>) -> Vec<Vec<FacetWork>> {
+    let mut products: Vec<Vec<FacetWork>> = Vec::new();
+    let mut product_slot: HashMap<&ProductId, usize> = HashMap::new();
+    let mut facet_slot: HashMap<(&ProductId, Facet), usize> = HashMap::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    let mut facet_product: Vec<usize> = Vec::new();
+    for (i, e) in events.iter().enumerate().filter(|(i, _)| !skip.contains(i)) {
+        let id = &e.event.product_id;
+        let p = *product_slot.entry(id).or_insert_with(|| {
+            products.push(Vec::new());
+            products.len() - 1
+        });
+        let f = *facet_slot.entry((id, e.event.change.facet())).or_insert_with(|| {
+            members.push(Vec::new());
+            facet_product.push(p);
+            members.len() - 1
+        });
+        members[f].push(i);
+    }
+    for (indexes, p) in members.into_iter().zip(facet_product) {
+        let work = if indexes.iter().all(|&i| events[i].event.version.is_some()) {
+            let best = *indexes.iter().max_by_key(|&&i| events[i].event.version).expect("a facet has at least one event");
+            FacetWork { updates: vec![best], superseded: indexes.into_iter().filter(|&i| i != best).collect() }
+        } else {
+            FacetWork { updates: indexes, superseded: Vec::new() }
+        };
+        products[p].push(work);
+    }
+    products
+}
+
+/// One event's fate in the products table.
+enum UpdateResult {
+    Applied(Applied),
+    Failed(BackendError),
+    /// An earlier update of the same facet failed, so this one waits too (arrival order holds).
+    Held,
+}
 
 /// What one facet update did.
 enum Applied {
@@ -302,11 +330,7 @@ impl DynamoStore {
         Self { client, settings, metrics, segment_ids: Arc::new(SegmentIds::new()) }
     }
 
-    fn unavailable(operation: &'static str, count: usize) -> impl Fn(String) -> StoreError {
-        move |detail| StoreError::Unavailable { operation, count, detail }
-    }
-
-    async fn batch_write_once(&self, pending: Vec<(LogKey, WriteRequest)>) -> Result<Vec<(LogKey, WriteRequest)>, String> {
+    async fn batch_write_once(&self, pending: Vec<(LogKey, WriteRequest)>) -> Result<Vec<(LogKey, WriteRequest)>, StoreError> {
         let table = &self.settings.names.events_table;
         let requests: Vec<WriteRequest> = pending.iter().map(|(_, w)| w.clone()).collect();
         self.metrics.call("dynamodb", "BatchWriteItem");
@@ -317,7 +341,7 @@ impl DynamoStore {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
-            .map_err(describe)?;
+            .map_err(|e| classify(format!("DynamoDB BatchWriteItem on {table}"), e))?;
         self.metrics.consumed(out.consumed_capacity(), true);
         let unprocessed_count = out.unprocessed_items().and_then(|m| m.get(table)).map_or(0, Vec::len);
         let unprocessed: HashSet<LogKey> = out
@@ -335,14 +359,15 @@ impl DynamoStore {
         let units: u64 = written
             .iter()
             .filter_map(|(_, w)| w.put_request())
-            .map(|p| super::cost::write_units(super::cost::item_size(p.item())))
+            .map(|p| crate::cost::write_units(crate::cost::item_size(p.item())))
             .sum();
         self.metrics.dynamodb_estimated_write_units.inc_by(units);
         Ok(left)
     }
 
-    /// Appends the events to the log; returns the indexes of events that are not durable.
-    async fn append_log(&self, events: &[SequencedEvent]) -> Result<BTreeSet<usize>, StoreError> {
+    /// Appends the events to the log; returns the indexes of events that are not durable, and
+    /// the last error behind them.
+    async fn append_log(&self, events: &[SequencedEvent]) -> Result<(BTreeSet<usize>, Option<StoreError>), StoreError> {
         let mut owners: HashMap<LogKey, Vec<usize>> = HashMap::new();
         let mut requests = Vec::new();
         for (key, item, members) in segments(events.iter().map(|e| &e.event), self.settings.log_segment_bytes, &self.segment_ids)
@@ -351,29 +376,33 @@ impl DynamoStore {
             let put = PutRequest::builder()
                 .set_item(Some(item))
                 .build()
-                .map_err(|e| Self::unavailable("log", events.len())(e.to_string()))?;
+                .map_err(|e| StoreError::rejected("building a DynamoDB PutRequest", e))?;
             requests.push((key, WriteRequest::builder().put_request(put).build()));
         }
         let mut failed = BTreeSet::new();
+        let mut failure = None;
         for chunk in requests.chunks(BATCH_WRITE_MAX) {
             let attempts = self.settings.batch_attempts;
             match until_processed(chunk.to_vec(), attempts, self.settings.retry_base, |p| self.batch_write_once(p)).await {
                 Ok(left) => {
                     if !left.is_empty() {
                         tracing::warn!(segments = left.len(), "event log writes left unprocessed after retries");
+                        let detail = format!("{} segments left unprocessed after {attempts} attempts", left.len());
+                        failure = Some(StoreError::new(FailureClass::Throttled, "DynamoDB BatchWriteItem", detail));
                     }
                     failed.extend(left.iter().flat_map(|(k, _)| owners[k].iter().copied()));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "BatchWriteItem failed");
+                    tracing::error!(error = %catalog_pipeline::error::chain(&e), "BatchWriteItem failed");
                     failed.extend(chunk.iter().flat_map(|(k, _)| owners[k].iter().copied()));
+                    failure = Some(e);
                 }
             }
         }
-        Ok(failed)
+        Ok((failed, failure))
     }
 
-    async fn update_facet(&self, event: &CatalogEvent) -> Result<Applied, String> {
+    async fn update_facet(&self, event: &CatalogEvent) -> Result<Applied, StoreError> {
         let update = facet_update(event);
         self.metrics.call("dynamodb", "UpdateItem");
         let result = self
@@ -392,9 +421,11 @@ impl DynamoStore {
         match result {
             Ok(out) => {
                 self.metrics.consumed(out.consumed_capacity(), true);
-                let item = out.attributes().ok_or("UpdateItem returned no attributes")?;
-                self.metrics.dynamodb_estimated_write_units.inc_by(super::cost::write_units(super::cost::item_size(item)));
-                let state = state_from_item(item).map_err(|e| e.to_string())?;
+                let item = out
+                    .attributes()
+                    .ok_or_else(|| StoreError::corrupt("DynamoDB UpdateItem", "the answer holds no attributes"))?;
+                self.metrics.dynamodb_estimated_write_units.inc_by(crate::cost::write_units(crate::cost::item_size(item)));
+                let state = state_from_item(item)?;
                 Ok(Applied::Changed(ProductChanged { product_id: state.id, revision: state.revision, versions: state.versions }))
             }
             // The facet already holds this version or a newer one: a duplicate or stale event.
@@ -403,14 +434,17 @@ impl DynamoStore {
                 self.metrics.dynamodb_estimated_write_units.inc();
                 Ok(Applied::Stale)
             }
-            Err(e) => Err(describe(e)),
+            Err(e) => Err(classify(format!("DynamoDB UpdateItem of {}", event.product_id), e)),
         }
     }
 
-    async fn batch_get_once(&self, keys: Vec<Item>, found: &std::sync::Mutex<Vec<Item>>) -> Result<Vec<Item>, String> {
+    async fn batch_get_once(&self, keys: Vec<Item>, found: &std::sync::Mutex<Vec<Item>>) -> Result<Vec<Item>, StoreError> {
         let table = &self.settings.names.products_table;
-        let request =
-            KeysAndAttributes::builder().set_keys(Some(keys)).consistent_read(true).build().map_err(|e| e.to_string())?;
+        let request = KeysAndAttributes::builder()
+            .set_keys(Some(keys))
+            .consistent_read(true)
+            .build()
+            .map_err(|e| StoreError::rejected("building a DynamoDB BatchGetItem", e))?;
         self.metrics.call("dynamodb", "BatchGetItem");
         let out = self
             .client
@@ -419,7 +453,7 @@ impl DynamoStore {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
-            .map_err(describe)?;
+            .map_err(|e| classify(format!("DynamoDB BatchGetItem on {table}"), e))?;
         self.metrics.consumed(out.consumed_capacity(), false);
         if let Some(items) = out.responses().and_then(|r| r.get(table)) {
             found.lock().unwrap_or_else(|p| p.into_inner()).extend(items.iter().cloned());
@@ -441,7 +475,7 @@ impl DynamoStore {
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
                 .await
-                .map_err(|e| Self::unavailable("scan", 0)(describe(e)))?;
+                .map_err(|e| classify(format!("DynamoDB Scan of {}", self.settings.names.products_table), e))?;
             self.metrics.consumed(out.consumed_capacity(), false);
             for item in out.items() {
                 states.push(state_from_item(item)?);
@@ -454,91 +488,80 @@ impl DynamoStore {
     }
 }
 
+impl DynamoStore {
+    /// Runs one product's facet work in turn; one task per product runs these concurrently.
+    async fn run_product(&self, events: Arc<[SequencedEvent]>, facets: Vec<FacetWork>) -> Vec<(FacetWork, Vec<UpdateResult>)> {
+        let mut done = Vec::with_capacity(facets.len());
+        for work in facets {
+            let mut results = Vec::with_capacity(work.updates.len());
+            let mut broken = false;
+            for &i in &work.updates {
+                let result = if broken {
+                    UpdateResult::Held
+                } else {
+                    match self.update_facet(&events[i].event).await {
+                        Ok(applied) => UpdateResult::Applied(applied),
+                        Err(e) => {
+                            broken = true;
+                            UpdateResult::Failed(e)
+                        }
+                    }
+                };
+                results.push(result);
+            }
+            done.push((work, results));
+        }
+        done
+    }
+}
+
 impl ProductStore for DynamoStore {
     async fn write_batch(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
-        let mut failed = self.append_log(events).await?;
-        // Group what is logged by product and facet, in arrival order.
-        let mut groups: Vec<((ProductId, Facet), Vec<usize>)> = Vec::new();
-        let mut index: HashMap<(ProductId, Facet), usize> = HashMap::new();
-        for (i, e) in events.iter().enumerate().filter(|(i, _)| !failed.contains(i)) {
-            let key = (e.event.product_id.clone(), e.event.change.facet());
-            let g = *index.entry(key.clone()).or_insert_with(|| {
-                groups.push((key, Vec::new()));
-                groups.len() - 1
-            });
-            groups[g].1.push(i);
-        }
+        let (mut failed, mut failure) = self.append_log(events).await?;
+        let work = plan(events, &failed);
+        let shared: Arc<[SequencedEvent]> = events.into();
         // One task per product, its facets one after another: DynamoDB serializes writes to one
         // item anyway, and emulators built on moto (LocalStack included) lose one of two
         // concurrent updates that create the same item.
-        let mut per_product: Vec<Vec<FacetWork>> = Vec::new();
-        let mut product_index: HashMap<ProductId, usize> = HashMap::new();
-        for ((product, _), members) in groups {
-            // All versioned: only the highest version can change anything; the others are
-            // superseded, and share its fate (if it fails, they are retried with it).
-            let all_versioned = members.iter().all(|&i| events[i].event.version.is_some());
-            let (to_apply, superseded): (Vec<usize>, Vec<usize>) = if all_versioned {
-                let best = *members.iter().max_by_key(|&&i| events[i].event.version).expect("groups are never empty");
-                (vec![best], members.into_iter().filter(|&i| i != best).collect())
-            } else {
-                (members, Vec::new())
-            };
-            let batch: Vec<(usize, CatalogEvent)> = to_apply.into_iter().map(|i| (i, events[i].event.clone())).collect();
-            let p = *product_index.entry(product).or_insert_with(|| {
-                per_product.push(Vec::new());
-                per_product.len() - 1
-            });
-            per_product[p].push((batch, superseded));
-        }
         let permits = Arc::new(Semaphore::new(self.settings.write_concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
-        let mut unchanged = 0;
-        for facets in per_product {
-            let store = self.clone();
-            let permits = permits.clone();
+        for facets in work {
+            let (store, permits, events) = (self.clone(), permits.clone(), shared.clone());
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await.expect("semaphore is never closed");
-                let mut outcomes = Vec::with_capacity(facets.len());
-                for (batch, superseded) in facets {
-                    let mut results = Vec::with_capacity(batch.len());
-                    let mut broken = false;
-                    for (i, event) in batch {
-                        // After a failure the rest of the facet waits too, so arrival order holds.
-                        let r = if broken {
-                            Err("an earlier update of this facet failed".to_owned())
-                        } else {
-                            store.update_facet(&event).await
-                        };
-                        broken |= r.is_err();
-                        results.push((i, r));
-                    }
-                    outcomes.push((results, superseded, broken));
-                }
-                outcomes
+                store.run_product(events, facets).await
             });
         }
+        let mut unchanged = 0;
         let mut changed: HashMap<ProductId, ProductChanged> = HashMap::new();
         while let Some(joined) = tasks.join_next().await {
-            for (results, superseded, broken) in joined.map_err(|e| Self::unavailable("update", events.len())(e.to_string()))? {
-                if broken {
-                    failed.extend(superseded);
-                } else {
-                    unchanged += superseded.len();
-                }
-                for (i, r) in results {
-                    match r {
-                        Ok(Applied::Changed(c)) => {
+            let facets = joined.map_err(|e| StoreError::unavailable("DynamoDB update task", e))?;
+            for (work, results) in facets {
+                let mut broken = false;
+                for (&i, result) in work.updates.iter().zip(results) {
+                    match result {
+                        UpdateResult::Applied(Applied::Changed(c)) => {
                             let slot = changed.entry(c.product_id.clone()).or_insert_with(|| c.clone());
                             if c.revision > slot.revision {
                                 *slot = c;
                             }
                         }
-                        Ok(Applied::Stale) => unchanged += 1,
-                        Err(e) => {
-                            tracing::warn!(error = %e, product = %events[i].event.product_id, "UpdateItem failed");
+                        UpdateResult::Applied(Applied::Stale) => unchanged += 1,
+                        UpdateResult::Failed(e) => {
+                            tracing::warn!(error = %catalog_pipeline::error::chain(&e), product = %events[i].event.product_id, "UpdateItem failed");
+                            failure = Some(e);
+                            broken = true;
+                            failed.insert(i);
+                        }
+                        UpdateResult::Held => {
                             failed.insert(i);
                         }
                     }
+                }
+                if broken {
+                    failed.extend(work.superseded);
+                } else {
+                    unchanged += work.superseded.len();
                 }
             }
         }
@@ -547,6 +570,7 @@ impl ProductStore for DynamoStore {
             unchanged_products: Vec::new(),
             unchanged,
             failed: failed.into_iter().collect(),
+            failure,
         })
     }
 
@@ -556,11 +580,10 @@ impl ProductStore for DynamoStore {
         let keys: Vec<Item> = unique.into_iter().map(|id| Item::from([(attr::PRODUCT_ID.to_owned(), s(id.as_str()))])).collect();
         for chunk in keys.chunks(BATCH_GET_MAX) {
             let (attempts, base) = (self.settings.batch_attempts, self.settings.retry_base);
-            let left = until_processed(chunk.to_vec(), attempts, base, |k| self.batch_get_once(k, &found))
-                .await
-                .map_err(Self::unavailable("get", ids.len()))?;
+            let left = until_processed(chunk.to_vec(), attempts, base, |k| self.batch_get_once(k, &found)).await?;
             if !left.is_empty() {
-                return Err(Self::unavailable("get", left.len())("keys left unprocessed after retries".into()));
+                let detail = format!("{} keys left unprocessed after {attempts} attempts", left.len());
+                return Err(StoreError::new(FailureClass::Throttled, "DynamoDB BatchGetItem", detail));
             }
         }
         found.into_inner().unwrap_or_else(|p| p.into_inner()).iter().map(state_from_item).collect()
@@ -570,7 +593,7 @@ impl ProductStore for DynamoStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::DEFAULT_LOG_SEGMENT_BYTES as DEFAULT_LOG_SEGMENT;
+    use crate::DEFAULT_LOG_SEGMENT_BYTES as DEFAULT_LOG_SEGMENT;
     use catalog_domain::ParseLimits;
     use std::time::SystemTime;
 
@@ -578,14 +601,44 @@ mod tests {
         CatalogEvent::parse(body.as_bytes(), SystemTime::UNIX_EPOCH, ParseLimits::default()).unwrap()
     }
 
+    fn batch(bodies: &[&str]) -> Vec<SequencedEvent> {
+        bodies.iter().map(|b| SequencedEvent { sequence: None, event: event(b) }).collect()
+    }
+
     #[test]
-    fn event_keys_are_ordered_and_idempotent() {
-        let v2 = event(r#"{"productId":"P1","quantity":1,"version":2}"#);
-        let v10 = event(r#"{"productId":"P1","quantity":1,"version":10}"#);
-        assert!(event_key(&v2) < event_key(&v10), "zero padding keeps numeric order");
-        let u = event(r#"{"productId":"P1","quantity":1}"#);
-        assert_eq!(event_key(&u), event_key(&u.clone()));
-        assert_ne!(event_key(&u), event_key(&event(r#"{"productId":"P1","quantity":2}"#)));
+    fn the_plan_writes_the_highest_version_per_facet_and_supersedes_the_rest() {
+        let events = batch(&[
+            r#"{"productId":"P1","quantity":1,"version":2}"#,
+            r#"{"productId":"P2","quantity":1,"version":1}"#,
+            r#"{"productId":"P1","quantity":2,"version":5}"#,
+            r#"{"productId":"P1","price":1.00,"currency":"USD","version":1}"#,
+            r#"{"productId":"P1","quantity":3,"version":4}"#,
+        ]);
+        let plan = plan(&events, &BTreeSet::new());
+        assert_eq!(
+            plan,
+            vec![
+                vec![FacetWork { updates: vec![2], superseded: vec![0, 4] }, FacetWork { updates: vec![3], superseded: vec![] }],
+                vec![FacetWork { updates: vec![1], superseded: vec![] }],
+            ],
+            "products in first-arrival order, each facet once"
+        );
+    }
+
+    #[test]
+    fn the_plan_keeps_every_unversioned_update_in_arrival_order_and_skips_what_is_not_logged() {
+        let events = batch(&[
+            r#"{"productId":"P1","quantity":1}"#,
+            r#"{"productId":"P1","quantity":2,"version":9}"#,
+            r#"{"productId":"P1","quantity":3}"#,
+            r#"{"productId":"P2","quantity":1}"#,
+        ]);
+        let plan = plan(&events, &BTreeSet::from([3]));
+        assert_eq!(
+            plan,
+            vec![vec![FacetWork { updates: vec![0, 1, 2], superseded: vec![] }]],
+            "a mixed facet applies all in turn"
+        );
     }
 
     #[test]
@@ -616,7 +669,7 @@ mod tests {
         let again: Vec<serde_json::Value> = events.iter().map(|e| serde_json::to_value(e.to_compact_json()).unwrap()).collect();
         assert_eq!(decoded, again);
         // Compressed, 50 events take fewer started KiB than one item per event would.
-        let units = crate::aws::cost::write_units(crate::aws::cost::item_size(item));
+        let units = crate::cost::write_units(crate::cost::item_size(item));
         assert!(units * 10 <= 50, "{units} write units for 50 events");
 
         let small = segments(&events, 200, &ids);

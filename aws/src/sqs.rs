@@ -13,8 +13,9 @@ use bytes::Bytes;
 use catalog_domain::event::time_from_millis;
 use tokio_util::sync::CancellationToken;
 
-use super::{AwsMetrics, AwsSettings, describe};
-use crate::ports::{DeadLetter, EventSource, Received, SourceError};
+use catalog_pipeline::{BackendError, DeadLetter, EventSource, FailureClass, Received, SourceError};
+
+use crate::{AwsMetrics, AwsSettings, classify};
 
 /// SQS takes at most 10 entries per batch call.
 const SQS_BATCH: usize = 10;
@@ -45,24 +46,25 @@ struct Inner {
     in_flight: Mutex<HashMap<Arc<str>, Instant>>,
 }
 
-fn storage(operation: &'static str) -> impl Fn(String) -> SourceError {
-    move |detail| SourceError::Storage { operation, detail }
-}
-
-pub(crate) async fn lookup_queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<String, String> {
-    let out = client
-        .get_queue_url()
-        .queue_name(name)
-        .send()
-        .await
-        .map_err(|e| format!("queue {name:?} not found ({}); run `catalog infra init` first", describe(e)))?;
-    out.queue_url().map(str::to_owned).ok_or_else(|| format!("queue {name:?} has no URL"))
+pub(crate) async fn lookup_queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<String, BackendError> {
+    let out = client.get_queue_url().queue_name(name).send().await.map_err(|e| {
+        let e = classify(format!("SQS GetQueueUrl {name:?}"), e);
+        match e.class() {
+            FailureClass::Rejected => {
+                BackendError::rejected(format!("queue {name:?} not found; run `catalog infra init` first"), e)
+            }
+            _ => e,
+        }
+    })?;
+    out.queue_url()
+        .map(str::to_owned)
+        .ok_or_else(|| BackendError::rejected(format!("SQS GetQueueUrl {name:?}"), "the answer holds no queue URL"))
 }
 
 impl SqsSource {
     pub async fn connect(client: aws_sdk_sqs::Client, settings: AwsSettings, metrics: AwsMetrics) -> Result<Self, SourceError> {
-        let queue_url = lookup_queue_url(&client, &settings.names.ingest_queue).await.map_err(storage("connect"))?;
-        let dlq_url = lookup_queue_url(&client, &settings.names.dead_letter_queue).await.map_err(storage("connect"))?;
+        let queue_url = lookup_queue_url(&client, &settings.names.ingest_queue).await?;
+        let dlq_url = lookup_queue_url(&client, &settings.names.dead_letter_queue).await?;
         Ok(Self {
             inner: Arc::new(Inner { client, queue_url, dlq_url, settings, metrics, in_flight: Mutex::new(HashMap::new()) }),
         })
@@ -122,7 +124,7 @@ impl SqsSource {
                     .receipt_handle(h.as_ref())
                     .visibility_timeout(seconds)
                     .build()
-                    .map_err(|e| storage("change visibility")(e.to_string()))
+                    .map_err(|e| BackendError::rejected("SQS ChangeMessageVisibilityBatch", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.inner.metrics.sqs_call("ChangeMessageVisibilityBatch", 0);
@@ -134,7 +136,7 @@ impl SqsSource {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| storage("change visibility")(describe(e)))?;
+            .map_err(|e| classify("SQS ChangeMessageVisibilityBatch", e))?;
         for failed in out.failed() {
             // A message acked while its renewal was on the way no longer exists: expected.
             if failed.code() == "ReceiptHandleIsInvalid" {
@@ -156,7 +158,7 @@ impl SqsSource {
                         .id(i.to_string())
                         .receipt_handle(h.as_ref())
                         .build()
-                        .map_err(|e| storage("delete")(e.to_string()))
+                        .map_err(|e| BackendError::rejected("SQS DeleteMessageBatch", e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             self.inner.metrics.sqs_call("DeleteMessageBatch", 0);
@@ -168,7 +170,7 @@ impl SqsSource {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| storage("delete")(describe(e)))?;
+                .map_err(|e| classify("SQS DeleteMessageBatch", e))?;
             // A message that could not be deleted comes back and is re-applied idempotently.
             for failed in out.failed() {
                 tracing::warn!(code = failed.code(), message = failed.message(), "deleting a processed message failed");
@@ -184,7 +186,7 @@ fn attribute(value: &str) -> Result<MessageAttributeValue, SourceError> {
         .data_type("String")
         .string_value(if text.is_empty() { "-".to_owned() } else { text })
         .build()
-        .map_err(|e| storage("dead-letter")(e.to_string()))
+        .map_err(|e| BackendError::rejected("SQS SendMessageBatch to the DLQ", e))
 }
 
 impl EventSource for SqsSource {
@@ -203,7 +205,7 @@ impl EventSource for SqsSource {
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .send()
             .await
-            .map_err(|e| storage("receive")(describe(e)))?;
+            .map_err(|e| classify("SQS ReceiveMessage", e))?;
         let messages = out.messages();
         let bytes: usize = messages.iter().map(|m| m.body().map_or(0, str::len)).sum();
         inner.metrics.sqs_call("ReceiveMessage", bytes);
@@ -273,7 +275,7 @@ impl EventSource for SqsSource {
                         .message_attributes("catalog.error.stage", attribute(letter.stage)?)
                         .message_attributes("catalog.source.message-id", attribute(&letter.message_id)?)
                         .build()
-                        .map_err(|e| storage("dead-letter")(e.to_string()))?,
+                        .map_err(|e| BackendError::rejected("SQS SendMessageBatch to the DLQ", e))?,
                 );
             }
             self.inner.metrics.sqs_call("SendMessageBatch", bytes);
@@ -285,7 +287,7 @@ impl EventSource for SqsSource {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| storage("dead-letter")(describe(e)))?;
+                .map_err(|e| classify("SQS SendMessageBatch to the DLQ", e))?;
             let sent: Vec<Arc<str>> = out
                 .successful()
                 .iter()

@@ -12,14 +12,16 @@ use aws_sdk_eventbridge::types::{InputTransformer, Target};
 use aws_sdk_sqs::types::QueueAttributeName;
 use catalog_domain::EventKind;
 
-use super::dynamodb::attr;
-use super::{AwsClients, AwsSettings, CATEGORY_INDEX, describe};
+use catalog_pipeline::BackendError;
+
+use crate::dynamodb::attr;
+use crate::{AwsClients, AwsSettings, CATEGORY_INDEX, classify};
 
 const INGEST_TARGET_ID: &str = "catalog-ingest-queue";
 /// How long `init` waits for a new table to become ACTIVE.
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The compact shape of contract §1, built by EventBridge itself: string variables are quoted
+/// The compact shape of docs/contract.md §1, built by EventBridge itself: string variables are quoted
 /// in the template, `detail` is spliced in as the JSON object it is.
 pub const INPUT_TEMPLATE: &str = r#"{"id":"<id>","type":"<type>","source":"<source>","time":"<time>","detail":<detail>}"#;
 
@@ -30,22 +32,25 @@ fn input_paths() -> HashMap<String, String> {
         .collect()
 }
 
-/// The ingest rule's pattern: the three sources and detail-types of contract §1.
+/// The ingest rule's pattern: the three sources and detail-types of docs/contract.md §1.
 pub fn ingest_pattern() -> String {
     let sources: Vec<&str> = EventKind::ALL.iter().map(|k| k.source()).collect();
     let types: Vec<&str> = EventKind::ALL.iter().map(|k| k.detail_type()).collect();
     serde_json::json!({"source": sources, "detail-type": types}).to_string()
 }
 
-pub(crate) async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String, String> {
+pub(crate) async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String, BackendError> {
     let out = sqs
         .get_queue_attributes()
         .queue_url(url)
         .attribute_names(QueueAttributeName::QueueArn)
         .send()
         .await
-        .map_err(|e| format!("reading the ARN of {url}: {}", describe(e)))?;
-    out.attributes().and_then(|a| a.get(&QueueAttributeName::QueueArn)).cloned().ok_or_else(|| format!("{url} has no ARN"))
+        .map_err(|e| classify(format!("reading the ARN of {url}"), e))?;
+    out.attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+        .cloned()
+        .ok_or_else(|| BackendError::rejected(format!("reading the ARN of {url}"), "the queue has no ARN"))
 }
 
 /// Lets the rule (and only it) send to the queue, as EventBridge requires on real AWS.
@@ -54,7 +59,7 @@ pub(crate) async fn allow_rule_to_send(
     url: &str,
     queue_arn: &str,
     rule_arn: &str,
-) -> Result<(), String> {
+) -> Result<(), BackendError> {
     let policy = serde_json::json!({
         "Version": "2012-10-17",
         "Statement": [{
@@ -71,7 +76,7 @@ pub(crate) async fn allow_rule_to_send(
         .attributes(QueueAttributeName::Policy, policy.to_string())
         .send()
         .await
-        .map_err(|e| format!("setting the policy of {url}: {}", describe(e)))?;
+        .map_err(|e| classify(format!("setting the policy of {url}"), e))?;
     Ok(())
 }
 
@@ -84,7 +89,7 @@ impl Report {
 }
 
 /// Creates (or finds) every resource; returns one line per resource.
-pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<String>, String> {
+pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<String>, BackendError> {
     let names = &settings.names;
     let mut report = Report(Vec::new());
 
@@ -94,7 +99,7 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
             Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_already_exists_exception()) => {
                 report.say(false, format!("event bus {}", names.bus));
             }
-            Err(e) => return Err(format!("creating event bus {}: {}", names.bus, describe(e))),
+            Err(e) => return Err(classify(format!("creating event bus {}", names.bus), e)),
         }
     }
 
@@ -117,7 +122,7 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
             .set_attributes(Some(ingest_attributes))
             .send()
             .await
-            .map_err(|e| format!("updating {}: {}", names.ingest_queue, describe(e)))?;
+            .map_err(|e| classify(format!("updating {}", names.ingest_queue), e))?;
     }
     report.say(
         created,
@@ -138,7 +143,7 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
         .description("Catalog change events to the ingest queue, in the compact shape")
         .send()
         .await
-        .map_err(|e| format!("creating rule {}: {}", names.ingest_rule, describe(e)))?
+        .map_err(|e| classify(format!("creating rule {}", names.ingest_rule), e))?
         .rule_arn()
         .unwrap_or_default()
         .to_owned();
@@ -147,13 +152,13 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
         .set_input_paths_map(Some(input_paths()))
         .input_template(INPUT_TEMPLATE)
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| BackendError::rejected("building an AWS request", e))?;
     let target = Target::builder()
         .id(INGEST_TARGET_ID)
         .arn(&ingest_arn)
         .input_transformer(transformer)
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| BackendError::rejected("building an AWS request", e))?;
     clients
         .eventbridge
         .put_targets()
@@ -162,7 +167,7 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
         .targets(target)
         .send()
         .await
-        .map_err(|e| format!("targeting rule {}: {}", names.ingest_rule, describe(e)))?;
+        .map_err(|e| classify(format!("targeting rule {}", names.ingest_rule), e))?;
     report.say(!existed, format!("rule {} → {} (InputTransformer: compact shape)", names.ingest_rule, names.ingest_queue));
 
     let created = ensure_table(clients, &names.events_table, &[(attr::SEGMENT, KeyType::Hash)], None).await?;
@@ -174,7 +179,7 @@ pub async fn init(clients: &AwsClients, settings: &AwsSettings) -> Result<Vec<St
         // Keys only: updates that leave the category alone then cost the index nothing.
         .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| BackendError::rejected("building an AWS request", e))?;
     let created =
         ensure_table(clients, &names.products_table, &[(attr::PRODUCT_ID, KeyType::Hash)], Some(category_index)).await?;
     report.say(created, format!("table {} (current state, GSI {CATEGORY_INDEX})", names.products_table));
@@ -185,7 +190,7 @@ async fn ensure_queue(
     sqs: &aws_sdk_sqs::Client,
     name: &str,
     attributes: HashMap<QueueAttributeName, String>,
-) -> Result<(String, bool), String> {
+) -> Result<(String, bool), BackendError> {
     if let Ok(out) = sqs.get_queue_url().queue_name(name).send().await
         && let Some(url) = out.queue_url()
     {
@@ -197,16 +202,27 @@ async fn ensure_queue(
         .set_attributes(Some(attributes))
         .send()
         .await
-        .map_err(|e| format!("creating queue {name}: {}", describe(e)))?;
-    Ok((out.queue_url().ok_or("CreateQueue returned no URL")?.to_owned(), true))
+        .map_err(|e| classify(format!("creating queue {name}"), e))?;
+    Ok((
+        out.queue_url().ok_or_else(|| BackendError::rejected("SQS CreateQueue", "the answer holds no queue URL"))?.to_owned(),
+        true,
+    ))
 }
 
-fn key(name: &str, key_type: KeyType) -> Result<KeySchemaElement, String> {
-    KeySchemaElement::builder().attribute_name(name).key_type(key_type).build().map_err(|e| e.to_string())
+fn key(name: &str, key_type: KeyType) -> Result<KeySchemaElement, BackendError> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(key_type)
+        .build()
+        .map_err(|e| BackendError::rejected("building an AWS request", e))
 }
 
-fn string_attribute(name: &str) -> Result<AttributeDefinition, String> {
-    AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build().map_err(|e| e.to_string())
+fn string_attribute(name: &str) -> Result<AttributeDefinition, BackendError> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .map_err(|e| BackendError::rejected("building an AWS request", e))
 }
 
 async fn ensure_table(
@@ -214,7 +230,7 @@ async fn ensure_table(
     name: &str,
     keys: &[(&str, KeyType)],
     index: Option<GlobalSecondaryIndex>,
-) -> Result<bool, String> {
+) -> Result<bool, BackendError> {
     let db = &clients.dynamodb;
     let mut request = db.create_table().table_name(name).billing_mode(BillingMode::PayPerRequest);
     let mut attributes: Vec<&str> = keys.iter().map(|(n, _)| *n).collect();
@@ -234,17 +250,19 @@ async fn ensure_table(
     let created = match request.send().await {
         Ok(_) => true,
         Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => false,
-        Err(e) => return Err(format!("creating table {name}: {}", describe(e))),
+        Err(e) => return Err(classify(format!("creating table {name}"), e)),
     };
     let deadline = tokio::time::Instant::now() + TABLE_ACTIVE_TIMEOUT;
     loop {
-        let status =
-            db.describe_table().table_name(name).send().await.map_err(|e| format!("describing {name}: {}", describe(e)))?;
+        let status = db.describe_table().table_name(name).send().await.map_err(|e| classify(format!("describing {name}"), e))?;
         if status.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
             return Ok(created);
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("table {name} did not become ACTIVE within {TABLE_ACTIVE_TIMEOUT:?}"));
+            return Err(BackendError::unavailable(
+                format!("waiting for table {name}"),
+                format!("not ACTIVE within {TABLE_ACTIVE_TIMEOUT:?}"),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

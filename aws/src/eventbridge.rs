@@ -9,9 +9,10 @@ use catalog_domain::{FacetVersions, ProductId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::retry::until_processed;
-use super::{AwsMetrics, AwsNames, AwsSettings, INVALIDATION_DETAIL_TYPE, INVALIDATION_SOURCE, describe};
-use crate::ports::{Invalidation, InvalidationBus, ProductChanged, PublishError};
+use catalog_pipeline::{BackendError, Invalidation, InvalidationBus, ProductChanged, PublishError};
+
+use crate::retry::until_processed;
+use crate::{AwsMetrics, AwsNames, AwsSettings, INVALIDATION_DETAIL_TYPE, INVALIDATION_SOURCE, ServiceFault, classify};
 
 /// `PutEvents` takes at most 10 entries.
 const PUT_EVENTS_MAX: usize = 10;
@@ -49,10 +50,16 @@ impl EventBridgeBus {
         Self { client, settings, metrics }
     }
 
-    async fn put_once(&self, entries: Vec<PutEventsRequestEntry>) -> Result<Vec<PutEventsRequestEntry>, String> {
+    async fn put_once(&self, entries: Vec<PutEventsRequestEntry>) -> Result<Vec<PutEventsRequestEntry>, BackendError> {
         self.metrics.call("eventbridge", "PutEvents");
         self.metrics.eventbridge_entries.inc_by(entries.len() as u64);
-        let out = self.client.put_events().set_entries(Some(entries.clone())).send().await.map_err(describe)?;
+        let out = self
+            .client
+            .put_events()
+            .set_entries(Some(entries.clone()))
+            .send()
+            .await
+            .map_err(|e| classify("EventBridge PutEvents", e))?;
         if out.failed_entry_count() == 0 {
             return Ok(Vec::new());
         }
@@ -90,14 +97,12 @@ impl InvalidationBus for EventBridgeBus {
                     .build()
             })
             .collect();
-        let total = entries.len();
         for chunk in entries.chunks(PUT_EVENTS_MAX) {
             let (attempts, base) = (self.settings.batch_attempts, self.settings.retry_base);
-            let left = until_processed(chunk.to_vec(), attempts, base, |e| self.put_once(e))
-                .await
-                .map_err(|detail| PublishError { count: total, detail })?;
+            let left = until_processed(chunk.to_vec(), attempts, base, |e| self.put_once(e)).await?;
             if !left.is_empty() {
-                return Err(PublishError { count: left.len(), detail: "entries still failing after retries".into() });
+                let detail = format!("{} entries still failing after {attempts} attempts", left.len());
+                return Err(PublishError::unavailable("EventBridge PutEvents", detail));
             }
         }
         Ok(())
@@ -122,7 +127,7 @@ impl InvalidationSubscription {
         names: AwsNames,
         instance_id: &str,
         metrics: AwsMetrics,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BackendError> {
         let name = format!("{}-{instance_id}", names.invalidation_prefix);
         metrics.sqs_call("CreateQueue", 0);
         let queue_url = sqs
@@ -131,11 +136,11 @@ impl InvalidationSubscription {
             .attributes(QueueAttributeName::MessageRetentionPeriod, SUBSCRIPTION_RETENTION_SECS)
             .send()
             .await
-            .map_err(|e| format!("creating invalidation queue {name}: {}", describe(e)))?
+            .map_err(|e| classify(format!("creating invalidation queue {name}"), e))?
             .queue_url()
-            .ok_or("CreateQueue returned no URL")?
+            .ok_or_else(|| BackendError::rejected("SQS CreateQueue", "the answer holds no queue URL"))?
             .to_owned();
-        let queue_arn = super::infra::queue_arn(&sqs, &queue_url).await?;
+        let queue_arn = crate::infra::queue_arn(&sqs, &queue_url).await?;
         let rule_arn = eventbridge
             .put_rule()
             .name(&name)
@@ -145,12 +150,16 @@ impl InvalidationSubscription {
             )
             .send()
             .await
-            .map_err(|e| format!("creating invalidation rule {name}: {}", describe(e)))?
+            .map_err(|e| classify(format!("creating invalidation rule {name}"), e))?
             .rule_arn()
             .unwrap_or_default()
             .to_owned();
-        super::infra::allow_rule_to_send(&sqs, &queue_url, &queue_arn, &rule_arn).await?;
-        let target = Target::builder().id("api-instance").arn(&queue_arn).build().map_err(|e| e.to_string())?;
+        crate::infra::allow_rule_to_send(&sqs, &queue_url, &queue_arn, &rule_arn).await?;
+        let target = Target::builder()
+            .id("api-instance")
+            .arn(&queue_arn)
+            .build()
+            .map_err(|e| BackendError::rejected("building an AWS request", e))?;
         eventbridge
             .put_targets()
             .rule(&name)
@@ -158,7 +167,7 @@ impl InvalidationSubscription {
             .targets(target)
             .send()
             .await
-            .map_err(|e| format!("targeting {name}: {}", describe(e)))?;
+            .map_err(|e| classify(format!("targeting {name}"), e))?;
         tracing::info!(queue = %name, "subscribed to invalidations");
         Ok(Self { sqs, eventbridge, names, name, queue_url, metrics })
     }
@@ -175,7 +184,7 @@ impl InvalidationSubscription {
             let out = match received {
                 Ok(out) => out,
                 Err(e) => {
-                    tracing::warn!(error = %describe(e), "receiving invalidations failed; retrying");
+                    tracing::warn!(error = %ServiceFault::from(e), "receiving invalidations failed; retrying");
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -204,7 +213,7 @@ impl InvalidationSubscription {
             }
             self.metrics.sqs_call("DeleteMessageBatch", 0);
             if let Err(e) = self.sqs.delete_message_batch().queue_url(&self.queue_url).set_entries(Some(entries)).send().await {
-                tracing::warn!(error = %describe(e), "deleting invalidations failed; they will be applied twice, harmlessly");
+                tracing::warn!(error = %ServiceFault::from(e), "deleting invalidations failed; they will be applied twice, harmlessly");
             }
         }
     }
@@ -213,13 +222,13 @@ impl InvalidationSubscription {
     pub async fn remove(&self) {
         let bus = &self.names.bus;
         if let Err(e) = self.eventbridge.remove_targets().rule(&self.name).event_bus_name(bus).ids("api-instance").send().await {
-            tracing::warn!(error = %describe(e), "removing the invalidation target failed");
+            tracing::warn!(error = %ServiceFault::from(e), "removing the invalidation target failed");
         }
         if let Err(e) = self.eventbridge.delete_rule().name(&self.name).event_bus_name(bus).send().await {
-            tracing::warn!(error = %describe(e), "deleting the invalidation rule failed");
+            tracing::warn!(error = %ServiceFault::from(e), "deleting the invalidation rule failed");
         }
         if let Err(e) = self.sqs.delete_queue().queue_url(&self.queue_url).send().await {
-            tracing::warn!(error = %describe(e), "deleting the invalidation queue failed");
+            tracing::warn!(error = %ServiceFault::from(e), "deleting the invalidation queue failed");
         }
     }
 }

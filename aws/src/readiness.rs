@@ -1,0 +1,74 @@
+//! `/readyz` in AWS mode: the products table answers, and for a worker the ingest queue too
+//! (with its backlog). Each check is bounded, so a dead endpoint turns the check red instead of
+//! hanging the probe.
+
+use std::time::Duration;
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use catalog_pipeline::health::{BoxFuture, Check, Readiness};
+
+use crate::{AwsClients, AwsSettings, ServiceFault};
+
+/// Longest a readiness check may take before it counts as failed.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct AwsReadiness {
+    pub clients: AwsClients,
+    pub settings: AwsSettings,
+    /// Whether this process runs the pipeline (and so depends on the ingest queue).
+    pub worker: bool,
+}
+
+impl AwsReadiness {
+    async fn store(&self) -> Check {
+        let table = &self.settings.names.products_table;
+        let answer = tokio::time::timeout(CHECK_TIMEOUT, self.clients.dynamodb.describe_table().table_name(table).send()).await;
+        match answer {
+            Ok(Ok(_)) => Check { name: "store", ok: true, detail: format!("DynamoDB table {table} reachable") },
+            Ok(Err(e)) => Check { name: "store", ok: false, detail: ServiceFault::from(e).to_string() },
+            Err(_) => Check { name: "store", ok: false, detail: format!("DynamoDB did not answer within {CHECK_TIMEOUT:?}") },
+        }
+    }
+
+    async fn event_source(&self) -> Check {
+        let queue = &self.settings.names.ingest_queue;
+        let answer = tokio::time::timeout(CHECK_TIMEOUT, async {
+            let url =
+                crate::sqs::lookup_queue_url(&self.clients.sqs, queue).await.map_err(|e| catalog_pipeline::error::chain(&e))?;
+            self.clients
+                .sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .send()
+                .await
+                .map_err(|e| ServiceFault::from(e).to_string())
+        })
+        .await;
+        match answer {
+            Ok(Ok(out)) => {
+                let backlog = out
+                    .attributes()
+                    .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
+                    .cloned()
+                    .unwrap_or_default();
+                Check { name: "eventSource", ok: true, detail: format!("SQS {queue}, backlog {backlog}") }
+            }
+            Ok(Err(detail)) => Check { name: "eventSource", ok: false, detail },
+            Err(_) => Check { name: "eventSource", ok: false, detail: format!("SQS did not answer within {CHECK_TIMEOUT:?}") },
+        }
+    }
+}
+
+impl Readiness for AwsReadiness {
+    fn checks(&self) -> BoxFuture<'_, Vec<Check>> {
+        Box::pin(async move {
+            let mut checks = vec![Check { name: "readModel", ok: true, detail: "open".into() }, self.store().await];
+            if self.worker {
+                checks.push(self.event_source().await);
+            }
+            checks.push(Check { name: "breaker", ok: true, detail: "closed (failed writes are released to SQS redrive)".into() });
+            checks
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! The AWS backend, assembled: SQS → pipeline → DynamoDB → EventBridge for the worker role;
+//! a per-instance invalidation queue → read model for the api role; `--role all` runs both.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use catalog_api::StoreFill;
+use catalog_aws::dynamodb::DynamoStore;
+use catalog_aws::eventbridge::{EventBridgeBus, InvalidationSubscription};
+use catalog_aws::readiness::AwsReadiness;
+use catalog_aws::sqs::SqsSource;
+use catalog_aws::{AwsClients, AwsMetrics};
+use catalog_pipeline::embedded::DEFAULT_SUBSCRIBER_CAPACITY;
+use catalog_pipeline::{PipelineMetrics, config};
+use catalog_readmodel::ReadModel;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use super::{Assembly, FinishStep};
+use crate::cli::{Role, ServeArgs};
+use crate::datadir::DataDir;
+
+pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
+    let clients = AwsClients::from_env().await;
+    let settings = args.aws.settings();
+    let mut registry = Registry::default();
+    let aws_metrics = AwsMetrics::default();
+    aws_metrics.register(&mut registry);
+    let store = Arc::new(DynamoStore::new(clients.dynamodb.clone(), settings.clone(), aws_metrics.clone()));
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut finish: Vec<FinishStep> = Vec::new();
+
+    let worker = matches!(args.role, Role::All | Role::Worker);
+    if worker {
+        let source = SqsSource::connect(clients.sqs.clone(), settings.clone(), aws_metrics.clone())
+            .await
+            .context("connecting to the ingest queue")?;
+        tasks.push(source.spawn_heartbeat(stop.clone()));
+        let pipeline_metrics = PipelineMetrics::default();
+        pipeline_metrics.register(&mut registry);
+        let bus = Arc::new(EventBridgeBus::new(clients.eventbridge.clone(), settings.clone(), aws_metrics.clone()));
+        tasks.push(tokio::spawn(catalog_pipeline::stages::run(
+            Arc::new(source),
+            store.clone(),
+            bus,
+            args.pipeline_config(10, args.aws.pollers, config::DEFAULT_AWS_WRITE_BATCH_TIMEOUT),
+            pipeline_metrics,
+            stop.clone(),
+        )));
+    }
+
+    // Every role keeps a read model; only the api role fills and serves it. It is the only
+    // database in AWS mode, so it has all of `--cache-mb`.
+    let db = DataDir::new(&args.data.data_dir, args.data.cache_mb).open_views_alone()?;
+    let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
+        .context("opening the read model")?;
+    if matches!(args.role, Role::All | Role::Api) {
+        let states = store.scan_states().await.context("warming the read model from the products table")?;
+        let warmed = model.apply(&states)?;
+        tracing::info!(products = states.len(), views = warmed, "read model warmed from the store");
+        let subscription = Arc::new(
+            InvalidationSubscription::create(
+                clients.sqs.clone(),
+                clients.eventbridge.clone(),
+                settings.names.clone(),
+                &instance_id(),
+                aws_metrics.clone(),
+            )
+            .await
+            .context("subscribing to invalidations")?,
+        );
+        let (feed, invalidations) = tokio::sync::mpsc::channel(DEFAULT_SUBSCRIBER_CAPACITY);
+        tasks.push(tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), invalidations)));
+        let (poller, wait, stop) = (subscription.clone(), settings.wait_time, stop.clone());
+        tasks.push(tokio::spawn(async move { poller.run(feed, wait, stop).await }));
+        finish.push(Box::pin(async move {
+            subscription.remove().await;
+            Ok(())
+        }));
+    }
+    finish.push(Box::pin(async move { db.flush_async().await.map(drop).context("flushing the read model") }));
+
+    Ok(Assembly {
+        readmodel: model.clone(),
+        ingest: None,
+        fill: Some(Arc::new(StoreFill::new(store, model))),
+        readiness: Arc::new(AwsReadiness { clients, settings, worker }),
+        registry,
+        tasks,
+        stop,
+        finish,
+    })
+}
+
+/// Names this API instance's invalidation queue: unique per process, short enough for SQS.
+fn instance_id() -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}

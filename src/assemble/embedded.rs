@@ -1,0 +1,160 @@
+//! The embedded backend, assembled: everything in this process on sled, no cloud.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use catalog_api::StoreFill;
+use catalog_domain::{CatalogEvent, ParseLimits};
+use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
+use catalog_pipeline::health::{BoxFuture, Check, Readiness};
+use catalog_pipeline::{PipelineMetrics, config};
+use catalog_readmodel::ReadModel;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::Assembly;
+use crate::cli::ServeArgs;
+use crate::datadir::DataDir;
+
+/// How often the backlog, DLQ and checkpoint gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
+    let data = DataDir::new(&args.data.data_dir, args.data.cache_mb);
+    let db = data.open_main()?;
+    let log_config = LogConfig {
+        visibility_timeout: Duration::from_secs(args.visibility_timeout_secs),
+        max_receive_count: args.max_receive_count,
+        ..LogConfig::default()
+    };
+    let log = EmbeddedLog::open(&db, log_config).context("opening the event log")?;
+    let store = Arc::new(EmbeddedStore::open(&db).context("opening the product store")?);
+    let views_db = data.open_views()?;
+    let model = ReadModel::open(&views_db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
+        .context("opening the read model")?;
+
+    if args.demo && log.entries_from(1).next().is_none() {
+        log.append(&crate::demo::events()).await.context("loading the demo catalog")?;
+        tracing::info!("demo catalog loaded");
+    }
+    catch_up(&log, &model, &store, args.data.parse_limits()).await?;
+
+    let stop = CancellationToken::new();
+    let mut registry = Registry::default();
+    let pipeline_metrics = PipelineMetrics::default();
+    pipeline_metrics.register(&mut registry);
+    let bus = Arc::new(EmbeddedBus::new());
+    let refresher =
+        tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), bus.subscribe(DEFAULT_SUBSCRIBER_CAPACITY)));
+    let pipeline = tokio::spawn(catalog_pipeline::stages::run(
+        Arc::new(log.clone()),
+        store.clone(),
+        bus,
+        args.pipeline_config(args.receive_batch, 1, config::DEFAULT_WRITE_BATCH_TIMEOUT),
+        pipeline_metrics,
+        stop.clone(),
+    ));
+    let gauges = spawn_gauges(&mut registry, log.clone(), model.clone(), stop.clone());
+    // Wakes a receive that is waiting for new entries, so the pipeline sees the stop at once.
+    let closer = {
+        let (log, stop) = (log.clone(), stop.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            log.close();
+        })
+    };
+
+    Ok(Assembly {
+        readmodel: model.clone(),
+        ingest: Some(Arc::new(log.clone())),
+        fill: Some(Arc::new(StoreFill::new(store, model.clone()))),
+        readiness: Arc::new(EmbeddedReadiness { log, model }),
+        registry,
+        tasks: vec![closer, pipeline, refresher, gauges],
+        stop,
+        finish: vec![
+            Box::pin(async move { db.flush_async().await.map(drop).context("flushing the database") }),
+            Box::pin(async move { views_db.flush_async().await.map(drop).context("flushing the read model") }),
+        ],
+    })
+}
+
+/// Re-renders products whose views may be behind the store: after a crash between a store
+/// write and its view write, or when the pipeline re-applies messages it had not acked.
+async fn catch_up(log: &EmbeddedLog, model: &ReadModel, store: &Arc<EmbeddedStore>, limits: ParseLimits) -> anyhow::Result<()> {
+    let watermark = log.consumed_watermark();
+    let from = model.checkpoint()?.saturating_add(1).min(watermark);
+    let mut ids = BTreeSet::new();
+    for entry in log.entries_from(from) {
+        let entry = entry.context("reading the event log")?;
+        if let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) {
+            ids.insert(event.product_id);
+        }
+    }
+    if !ids.is_empty() {
+        let n = catalog_readmodel::catch_up(model, &**store, ids.into_iter().collect()).await?;
+        tracing::info!(from, views = n, "read model caught up with the store");
+    }
+    let covered = watermark.saturating_sub(1);
+    if covered > model.checkpoint()? {
+        model.set_checkpoint(covered)?;
+    }
+    Ok(())
+}
+
+/// Gauges are read from in-memory counters only: sled's `len()` is a full scan.
+fn spawn_gauges(registry: &mut Registry, log: EmbeddedLog, model: ReadModel, stop: CancellationToken) -> JoinHandle<()> {
+    let backlog = Gauge::<i64>::default();
+    let dead_letters = Gauge::<i64>::default();
+    let checkpoint = Gauge::<i64>::default();
+    registry.register("catalog_event_log_backlog", "Accepted messages not yet processed", backlog.clone());
+    registry.register("catalog_dead_letters", "Messages in the dead-letter queue", dead_letters.clone());
+    registry.register("catalog_readmodel_checkpoint", "Highest log sequence the read model reflects", checkpoint.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    backlog.set(i64::try_from(log.backlog()).unwrap_or(i64::MAX));
+                    dead_letters.set(i64::try_from(log.dead_letter_count()).unwrap_or(i64::MAX));
+                    checkpoint.set(model.checkpoint().ok().and_then(|c| i64::try_from(c).ok()).unwrap_or(-1));
+                }
+            }
+        }
+    })
+}
+
+struct EmbeddedReadiness {
+    log: EmbeddedLog,
+    model: ReadModel,
+}
+
+impl Readiness for EmbeddedReadiness {
+    fn checks(&self) -> BoxFuture<'_, Vec<Check>> {
+        Box::pin(async move {
+            let read_model = match self.model.checkpoint() {
+                Ok(seq) => Check { name: "readModel", ok: true, detail: format!("open, checkpoint {seq}") },
+                Err(e) => Check { name: "readModel", ok: false, detail: catalog_pipeline::error::chain(&e) },
+            };
+            vec![
+                read_model,
+                Check {
+                    name: "eventSource",
+                    ok: true,
+                    detail: format!(
+                        "embedded log, backlog {}, dead letters {}",
+                        self.log.backlog(),
+                        self.log.dead_letter_count()
+                    ),
+                },
+                Check { name: "store", ok: true, detail: "embedded sled store".into() },
+                Check { name: "breaker", ok: true, detail: "closed (embedded store is local)".into() },
+            ]
+        })
+    }
+}

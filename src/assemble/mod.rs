@@ -1,0 +1,43 @@
+//! The seam between a backend and the process: each backend assembles one [`Assembly`], and
+//! `serve` runs whichever it gets (HTTP started once, shutdown written once).
+//!
+//! - `embedded`: event log → pipeline → sled store → in-process bus → read model. No AWS
+//!   type appears on this path.
+//! - `aws`: SQS → pipeline → DynamoDB → EventBridge (worker role); per-instance invalidation
+//!   queue → read model (api role).
+
+pub mod aws;
+pub mod embedded;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use catalog_api::{Ingest, Readiness, ViewFill};
+use catalog_readmodel::ReadModel;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Work left for after the background tasks have drained: flushes, unsubscribing.
+pub type FinishStep = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// One backend's process, assembled and running: what the BFF serves from, what runs beside
+/// it, and how it stops.
+pub struct Assembly {
+    pub readmodel: ReadModel,
+    /// `None` where this process does not take `POST /events`.
+    pub ingest: Option<Arc<dyn Ingest>>,
+    /// Cache-aside fills from the store on a read-model miss.
+    pub fill: Option<Arc<dyn ViewFill>>,
+    pub readiness: Arc<dyn Readiness>,
+    /// Every metric the backend registered; the BFF adds its own.
+    pub registry: Registry,
+    /// Background tasks (pipeline, refresher, pollers, gauges): each ends once `stop` fires and
+    /// its in-flight work is done; shutdown waits for them, bounded.
+    pub tasks: Vec<JoinHandle<()>>,
+    /// Fired when shutdown begins.
+    pub stop: CancellationToken,
+    /// Run in order once the tasks have drained.
+    pub finish: Vec<FinishStep>,
+}
