@@ -1,14 +1,9 @@
 //! Response helpers every route shares: JSON errors, conditional GETs, gzip.
 
-use std::hash::{DefaultHasher, Hasher};
-use std::io::Write;
-
 use bytes::Bytes;
+use catalog_readmodel::{Effort, etag, gzip};
 use warp::http::{HeaderValue, Response, StatusCode, header};
 use warp::reply::Response as Reply;
-
-/// Lists bigger than this are gzipped for clients that accept it (docs/contract.md §2).
-pub const GZIP_MIN_BYTES: usize = 1024;
 
 /// `{"error": {"code", "message"}}` with `Cache-Control: no-store`.
 #[derive(Debug)]
@@ -93,14 +88,9 @@ pub fn cached_json(cond: &Conditional, etag: Bytes, body: Bytes, gzip_body: Opti
 
 /// For bodies assembled per request: computes the ETag and, when worth it, the gzip twin.
 pub fn dynamic_json(cond: &Conditional, body: Vec<u8>, cache_control: &HeaderValue) -> Reply {
-    let mut h = DefaultHasher::new();
-    h.write(&body);
-    let etag = Bytes::from(format!("\"{:016x}\"", h.finish()));
-    let gz = (body.len() >= GZIP_MIN_BYTES && cond.accepts_gzip() && !cond.not_modified(&etag)).then(|| {
-        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 3), flate2::Compression::fast());
-        enc.write_all(&body).expect("writing to a Vec cannot fail");
-        Bytes::from(enc.finish().expect("writing to a Vec cannot fail"))
-    });
+    let etag = Bytes::from(etag(&body));
+    let gz =
+        (cond.accepts_gzip() && !cond.not_modified(&etag)).then(|| gzip(&body, Effort::PerRequest)).flatten().map(Bytes::from);
     cached_json(cond, etag, Bytes::from(body), gz, cache_control)
 }
 

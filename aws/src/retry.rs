@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 
 /// Calls `send` with `items`, then again with whatever it returns as unprocessed, backing off
 /// with full jitter between attempts, at most `attempts` times. Returns what is still
@@ -14,12 +14,7 @@ where
     F: FnMut(Vec<T>) -> Fut,
     Fut: Future<Output = Result<Vec<T>, E>>,
 {
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(base)
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(attempts.saturating_sub(1) as usize)
-        .with_jitter()
-        .build();
+    let mut delays = catalog_pipeline::config::backoff(base, attempts).build();
     let mut pending = items;
     loop {
         if pending.is_empty() {

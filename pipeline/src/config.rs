@@ -13,6 +13,19 @@ pub const DEFAULT_CHANNEL_CAPACITY: usize = 8;
 pub const DEFAULT_POLLERS: usize = 1;
 pub const DEFAULT_PUBLISH_ATTEMPTS: u32 = 5;
 pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(50);
+/// The longest single wait between two retries.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// The retry schedule every retry loop uses: `attempts` tries in all, waits growing from
+/// `base` exponentially to at most [`MAX_RETRY_DELAY`], with full jitter so that workers which
+/// failed together do not retry together.
+pub fn backoff(base: Duration, attempts: u32) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(base)
+        .with_max_delay(MAX_RETRY_DELAY)
+        .with_max_times(attempts.saturating_sub(1) as usize)
+        .with_jitter()
+}
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {

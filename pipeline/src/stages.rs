@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use catalog_domain::CatalogEvent;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
@@ -255,10 +255,7 @@ async fn publish<S: EventSource, B: InvalidationBus>(
     out: mpsc::Sender<Vec<S::Receipt>>,
     metrics: PipelineMetrics,
 ) {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(config.retry_base)
-        .with_max_times(config.publish_attempts.saturating_sub(1) as usize)
-        .with_jitter();
+    let backoff = crate::config::backoff(config.retry_base, config.publish_attempts);
     while let Some(written) = input.recv().await {
         let count = written.invalidation.products.len() as u64;
         if count > 0 || written.invalidation.log_sequence.is_some() {

@@ -12,4 +12,4 @@ mod view;
 
 pub use model::{DEFAULT_MAX_PAGE, DEFAULT_VIEW_TTL, Page, ReadModel, ReadModelError};
 pub use refresh::{catch_up, run_refresher};
-pub use view::{StoredView, Variant};
+pub use view::{Effort, GZIP_MIN_BYTES, StoredView, Variant, etag, gzip};

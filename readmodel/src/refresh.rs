@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use catalog_domain::ProductId;
 use catalog_pipeline::error::chain;
 use catalog_pipeline::{Invalidation, ProductStore};
@@ -13,7 +13,7 @@ use crate::model::{ReadModel, ReadModelError};
 
 /// Invalidations merged into one refresh at most: bounds the latency a burst adds.
 const MAX_COALESCED_PRODUCTS: usize = 4096;
-const REFRESH_ATTEMPTS: usize = 5;
+const REFRESH_ATTEMPTS: u32 = 5;
 const REFRESH_RETRY_BASE: Duration = Duration::from_millis(100);
 
 /// Refreshes views until the invalidation feed closes. Consecutive queued invalidations are
@@ -36,8 +36,7 @@ pub async fn run_refresher<St: ProductStore>(model: ReadModel, store: Arc<St>, m
         }
         ids.sort();
         ids.dedup();
-        let backoff =
-            ExponentialBuilder::default().with_min_delay(REFRESH_RETRY_BASE).with_max_times(REFRESH_ATTEMPTS - 1).with_jitter();
+        let backoff = catalog_pipeline::config::backoff(REFRESH_RETRY_BASE, REFRESH_ATTEMPTS);
         let attempt = || refresh(&model, &*store, ids.clone(), sequence);
         let result =
             attempt.retry(backoff).notify(|e, _| tracing::warn!(error = %chain(e), "view refresh failed; retrying")).await;

@@ -38,20 +38,33 @@ impl std::fmt::Debug for StoredView {
     }
 }
 
-fn etag(body: &[u8]) -> String {
+/// The strong ETag of a body, quoted.
+pub fn etag(body: &[u8]) -> String {
     // SipHash with fixed keys: stable for a given build, which is all an ETag needs.
     let mut h = DefaultHasher::new();
     h.write(body);
     format!("\"{:016x}\"", h.finish())
 }
 
-fn gzip(body: &[u8]) -> Vec<u8> {
+/// How hard to compress: views are compressed once when they change, list pages on every request.
+#[derive(Debug, Clone, Copy)]
+pub enum Effort {
+    Stored,
+    PerRequest,
+}
+
+/// The body gzipped, when it is large enough to be worth it (at least [`GZIP_MIN_BYTES`]).
+pub fn gzip(body: &[u8], effort: Effort) -> Option<Vec<u8>> {
     if body.len() < GZIP_MIN_BYTES {
-        return Vec::new();
+        return None;
     }
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 3), flate2::Compression::default());
+    let level = match effort {
+        Effort::Stored => flate2::Compression::default(),
+        Effort::PerRequest => flate2::Compression::fast(),
+    };
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 3), level);
     enc.write_all(body).expect("writing to a Vec cannot fail");
-    enc.finish().expect("writing to a Vec cannot fail")
+    Some(enc.finish().expect("writing to a Vec cannot fail"))
 }
 
 impl StoredView {
@@ -68,7 +81,7 @@ impl StoredView {
         if let Some(RenderedView { web, mobile }) = rendered {
             for body in [web, mobile] {
                 put(&mut out, etag(&body).as_bytes());
-                let gz = gzip(&body);
+                let gz = gzip(&body, Effort::Stored).unwrap_or_default();
                 put(&mut out, &body);
                 put(&mut out, &gz);
             }
