@@ -201,9 +201,9 @@ impl CatalogEvent {
             None => None,
         };
         let time = match envelope.map(|env| optional_str(env, "time")).transpose()?.flatten() {
-            Some(text) => humantime::parse_rfc3339_weak(text).map_err(|e| ValidationError::InvalidValue {
+            Some(text) => parse_time(text).map_err(|e| ValidationError::InvalidValue {
                 field: "time",
-                reason: format!("{text:?} is not an RFC 3339 timestamp ({e})"),
+                reason: format!("{text:?} is not an RFC 3339 time ({e})"),
             })?,
             None => accepted_at,
         };
@@ -357,17 +357,54 @@ fn text_field(obj: &Map<String, Value>, field: &'static str, max_chars: usize) -
     Ok(Some(trimmed.to_owned()))
 }
 
+/// An RFC 3339 time, `Z` or a numeric offset (`+01:00`), as a UTC instant. humantime reads
+/// the date, time and fraction; the offset is taken off here, since humantime knows only `Z`.
+fn parse_time(text: &str) -> Result<SystemTime, String> {
+    let bytes = text.as_bytes();
+    let offset = match bytes.len().checked_sub(6).map(|at| (at, &bytes[at..])) {
+        Some((at, [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]))
+            if [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit()) && at > 0 && bytes[at - 1].is_ascii_digit() =>
+        {
+            let hours = u64::from((h1 - b'0') * 10 + (h2 - b'0'));
+            let minutes = u64::from((m1 - b'0') * 10 + (m2 - b'0'));
+            if hours > 23 || minutes > 59 {
+                return Err(format!("offset {} is out of range", &text[at..]));
+            }
+            Some((at, *sign == b'+', Duration::from_secs(hours * 3600 + minutes * 60)))
+        }
+        _ => None,
+    };
+    match offset {
+        None => humantime::parse_rfc3339_weak(text).map_err(|e| e.to_string()),
+        Some((at, ahead, by)) => {
+            let local = humantime::parse_rfc3339_weak(&text[..at]).map_err(|e| e.to_string())?;
+            // Local time ahead of UTC: UTC is earlier by the offset.
+            let utc = if ahead { local.checked_sub(by) } else { local.checked_add(by) };
+            utc.ok_or_else(|| "the time is out of range".to_owned())
+        }
+    }
+}
+
 fn parse_product_id(detail: &Map<String, Value>) -> Result<ProductId, ValidationError> {
     let raw = required_str(detail, "productId")?;
     ProductId::parse(raw).map_err(|e| ValidationError::InvalidValue { field: "productId", reason: e.to_string() })
 }
 
+/// The largest integer a JavaScript number holds exactly (2⁵³ − 1): quantities and versions
+/// above it would reach browsers rounded, so they are refused at the door.
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
 fn parse_u64(detail: &Map<String, Value>, field: &'static str, what: &'static str) -> Result<Option<u64>, ValidationError> {
     match detail.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            n.as_u64().map(Some).ok_or_else(|| ValidationError::InvalidValue { field, reason: format!("{n} is not {what}") })
-        }
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v <= MAX_SAFE_INTEGER => Ok(Some(v)),
+            Some(_) => Err(ValidationError::InvalidValue {
+                field,
+                reason: format!("{n} is above {MAX_SAFE_INTEGER}, the largest integer a browser holds exactly"),
+            }),
+            None => Err(ValidationError::InvalidValue { field, reason: format!("{n} is not {what}") }),
+        },
         Some(other) => Err(wrong_type(field, "a number", other)),
     }
 }
@@ -452,6 +489,22 @@ mod tests {
     }
 
     #[test]
+    fn times_with_an_offset_are_normalised_to_utc() {
+        let at = |time: &str| {
+            let body = format!(
+                r#"{{"source":"inventory.service","detail-type":"Inventory Update","time":"{time}","detail":{{"productId":"P1","quantity":1}}}}"#
+            );
+            parse(&body).map(|e| e.time_millis())
+        };
+        let utc = at("2026-11-25T09:00:00Z").unwrap();
+        assert_eq!(at("2026-11-25T10:00:00+01:00").unwrap(), utc);
+        assert_eq!(at("2026-11-25T04:30:00-04:30").unwrap(), utc);
+        assert_eq!(at("2026-11-25T09:00:00.000+00:00").unwrap(), utc);
+        assert_eq!(at("2026-11-25T10:00:00+24:00").unwrap_err().code(), "invalid_time");
+        assert_eq!(at("2026-11-25+01:00").unwrap_err().code(), "invalid_time");
+    }
+
+    #[test]
     fn all_three_shapes_give_the_same_event() {
         let full = r#"{"version":"0","id":"e1","detail-type":"Price Update","source":"pricing.service","account":"1","time":"2026-01-01T10:00:00Z","region":"us-east-1","resources":[],"detail":{"productId":"P1","price":29.99,"currency":"EUR","version":3}}"#;
         let compact = r#"{"id":"e1","type":"Price Update","source":"pricing.service","time":"2026-01-01T10:00:00Z","detail":{"productId":"P1","price":29.99,"currency":"EUR","version":3}}"#;
@@ -501,6 +554,9 @@ mod tests {
             (inv(r#"{"productId":"P1","quantity":"5"}"#), "wrong_type"),
             (inv(r#"{"productId":"P1","quantity":1,"version":-3}"#), "invalid_version"),
             (inv(r#"{"productId":"P1","quantity":1,"version":"3"}"#), "wrong_type"),
+            (inv(r#"{"productId":"P1","quantity":9007199254740992}"#), "invalid_quantity"),
+            (inv(r#"{"productId":"P1","quantity":1,"version":9007199254740992}"#), "invalid_version"),
+            (inv(r#"{"productId":"..","quantity":1}"#), "invalid_product_id"),
             (price(r#"{"productId":"P1","price":-1,"currency":"USD"}"#), "invalid_price"),
             (price(r#"{"productId":"P1","price":1e400,"currency":"USD"}"#), "invalid_price"),
             (price(r#"{"productId":"P1","price":"abc","currency":"USD"}"#), "wrong_type"),

@@ -29,6 +29,11 @@ impl ProductId {
         if !raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')) {
             return Err(invalid("only A-Z, a-z, 0-9 and _ . : - are allowed"));
         }
+        // In a URL path these are the current and parent directory: a proxy or client would
+        // normalise /products/.. away before it reached us.
+        if raw == "." || raw == ".." {
+            return Err(invalid("`.` and `..` are path segments, not ids"));
+        }
         Ok(Self(raw.to_owned()))
     }
 
@@ -68,14 +73,14 @@ mod tests {
 
     #[test]
     fn accepts_the_allowed_alphabet() {
-        for ok in ["P123", "a", "sku:123-ab_c.d", &"x".repeat(64)] {
+        for ok in ["P123", "a", "sku:123-ab_c.d", &"x".repeat(64), "...", ".a", "a.."] {
             assert!(ProductId::parse(ok).is_ok(), "{ok}");
         }
     }
 
     #[test]
     fn rejects_empty_long_and_foreign_characters() {
-        for bad in ["", &"x".repeat(65), "P 1", "P/1", "P%20", "é", "P\n"] {
+        for bad in ["", &"x".repeat(65), "P 1", "P/1", "P%20", "é", "P\n", ".", ".."] {
             assert!(ProductId::parse(bad).is_err(), "{bad:?}");
         }
     }
