@@ -21,8 +21,19 @@ use crate::{AwsMetrics, AwsSettings, classify};
 const SQS_BATCH: usize = 10;
 /// SQS caps a message attribute's useful size; reasons are cut to this many characters.
 const MAX_REASON_CHARS: usize = 1_000;
-/// Longest a released message waits before it is visible again.
-const MAX_RELEASE_BACKOFF: Duration = Duration::from_secs(300);
+/// SQS visibility is set in whole seconds: a released message waits at least this long, then
+/// twice as long on each later delivery...
+const RELEASE_BACKOFF_BASE_SECS: u64 = 1;
+/// ...up to this.
+const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
+
+/// How long a message released after its `receive_count`-th delivery stays invisible: 1 s,
+/// 2 s, 4 s… up to 5 minutes. Whole seconds throughout, so no step truncates to zero.
+fn release_delay_secs(receive_count: u32) -> i32 {
+    let doublings = receive_count.saturating_sub(1).min(16);
+    let secs = (RELEASE_BACKOFF_BASE_SECS << doublings).min(MAX_RELEASE_BACKOFF_SECS);
+    i32::try_from(secs).unwrap_or(i32::MAX)
+}
 
 #[derive(Debug, Clone)]
 pub struct SqsReceipt {
@@ -244,8 +255,7 @@ impl EventSource for SqsSource {
         tracing::info!(count = receipts.len(), reason, "releasing messages for another attempt");
         let mut by_delay: HashMap<i32, Vec<Arc<str>>> = HashMap::new();
         for r in receipts {
-            let backoff = self.inner.settings.retry_base * 2u32.saturating_pow(r.receive_count.min(16));
-            by_delay.entry(backoff.min(MAX_RELEASE_BACKOFF).as_secs() as i32).or_default().push(r.handle);
+            by_delay.entry(release_delay_secs(r.receive_count)).or_default().push(r.handle);
         }
         for (seconds, handles) in by_delay {
             for chunk in handles.chunks(SQS_BATCH) {
@@ -304,5 +314,17 @@ impl EventSource for SqsSource {
             self.delete(sent).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_released_message_waits_at_least_a_second_and_longer_each_time_up_to_the_cap() {
+        let delays: Vec<i32> = (0..=12).map(release_delay_secs).collect();
+        assert_eq!(delays, [1, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(release_delay_secs(u32::MAX), 300);
     }
 }
