@@ -153,6 +153,12 @@ impl ReadModel {
                 .as_ref()
                 .is_some_and(|v| v.revision > state.revision || (v.revision == state.revision && !self.is_expired(v)));
             if keep {
+                // The same revision is already here; a crash may still have cut its category
+                // entry off after the view was written (they are two writes): put it back.
+                if let Some(view) = current_view.filter(|v| v.listed && v.revision == state.revision && !v.category().is_empty())
+                {
+                    self.ensure_indexed(view.category(), key)?;
+                }
                 return Ok(false);
             }
             let now = millis_since_epoch(SystemTime::now());
@@ -168,16 +174,25 @@ impl ReadModel {
         }
     }
 
+    /// Moves a product's category entry after its view was written. The view and its entry
+    /// are two sled writes, so a crash can fall between them: a missing entry is put back by
+    /// the next write or catch-up of that product; a stale one is harmless, since a page
+    /// trusts the view over the index.
     fn reindex(&self, id: &str, old: Option<&str>, new: Option<&str>) -> Result<(), ReadModelError> {
-        if old == new {
-            return Ok(());
-        }
-        let index = &self.inner.by_category;
-        if let Some(old) = old {
-            index.remove(category_key(old, id)).map_err(storage("index"))?;
+        if let Some(old) = old.filter(|old| Some(*old) != new) {
+            self.inner.by_category.remove(category_key(old, id)).map_err(storage("index"))?;
         }
         if let Some(new) = new {
-            index.insert(category_key(new, id), &[]).map_err(storage("index"))?;
+            self.ensure_indexed(new, id)?;
+        }
+        Ok(())
+    }
+
+    /// A read where the entry is there (nearly always), a write only where it is missing.
+    fn ensure_indexed(&self, category: &str, id: &str) -> Result<(), ReadModelError> {
+        let key = category_key(category, id);
+        if !self.inner.by_category.contains_key(&key).map_err(storage("index"))? {
+            self.inner.by_category.insert(key, &[]).map_err(storage("index"))?;
         }
         Ok(())
     }
@@ -280,6 +295,23 @@ mod tests {
         rm.apply(&[deleted]).unwrap();
         assert!(rm.page("B", None, 10).unwrap().items.is_empty());
         assert!(!rm.get("P1").unwrap().unwrap().listed);
+    }
+
+    #[test]
+    fn a_category_entry_lost_in_a_crash_is_restored_by_catch_up_or_the_next_version() {
+        let (_d, rm) = model();
+        let v1 = state("P1", &[created("P1", "A")]);
+        rm.apply([&v1]).unwrap();
+        // What a kill -9 between the view write and the index insert leaves behind.
+        rm.inner.by_category.remove(category_key("A", "P1")).unwrap();
+        assert!(rm.page("A", None, 10).unwrap().items.is_empty());
+        assert_eq!(rm.apply([&v1]).unwrap(), 0, "catch-up finds the view current");
+        assert_eq!(rm.page("A", None, 10).unwrap().items.len(), 1, "and still lists it again");
+
+        rm.inner.by_category.remove(category_key("A", "P1")).unwrap();
+        let v2 = state("P1", &[created("P1", "A"), serde_json::json!({"productId":"P1","quantity":3})]);
+        assert_eq!(rm.apply([&v2]).unwrap(), 1);
+        assert_eq!(rm.page("A", None, 10).unwrap().items.len(), 1, "a later version in the same category repairs it");
     }
 
     #[test]
