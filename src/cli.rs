@@ -10,6 +10,7 @@ use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use catalog_api::config as api;
+use catalog_api::server;
 use catalog_aws as aws;
 use catalog_pipeline::config as pipeline;
 use catalog_pipeline::embedded;
@@ -282,6 +283,22 @@ pub struct ServeArgs {
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "CATALOG_WORKER_THREADS", value_parser = usize_in(1, 1024))]
     pub worker_threads: Option<usize>,
+    /// Seconds a client may take from the first byte of a request to the end of its headers.
+    #[arg(long, env = "CATALOG_HEADER_READ_TIMEOUT_SECS", default_value_t = server::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
+          value_parser = InRange::new(1, 3600))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit with no request before it is closed.
+    #[arg(long, env = "CATALOG_IDLE_TIMEOUT_SECS", default_value_t = server::DEFAULT_IDLE_TIMEOUT.as_secs(),
+          value_parser = InRange::new(1, 3600))]
+    pub idle_timeout_secs: u64,
+    /// Seconds a request may take from the end of its headers to its answer (a slow body gets 408).
+    #[arg(long, env = "CATALOG_BODY_TIMEOUT_SECS", default_value_t = server::DEFAULT_BODY_TIMEOUT.as_secs(),
+          value_parser = InRange::new(1, 3600))]
+    pub body_timeout_secs: u64,
+    /// Most client connections open at once; more are closed as they arrive (default: 10,000,
+    /// or the open-file limit less 256 when that is lower).
+    #[arg(long, env = "CATALOG_MAX_CONNECTIONS", value_parser = usize_in(1, 1_000_000))]
+    pub max_connections: Option<usize>,
     /// Longest a graceful shutdown waits for in-flight batches, in seconds.
     #[arg(long, env = "CATALOG_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
           value_parser = InRange::new(0, 3600))]
@@ -333,6 +350,29 @@ impl ServeArgs {
             write_batch_timeout: self.write_batch_timeout_ms.map_or(default_linger, Duration::from_millis),
             parse_limits: self.data.parse_limits(),
             ..pipeline::PipelineConfig::default()
+        }
+    }
+
+    pub fn connection_limits(&self) -> server::ConnectionLimits {
+        let fd_room = server::open_file_limit().map(|n| n.saturating_sub(server::RESERVED_DESCRIPTORS).max(1));
+        let max_connections = match (self.max_connections, fd_room) {
+            (Some(n), Some(room)) if n > room => {
+                tracing::warn!(
+                    max_connections = n,
+                    open_file_limit = room + server::RESERVED_DESCRIPTORS,
+                    "--max-connections is above what the open-file limit leaves room for; raise `ulimit -n`"
+                );
+                n
+            }
+            (Some(n), _) => n,
+            (None, Some(room)) => room.min(server::DEFAULT_MAX_CONNECTIONS),
+            (None, None) => server::DEFAULT_MAX_CONNECTIONS,
+        };
+        server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
+            max_connections,
         }
     }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use catalog_api::server::ConnectionLimits;
 use catalog_api::{ApiConfig, ApiMetrics, AppState};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -30,11 +31,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             Backend::Embedded => assemble::embedded::assemble(&args).await?,
             Backend::Aws => assemble::aws::assemble(&args).await?,
         };
-        serve(listener, assembly, api, args.shutdown_timeout()).await
+        serve(listener, assembly, api, args.connection_limits(), args.shutdown_timeout()).await
     })
 }
 
-async fn serve(listener: TcpListener, assembly: Assembly, api: ApiConfig, shutdown_timeout: Duration) -> anyhow::Result<()> {
+async fn serve(
+    listener: TcpListener,
+    assembly: Assembly,
+    api: ApiConfig,
+    limits: ConnectionLimits,
+    shutdown_timeout: Duration,
+) -> anyhow::Result<()> {
     let Assembly { readmodel, ingest, fill, readiness, mut registry, mut tasks, stop, finish } = assembly;
     let metrics = ApiMetrics::default();
     metrics.register(&mut registry);
@@ -45,15 +52,14 @@ async fn serve(listener: TcpListener, assembly: Assembly, api: ApiConfig, shutdo
         fill,
         readiness,
         registry: Arc::new(registry),
-        metrics,
+        metrics: metrics.clone(),
         config: api,
         draining: draining.clone(),
     };
     let stop_http = CancellationToken::new();
     let local = listener.local_addr().context("reading the bound address")?;
-    let server = tokio::spawn(
-        warp::serve(catalog_api::routes(Arc::new(state))).incoming(listener).graceful(stop_http.clone().cancelled_owned()).run(),
-    );
+    let routes = catalog_api::routes(Arc::new(state));
+    let server = tokio::spawn(catalog_api::server::serve(listener, routes, limits, metrics, stop_http.clone()));
     announce(local);
 
     shutdown_signal().await;

@@ -6,6 +6,8 @@
 //!   so the BFF runs the same over embedded and AWS backends.
 //! - `http`: ETag / If-None-Match, gzip and JSON error responses, shared by every route.
 //! - `routes`: products, events and operations routes; `routes::routes` assembles them.
+//! - `server`: hyper around the routes, with header, idle and body timeouts, a connection
+//!   cap, and a shutdown that closes idle connections at once.
 //! - `openapi`: the OpenAPI document, generated from the handlers and the view types.
 
 pub mod config;
@@ -13,6 +15,7 @@ mod http;
 mod metrics;
 mod openapi;
 pub mod routes;
+pub mod server;
 pub mod state;
 
 pub use config::{ApiConfig, IngestToken};

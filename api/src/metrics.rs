@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -39,6 +40,9 @@ pub struct ApiMetrics {
     pub requests: Family<RouteStatus, Counter>,
     pub duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub cache_fills: Counter,
+    pub connections_open: Gauge,
+    pub connections_refused: Counter,
+    pub connections_timed_out: Counter,
     hot: HotSeries,
 }
 
@@ -53,7 +57,15 @@ impl Default for ApiMetrics {
             product_not_found: counter(404),
             product_duration: duration.get_or_create(&RouteLabel { route: "get_product" }).clone(),
         };
-        Self { requests, duration, cache_fills: Counter::default(), hot }
+        Self {
+            requests,
+            duration,
+            cache_fills: Counter::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
+            connections_timed_out: Counter::default(),
+            hot,
+        }
     }
 }
 
@@ -63,6 +75,17 @@ impl ApiMetrics {
         r.register("requests", "HTTP requests by route and status", self.requests.clone());
         r.register("request_duration_seconds", "Server time per request, by route", self.duration.clone());
         r.register("cache_fills", "Read-model misses filled from the store (cache-aside)", self.cache_fills.clone());
+        r.register("connections_open", "Client connections open now", self.connections_open.clone());
+        r.register(
+            "connections_refused",
+            "Connections closed at accept: the connection limit was reached",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "connections_timed_out",
+            "Connections closed for a slow header or an idle keep-alive",
+            self.connections_timed_out.clone(),
+        );
     }
 
     pub fn observe(&self, route: &'static str, status: u16, started: std::time::Instant) {

@@ -1,0 +1,289 @@
+//! The HTTP server around the routes: hyper with the limits warp's own server lacks (it builds
+//! hyper's connection without a timer, so no header timeout ever fires). Slow or silent clients
+//! are cut off, connections are capped below the open-file limit, and shutdown closes idle and
+//! half-sent connections at once while in-flight requests finish.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+use warp::Reply;
+use warp::filters::BoxedFilter;
+use warp::http::{Request, StatusCode, header};
+
+use crate::http::ApiError;
+use crate::metrics::ApiMetrics;
+
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Descriptors kept free of client connections: sled's files, the log, outgoing AWS calls.
+pub const RESERVED_DESCRIPTORS: usize = 256;
+
+/// What one client may hold and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// From the first byte of a request to the end of its headers.
+    pub header_read_timeout: Duration,
+    /// A kept-alive connection with no request in progress.
+    pub idle_timeout: Duration,
+    /// From the end of the headers to the end of the body and the answer.
+    pub body_timeout: Duration,
+    /// Open client connections; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// The soft open-file limit of this process (`/proc/self/limits`), where the system says.
+pub fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Where one connection is between requests: what the watchdog reads.
+#[derive(Debug)]
+struct Phase {
+    /// A request is being answered (its headers have arrived).
+    in_request: bool,
+    /// When the first byte of the next request's headers arrived, if it has.
+    head_started: Option<Instant>,
+    /// When the connection last finished a request, or opened.
+    idle_since: Instant,
+}
+
+impl Phase {
+    /// When the connection must be closed if nothing changes, or `None` while a request is in
+    /// progress (the body timeout bounds that).
+    fn deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
+        if self.in_request {
+            return None;
+        }
+        Some(match self.head_started {
+            Some(started) => started + limits.header_read_timeout,
+            None => self.idle_since + limits.idle_timeout,
+        })
+    }
+}
+
+type SharedPhase = Arc<Mutex<Phase>>;
+
+fn lock(phase: &SharedPhase) -> std::sync::MutexGuard<'_, Phase> {
+    phase.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The socket, noting when a request's first bytes arrive.
+struct Watched {
+    stream: TcpStream,
+    phase: SharedPhase,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let mut phase = lock(&self.phase);
+            if !phase.in_request && phase.head_started.is_none() {
+                phase.head_started = Some(Instant::now());
+            }
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Serves `routes` on `listener` until `stop` fires, then stops accepting, closes every
+/// connection with no request in progress, and lets the others finish their request.
+pub async fn serve(
+    listener: TcpListener,
+    routes: BoxedFilter<(Box<dyn Reply>,)>,
+    limits: ConnectionLimits,
+    metrics: ApiMetrics,
+    stop: CancellationToken,
+) {
+    let service = warp::service(routes);
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) most likely: wait for some to close.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            // Reap finished connection tasks as we go, so the set stays small.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.connections_refused.inc();
+            tracing::debug!(limit = limits.max_connections, "connection refused: at the connection limit");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (service, metrics, stop) = (service.clone(), metrics.clone(), stop.clone());
+        connections.spawn(async move {
+            metrics.connections_open.inc();
+            serve_connection(stream, service, limits, &metrics, stop).await;
+            metrics.connections_open.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection<S>(
+    stream: TcpStream,
+    service: S,
+    limits: ConnectionLimits,
+    metrics: &ApiMetrics,
+    stop: CancellationToken,
+) where
+    S: Service<Request<Incoming>, Response = warp::reply::Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let phase: SharedPhase = Arc::new(Mutex::new(Phase { in_request: false, head_started: None, idle_since: Instant::now() }));
+    let io = TokioIo::new(Watched { stream, phase: phase.clone() });
+    let handler = {
+        let phase = phase.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (mut service, phase) = (service.clone(), phase.clone());
+            async move {
+                {
+                    let mut p = lock(&phase);
+                    p.in_request = true;
+                    p.head_started = None;
+                }
+                let response = match tokio::time::timeout(limits.body_timeout, service.call(request)).await {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(never)) => match never {},
+                    Err(_) => body_timed_out(limits.body_timeout),
+                };
+                let mut p = lock(&phase);
+                p.in_request = false;
+                p.idle_since = Instant::now();
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The watchdog below owns every timeout: hyper's header timer would also count idle time.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(None);
+    let connection = builder.serve_connection(io, handler);
+    tokio::pin!(connection);
+    let mut stopping = false;
+    loop {
+        // While a request runs, look again after an idle period: it may have finished by then.
+        let wake = lock(&phase).deadline(&limits).unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let expired = lock(&phase).deadline(&limits).is_some_and(|d| d <= Instant::now());
+                if expired {
+                    metrics.connections_timed_out.inc();
+                    return; // dropping the connection closes the socket
+                }
+            }
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                if !lock(&phase).in_request {
+                    return;
+                }
+                // Answer the request in progress, then close.
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn body_timed_out(limit: Duration) -> warp::reply::Response {
+    let mut response = ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!("the request body did not arrive within {} s", limit.as_secs()),
+    )
+    .into_response();
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_follows_the_phase() {
+        let limits = ConnectionLimits::default();
+        let now = Instant::now();
+        let idle = Phase { in_request: false, head_started: None, idle_since: now };
+        assert_eq!(idle.deadline(&limits), Some(now + limits.idle_timeout));
+        let half_sent = Phase { in_request: false, head_started: Some(now), idle_since: now };
+        assert_eq!(half_sent.deadline(&limits), Some(now + limits.header_read_timeout));
+        let busy = Phase { in_request: true, head_started: None, idle_since: now };
+        assert_eq!(busy.deadline(&limits), None);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read_where_proc_has_it() {
+        if std::path::Path::new("/proc/self/limits").exists() {
+            assert!(open_file_limit().is_some_and(|n| n > 0));
+        }
+    }
+}
