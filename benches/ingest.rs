@@ -79,7 +79,13 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
         let (client, base) = (client.clone(), base.to_owned());
         probes.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let r = client.post(format!("{base}/events")).body(serde_json::to_vec(&body).unwrap()).send().await.unwrap();
+            let r = client
+                .post(format!("{base}/events"))
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body).unwrap())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 202);
             loop {
                 let view: Value = client.get(format!("{base}/products/{probe}")).send().await.unwrap().json().await.unwrap();
@@ -145,7 +151,13 @@ fn main() {
             let mine: Vec<Vec<u8>> = bodies.iter().skip(k).step_by(POSTERS).cloned().collect();
             posters.push(tokio::spawn(async move {
                 for body in mine {
-                    let r = client.post(format!("{base}/events")).body(body).send().await.unwrap();
+                    let r = client
+                        .post(format!("{base}/events"))
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
                     assert_eq!(r.status(), 202);
                 }
             }));

@@ -132,6 +132,12 @@ async fn category_pages_have_no_duplicates_or_gaps() {
     assert_eq!(first["items"].as_array().unwrap().len(), 20, "default limit is 20");
     let (_, empty) = app.get_json("/products?category=Nothing").await;
     assert_eq!(empty, json!({"items": [], "nextCursor": null}));
+    let (_, first_ten) = app.get_json("/products?category=Tools&limit=10").await;
+    let tools_cursor = first_ten["nextCursor"].as_str().unwrap().to_owned();
+    for cursor in ["C009", "NOPE", tools_cursor.as_str()] {
+        let (status, body) = app.get_json(&format!("/products?category=Garden&cursor={cursor}")).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_cursor")), "{cursor}: not a position in Garden");
+    }
     for bad in ["limit=0", "limit=101", "limit=abc", "cursor=bad%20id", ""] {
         let path = format!("/products?category=Tools&{bad}");
         let path = if bad.is_empty() { "/products".to_owned() } else { path };
@@ -171,7 +177,7 @@ async fn post_events_accepts_envelopes_and_put_events_entries_and_rejects_bad_js
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"accepted": 2}));
     app.eventually("/products/PE1", |v| v["displayPrice"] == "¥1200").await;
 
-    let r = app.client.post(app.url("/events")).body("{nope").send().await.unwrap();
+    let r = app.client.post(app.url("/events")).header("content-type", "application/json").body("{nope").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "malformed_json");
     let r = app.post_events(&json!([{"productId": "A", "quantity": 1}, 7])).await;
@@ -183,22 +189,99 @@ async fn post_events_accepts_envelopes_and_put_events_entries_and_rejects_bad_js
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let app = spawn_with(Options { args: vec!["--max-request-bytes".into(), "1000".into()], ..Default::default() });
-    let r = app.client.post(app.url("/events")).body(vec![b' '; 2000]).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2000])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "payload_too_large");
-    assert_eq!(app.client.post(app.url("/events")).body(SEED).send().await.unwrap().status(), 202);
+    assert_eq!(
+        app.client.post(app.url("/events")).header("content-type", "application/json").body(SEED).send().await.unwrap().status(),
+        202
+    );
 }
 
 #[tokio::test]
 async fn ingest_requires_the_bearer_token_when_configured() {
     let app = spawn_with(Options { envs: vec![("CATALOG_INGEST_TOKEN".into(), "t0ken".into())], ..Default::default() });
-    let r = app.client.post(app.url("/events")).body(SEED).send().await.unwrap();
+    let r = app.client.post(app.url("/events")).header("content-type", "application/json").body(SEED).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = app.client.post(app.url("/events")).bearer_auth("wrong").body(SEED).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .bearer_auth("wrong")
+        .body(SEED)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = app.client.post(app.url("/events")).bearer_auth("t0ken").body(SEED).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .bearer_auth("t0ken")
+        .body(SEED)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
+    let r = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .header("authorization", "bEaReR t0ken")
+        .body(SEED)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "the scheme is case-insensitive");
     assert_ne!(app.get("/products/P123").await.status(), 401, "reads never need the token");
+}
+
+#[tokio::test]
+async fn the_token_is_checked_before_the_body_is_read() {
+    let app = spawn_with(Options {
+        args: vec!["--max-request-bytes".into(), "1000".into()],
+        envs: vec![("CATALOG_INGEST_TOKEN".into(), "t0ken".into())],
+    });
+    let r = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "an unauthenticated caller learns nothing about the body limit");
+}
+
+#[tokio::test]
+async fn events_must_be_sent_as_json_so_browsers_preflight_them() {
+    let app = spawn_app();
+    for content_type in [None, Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("multipart/form-data")] {
+        let mut request = app.client.post(app.url("/events")).body(SEED);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 415, "{content_type:?}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "unsupported_media_type");
+    }
+    assert_eq!(app.get("/products/P123").await.status(), 404, "nothing was ingested");
+    let r = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(SEED)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
 }
 
 #[test]
@@ -211,6 +294,21 @@ fn serve_refuses_public_ingest_without_a_token() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CATALOG_INGEST_TOKEN"));
+}
+
+#[test]
+fn an_empty_token_does_not_switch_authentication_off_on_a_public_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    for token in ["", "   "] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+            .args(["serve", "--addr", "0.0.0.0:0", "--data-dir"])
+            .arg(dir.path())
+            .env("CATALOG_INGEST_TOKEN", token)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with token {token:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[tokio::test]
@@ -229,6 +327,69 @@ async fn cors_allows_configured_origins_only() {
     assert_eq!(r.status(), 200);
     let r = app.client.get(app.url("/healthz")).header("origin", "https://evil.example").send().await.unwrap();
     assert_eq!(r.status(), 403);
+}
+
+#[tokio::test]
+async fn an_echoed_origin_varies_the_answer_by_origin() {
+    let app = spawn_with(Options { args: vec!["--cors-origin".into(), "https://shop.example.com".into()], ..Default::default() });
+    app.ingest(&json!([product("VO1", "Vase", "Home")])).await;
+    app.eventually("/products/VO1", |_| true).await;
+    let r = app
+        .client
+        .get(app.url("/products/VO1"))
+        .header("origin", "https://shop.example.com")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    let vary: Vec<String> = r.headers().get_all("vary").iter().map(|v| v.to_str().unwrap().to_ascii_lowercase()).collect();
+    assert!(vary.iter().any(|v| v.contains("origin")), "{vary:?}");
+    assert!(vary.iter().any(|v| v.contains("accept-encoding")), "{vary:?}");
+    let r = app.client.get(app.url("/products/VO1")).send().await.unwrap();
+    let vary: Vec<&str> = r.headers().get_all("vary").iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(vary, ["Accept-Encoding"], "no origin sent, none echoed");
+}
+
+#[tokio::test]
+async fn a_preflight_without_cors_configured_says_which_flag_allows_browsers() {
+    let app = spawn_app();
+    let r = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/events"))
+        .header("origin", "https://shop.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "cors_not_configured");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--cors-origin"));
+}
+
+#[tokio::test]
+async fn head_works_on_every_read_route_and_405_says_what_is_allowed() {
+    let app = spawn_with(Options { args: vec!["--demo".into()], ..Default::default() });
+    app.eventually("/products/P123", |_| true).await;
+    for path in ["/products/P123", "/products?category=Electronics", "/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        let get = app.client.get(app.url(path)).send().await.unwrap();
+        let head = app.client.head(app.url(path)).send().await.unwrap();
+        assert_eq!(head.status(), get.status(), "HEAD {path}");
+        assert_eq!(head.headers().get("content-type"), get.headers().get("content-type"), "HEAD {path}");
+        assert!(head.bytes().await.unwrap().is_empty(), "HEAD {path} has no body");
+    }
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/events", "POST"),
+        (reqwest::Method::DELETE, "/products/P123", "GET, HEAD"),
+        (reqwest::Method::POST, "/products", "GET, HEAD"),
+        (reqwest::Method::PUT, "/healthz", "GET, HEAD"),
+    ] {
+        let r = app.client.request(method.clone(), app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "method_not_allowed");
+    }
+    assert_eq!(app.client.delete(app.url("/nope")).send().await.unwrap().status(), 404);
 }
 
 #[tokio::test]

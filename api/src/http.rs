@@ -6,7 +6,7 @@ use warp::http::{HeaderValue, Response, StatusCode, header};
 use warp::reply::Response as Reply;
 
 /// `{"error": {"code", "message"}}` with `Cache-Control: no-store`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
@@ -68,8 +68,20 @@ impl Conditional {
     }
 }
 
-/// A JSON answer with ETag, 304 on a match, and the gzip twin when the client accepts it.
+/// The ETag of the gzip representation: `"…-gz"`. The two encodings of one body are different
+/// bytes, so they must not share a strong ETag (RFC 9110 §8.8.3).
+fn gzip_etag(etag: &[u8]) -> Bytes {
+    let mut tag = Vec::with_capacity(etag.len() + 3);
+    tag.extend_from_slice(etag.strip_suffix(b"\"").unwrap_or(etag));
+    tag.extend_from_slice(b"-gz\"");
+    Bytes::from(tag)
+}
+
+/// A JSON answer with the ETag of the representation sent, 304 when it matches, and the gzip
+/// twin when the client accepts it.
 pub fn cached_json(cond: &Conditional, etag: Bytes, body: Bytes, gzip_body: Option<Bytes>, cache_control: &HeaderValue) -> Reply {
+    let gzip_body = gzip_body.filter(|_| cond.accepts_gzip());
+    let etag = if gzip_body.is_some() { gzip_etag(&etag) } else { etag };
     let etag_value = HeaderValue::from_maybe_shared(etag.clone()).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
     let builder = Response::builder()
         .header(header::ETAG, etag_value)
@@ -79,7 +91,7 @@ pub fn cached_json(cond: &Conditional, etag: Bytes, body: Bytes, gzip_body: Opti
         return builder.status(StatusCode::NOT_MODIFIED).body(Bytes::new().into()).expect("valid response");
     }
     let builder = builder.header(header::CONTENT_TYPE, "application/json");
-    match gzip_body.filter(|_| cond.accepts_gzip()) {
+    match gzip_body {
         Some(gz) => builder.header(header::CONTENT_ENCODING, "gzip").body(gz.into()),
         None => builder.body(body.into()),
     }
@@ -89,8 +101,11 @@ pub fn cached_json(cond: &Conditional, etag: Bytes, body: Bytes, gzip_body: Opti
 /// For bodies assembled per request: computes the ETag and, when worth it, the gzip twin.
 pub fn dynamic_json(cond: &Conditional, body: Vec<u8>, cache_control: &HeaderValue) -> Reply {
     let etag = Bytes::from(etag(&body));
-    let gz =
-        (cond.accepts_gzip() && !cond.not_modified(&etag)).then(|| gzip(&body, Effort::PerRequest)).flatten().map(Bytes::from);
+    // Compressed only when it will be sent: not for a 304.
+    let gz = (cond.accepts_gzip() && !cond.not_modified(&gzip_etag(&etag)))
+        .then(|| gzip(&body, Effort::PerRequest))
+        .flatten()
+        .map(Bytes::from);
     cached_json(cond, etag, Bytes::from(body), gz, cache_control)
 }
 
@@ -118,6 +133,22 @@ mod tests {
         assert!(cond(Some("*"), None).not_modified(b"\"a\""));
         assert!(!cond(Some("\"b\""), None).not_modified(b"\"a\""));
         assert!(!cond(None, None).not_modified(b"\"a\""));
+    }
+
+    #[test]
+    fn the_gzip_representation_has_its_own_etag() {
+        let cc = HeaderValue::from_static("no-cache");
+        let etag = Bytes::from_static(b"\"abc\"");
+        let body = Bytes::from_static(b"{}");
+        let gz = Some(Bytes::from_static(b"gz"));
+        let plain = cached_json(&cond(None, None), etag.clone(), body.clone(), gz.clone(), &cc);
+        let zipped = cached_json(&cond(None, Some("gzip")), etag.clone(), body.clone(), gz.clone(), &cc);
+        assert_eq!(plain.headers()[header::ETAG], "\"abc\"");
+        assert_eq!(zipped.headers()[header::ETAG], "\"abc-gz\"");
+        let revalidated = cached_json(&cond(Some("\"abc-gz\""), Some("gzip")), etag.clone(), body.clone(), gz.clone(), &cc);
+        assert_eq!(revalidated.status(), StatusCode::NOT_MODIFIED);
+        let other = cached_json(&cond(Some("\"abc-gz\""), None), etag, body, gz, &cc);
+        assert_eq!(other.status(), StatusCode::OK, "the gzip tag does not validate the identity body");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! `POST /events`: embedded ingest of EventBridge envelopes or PutEvents entries.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,6 +11,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use warp::http::StatusCode;
 use warp::reply::Response;
+use warp::{Filter, Rejection};
 
 use crate::http::{ApiError, json_status};
 use crate::state::AppState;
@@ -23,14 +26,15 @@ use crate::state::AppState;
         (status = 400, description = "Not JSON, or entries that are not events, with per-entry errors"),
         (status = 401, description = "Missing or wrong bearer token"),
         (status = 413, description = "Body over the configured limit"),
+        (status = 415, description = "Content-Type is not application/json"),
         (status = 503, description = "Ingest unavailable on this instance or storage failing"),
     ),
     security(("bearer" = [])),
     tag = "ingest"
 )]
-pub async fn post_events(authorization: Option<String>, body: Bytes, state: Arc<AppState>) -> Response {
+pub async fn post_events(body: Bytes, state: Arc<AppState>) -> Response {
     let started = Instant::now();
-    let response = match accept(authorization.as_deref(), &body, &state).await {
+    let response = match accept(&body, &state).await {
         Ok(n) => json_status(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": n })),
         Err(e) => e.into_response(),
     };
@@ -38,10 +42,37 @@ pub async fn post_events(authorization: Option<String>, body: Bytes, state: Arc<
     response
 }
 
-async fn accept(authorization: Option<&str>, body: &[u8], state: &AppState) -> Result<usize, ApiError> {
+/// A request refused before its body was read.
+#[derive(Debug)]
+pub(crate) struct Refused(pub ApiError);
+
+impl warp::reject::Reject for Refused {}
+
+/// The checks `POST /events` makes on its headers alone: the bearer token (when one is set)
+/// and a JSON content type. Requiring `application/json` makes a browser send a CORS
+/// preflight first, so a page on another site cannot post events through a visitor's
+/// loopback catalog with a plain form or `text/plain` fetch.
+pub(crate) fn gate(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(warp::header::optional::<String>("content-type"))
+        .and_then(move |authorization: Option<String>, content_type: Option<String>| {
+            let state = state.clone();
+            async move {
+                check_headers(&state, authorization.as_deref(), content_type.as_deref())
+                    .map_err(|e| warp::reject::custom(Refused(e)))
+            }
+        })
+        .untuple_one()
+}
+
+fn check_headers(state: &AppState, authorization: Option<&str>, content_type: Option<&str>) -> Result<(), ApiError> {
     if let Some(token) = &state.config.ingest_token {
-        let presented = authorization.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or_default();
-        if !token.matches(presented.trim()) {
+        // RFC 9110 §11.1: the scheme is case-insensitive.
+        let presented = authorization
+            .and_then(|h| h.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, credentials)| credentials.trim());
+        if !presented.is_some_and(|p| token.matches(p)) {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -49,6 +80,18 @@ async fn accept(authorization: Option<&str>, body: &[u8], state: &AppState) -> R
             ));
         }
     }
+    let media_type = content_type.and_then(|v| v.split(';').next()).map(str::trim);
+    if !media_type.is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the events as Content-Type: application/json",
+        ));
+    }
+    Ok(())
+}
+
+async fn accept(body: &[u8], state: &AppState) -> Result<usize, ApiError> {
     let Some(ingest) = &state.ingest else {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ingest_disabled", "this instance does not ingest events"));
     };
@@ -101,8 +144,11 @@ fn to_message(entry: &RawValue) -> Result<Bytes, (&'static str, String)> {
     if !text.trim_start().starts_with('{') {
         return Err(("not_an_object", "each entry must be a JSON object".into()));
     }
-    // Only PutEvents entries need their fields; envelopes are passed through untouched.
-    if !text.contains("\"DetailType\"") && !text.contains("\"Detail\"") {
+    // The shape is decided by the top-level keys alone (a product may well be named "Detail"),
+    // without parsing the values: envelopes are passed through untouched.
+    let keys: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(text).map_err(|e| ("invalid_entry", e.to_string()))?;
+    let put_events = keys.contains_key("DetailType") || keys.contains_key("Detail");
+    if !put_events || keys.contains_key("detail") {
         return Ok(Bytes::copy_from_slice(text.as_bytes()));
     }
     #[derive(serde::Deserialize)]
@@ -144,6 +190,13 @@ mod tests {
         let body = br#"[{"source":"pricing.service","detail-type":"Price Update","detail":{"productId":"P1","price":29.90,"currency":"USD"}}]"#;
         let out = split_entries(body, 10).unwrap();
         assert_eq!(&out[0][..], &body[1..body.len() - 1]);
+    }
+
+    #[test]
+    fn an_envelope_mentioning_detail_in_its_values_is_still_an_envelope() {
+        let body = br#"{"source":"product.service","detail-type":"Product Update","detail":{"productId":"P1","name":"Detail","description":"\"DetailType\": see \"Detail\"","category":"C","status":"created"}}"#;
+        let out = split_entries(body, 10).unwrap();
+        assert_eq!(&out[0][..], &body[..], "passed through untouched");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
+use warp::http::{HeaderValue, Method, StatusCode, header};
 use warp::{Filter, Rejection, Reply};
 
 use crate::http::{ApiError, Conditional};
@@ -28,31 +28,44 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
         .and(warp::header::optional::<String>("accept-encoding"))
         .map(|if_none_match, accept_encoding| Conditional { if_none_match, accept_encoding });
     let query = warp::query::<Vec<(String, String)>>();
+    // HEAD is a GET whose body hyper leaves unsent.
+    let read = || warp::get().or(warp::head()).unify();
 
     // Path before method: otherwise every unknown path answers 405 instead of 404.
     let get_product = warp::path!("products" / String)
-        .and(warp::get())
+        .and(read())
         .and(query)
         .and(conditional)
         .and(with_state.clone())
         .then(products::get_product);
-    let list_products = warp::path!("products")
-        .and(warp::get())
-        .and(query)
-        .and(conditional)
-        .and(with_state.clone())
-        .then(products::list_products);
+    let list_products =
+        warp::path!("products").and(read()).and(query).and(conditional).and(with_state.clone()).then(products::list_products);
     let post_events = warp::path!("events")
         .and(warp::post())
-        .and(warp::header::optional::<String>("authorization"))
+        // Before a byte of the body is read: a caller without the token costs a header parse.
+        .and(events::gate(state.clone()))
         .and(warp::body::content_length_limit(state.config.max_request_bytes))
         .and(warp::body::bytes())
         .and(with_state.clone())
         .then(events::post_events);
-    let healthz = warp::path!("healthz").and(warp::get()).map(ops::healthz);
-    let readyz = warp::path!("readyz").and(warp::get()).and(with_state.clone()).then(ops::readyz);
-    let metrics = warp::path!("metrics").and(warp::get()).and(with_state.clone()).map(ops::metrics);
-    let openapi = warp::path!("openapi.json").and(warp::get()).map(ops::openapi);
+    let healthz = warp::path!("healthz").and(read()).map(ops::healthz);
+    let readyz = warp::path!("readyz").and(read()).and(with_state.clone()).then(ops::readyz);
+    let metrics = warp::path!("metrics").and(read()).and(with_state.clone()).map(ops::metrics);
+    let openapi = warp::path!("openapi.json").and(read()).map(ops::openapi);
+    // Last: a known path with a method none of the routes above took.
+    let other_method = {
+        let (product_routes, cors) = (state.config.product_routes, !state.config.cors_origins.is_empty());
+        warp::path::full().and(warp::method()).and_then(move |path: warp::path::FullPath, method: Method| async move {
+            match allowed_methods(path.as_str(), product_routes) {
+                // An allowed method that its route refused (a bad token, a large body): that
+                // route's rejection stands, since warp ranks any rejection above "not found".
+                Some(allow) if !allow.split(", ").any(|m| m == method.as_str()) => {
+                    Ok(other_method_response(&method, allow, cors))
+                }
+                _ => Err(warp::reject::not_found()),
+            }
+        })
+    };
 
     let ops = healthz.or(readyz).unify().or(metrics).unify().or(openapi).unify().boxed();
     let api = if state.config.product_routes {
@@ -60,6 +73,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
     } else {
         ops
     };
+    let api = api.or(other_method).unify().boxed();
     let origins = &state.config.cors_origins;
     if origins.is_empty() {
         api.recover(rejection_to_json).map(|r| Box::new(r) as Box<dyn Reply>).boxed()
@@ -74,13 +88,62 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
         } else {
             cors.allow_origins(origins.iter().map(String::as_str))
         };
-        api.with(cors).recover(rejection_to_json).map(|r| Box::new(r) as Box<dyn Reply>).boxed()
+        api.with(cors)
+            .recover(rejection_to_json)
+            .map(|r| {
+                let mut response = Reply::into_response(r);
+                vary_on_origin(&mut response);
+                Box::new(response) as Box<dyn Reply>
+            })
+            .boxed()
+    }
+}
+
+/// The methods a known path takes, for `Allow`; `None` for a path the catalog does not serve.
+fn allowed_methods(path: &str, product_routes: bool) -> Option<&'static str> {
+    const READ: &str = "GET, HEAD";
+    match path {
+        "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => Some(READ),
+        "/products" if product_routes => Some(READ),
+        "/events" if product_routes => Some("POST"),
+        _ if product_routes => {
+            let id = path.strip_prefix("/products/")?;
+            (!id.is_empty() && !id.contains('/')).then_some(READ)
+        }
+        _ => None,
+    }
+}
+
+fn other_method_response(method: &Method, allow: &'static str, cors: bool) -> warp::reply::Response {
+    if *method == Method::OPTIONS && !cors {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cors_not_configured",
+            "this catalog allows no browser origins: start it with --cors-origin (CATALOG_CORS_ORIGINS)",
+        )
+        .into_response();
+    }
+    let mut response =
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed here; use {allow}"))
+            .into_response();
+    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// An answer whose `Access-Control-Allow-Origin` echoes the request's origin differs by origin:
+/// caches must key on it.
+fn vary_on_origin(response: &mut warp::reply::Response) {
+    let echoed = response.headers().get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_some_and(|v| v.as_bytes() != b"*");
+    if echoed {
+        response.headers_mut().append(header::VARY, HeaderValue::from_static("Origin"));
     }
 }
 
 /// Every rejection warp produces becomes the contract's JSON error.
 async fn rejection_to_json(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
-    let err = if rejection.is_not_found() {
+    let err = if let Some(events::Refused(e)) = rejection.find::<events::Refused>() {
+        e.clone()
+    } else if rejection.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is over the configured limit")

@@ -98,7 +98,7 @@ async fn product_response(
     params(
         ("category" = Option<String>, Query, description = "List this category, in product-id order"),
         ("limit" = Option<usize>, Query, description = "Page size, 1–100, default 20"),
-        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page of the same category (opaque)"),
         ("ids" = Option<String>, Query, description = "Comma-separated product ids, at most 100 (instead of category)"),
         ("view" = Option<String>, Query, description = "`web` (default) or `mobile`"),
     ),
@@ -149,7 +149,7 @@ fn category_page(
             ApiError::bad_request("invalid_limit", format!("limit must be an integer from 1 to {max}, got {text:?}"))
         })?,
     };
-    let cursor = param(params, "cursor").map(parse_id).transpose()?;
+    let cursor = param(params, "cursor").map(|c| decode_cursor(category, c)).transpose()?;
     let page = state
         .readmodel
         .page(category, cursor.as_ref().map(ProductId::as_str), limit)
@@ -158,9 +158,38 @@ fn category_page(
     body.extend_from_slice(b"{\"items\":[");
     join_bodies(&mut body, &page.items, variant);
     body.extend_from_slice(b"],\"nextCursor\":");
-    serde_json::to_writer(&mut body, &page.next_cursor).expect("json serializes");
+    let next = page.next_cursor.map(|id| encode_cursor(category, &id));
+    serde_json::to_writer(&mut body, &next).expect("json serializes");
     body.push(b'}');
     Ok(dynamic_json(cond, body, cache_control(state)))
+}
+
+/// A cursor names the category and the last id of the page it ends, hex-encoded: opaque to
+/// clients, so a raw id or another category's cursor is refused instead of silently giving
+/// an empty page that looks like the end of the listing.
+fn encode_cursor(category: &str, last_id: &str) -> String {
+    let mut out = String::with_capacity(2 * (category.len() + 1 + last_id.len()));
+    for b in category.bytes().chain([0]).chain(last_id.bytes()) {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn decode_cursor(category: &str, cursor: &str) -> Result<ProductId, ApiError> {
+    let invalid = || ApiError::bad_request("invalid_cursor", "cursor must be the nextCursor of a page of this category");
+    if !cursor.len().is_multiple_of(2) || !cursor.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid());
+    }
+    let bytes: Vec<u8> = (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    match text.split_once('\0') {
+        Some((c, id)) if c == category => ProductId::parse(id).map_err(|_| invalid()),
+        _ => Err(invalid()),
+    }
 }
 
 async fn by_ids(ids: &str, variant: Variant, cond: &Conditional, state: &AppState) -> Result<Response, ApiError> {
@@ -198,5 +227,21 @@ fn join_bodies(out: &mut Vec<u8>, views: &[StoredView], variant: Variant) {
             out.push(b',');
         }
         out.extend_from_slice(&view.body(variant));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips_for_its_own_category_only() {
+        let cursor = encode_cursor("Home & Garden", "P124");
+        assert_eq!(decode_cursor("Home & Garden", &cursor).unwrap().as_str(), "P124");
+        for (category, bad) in
+            [("Books", cursor.as_str()), ("Home & Garden", "P124"), ("Home & Garden", "zz"), ("Home & Garden", "")]
+        {
+            assert_eq!(decode_cursor(category, bad).unwrap_err().code, "invalid_cursor", "{category} {bad}");
+        }
     }
 }
