@@ -15,11 +15,12 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     alloc::tune();
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CATALOG_LOG").unwrap_or_else(|_| "info,sled=warn".into()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CATALOG_LOG").unwrap_or_else(|_| "info,sled=warn".into());
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match cli.log_format {
+        cli::LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        cli::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::Replay(cli::ReplayCommand::Rebuild(args)) => replay::rebuild(args),

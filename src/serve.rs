@@ -31,13 +31,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             Backend::Embedded => assemble::embedded::assemble(&args).await?,
             Backend::Aws => assemble::aws::assemble(&args).await?,
         };
-        serve(listener, assembly, api, args.connection_limits(), args.shutdown_timeout()).await
+        let backend = match args.backend {
+            Backend::Embedded => "embedded",
+            Backend::Aws => "aws",
+        };
+        serve(listener, assembly, backend, api, args.connection_limits(), args.shutdown_timeout()).await
     })
 }
 
 async fn serve(
     listener: TcpListener,
     assembly: Assembly,
+    backend: &'static str,
     api: ApiConfig,
     limits: ConnectionLimits,
     shutdown_timeout: Duration,
@@ -45,6 +50,7 @@ async fn serve(
     let Assembly { readmodel, ingest, fill, readiness, mut registry, mut tasks, stop, finish } = assembly;
     let metrics = ApiMetrics::default();
     metrics.register(&mut registry);
+    catalog_api::metrics::register_process(&mut registry, env!("CARGO_PKG_VERSION"), backend);
     let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
         readmodel,

@@ -12,7 +12,7 @@
 
 pub mod config;
 mod http;
-mod metrics;
+pub mod metrics;
 mod openapi;
 pub mod routes;
 pub mod server;

@@ -14,6 +14,11 @@ pub struct RouteStatus {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: &'static str,
 }
@@ -33,11 +38,17 @@ struct HotSeries {
     product_not_modified: Counter,
     product_not_found: Counter,
     product_duration: Histogram,
+    responses_ok: Counter,
+    responses_not_modified: Counter,
+    responses_not_found: Counter,
 }
 
 #[derive(Clone, Debug)]
 pub struct ApiMetrics {
     pub requests: Family<RouteStatus, Counter>,
+    /// Every answer the server sent, matched route or not (unknown paths, 405s, timeouts,
+    /// malformed requests hyper refused).
+    pub responses: Family<StatusLabel, Counter>,
     pub duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub cache_fills: Counter,
     pub connections_open: Gauge,
@@ -51,14 +62,20 @@ impl Default for ApiMetrics {
         let requests: Family<RouteStatus, Counter> = Family::default();
         let duration: Family<RouteLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(new_histogram);
         let counter = |status| requests.get_or_create(&RouteStatus { route: "get_product", status }).clone();
+        let responses: Family<StatusLabel, Counter> = Family::default();
+        let response = |status| responses.get_or_create(&StatusLabel { status }).clone();
         let hot = HotSeries {
             product_ok: counter(200),
             product_not_modified: counter(304),
             product_not_found: counter(404),
             product_duration: duration.get_or_create(&RouteLabel { route: "get_product" }).clone(),
+            responses_ok: response(200),
+            responses_not_modified: response(304),
+            responses_not_found: response(404),
         };
         Self {
             requests,
+            responses,
             duration,
             cache_fills: Counter::default(),
             connections_open: Gauge::default(),
@@ -73,6 +90,7 @@ impl ApiMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("catalog_http");
         r.register("requests", "HTTP requests by route and status", self.requests.clone());
+        r.register("responses", "Every HTTP answer by status, routed or not", self.responses.clone());
         r.register("request_duration_seconds", "Server time per request, by route", self.duration.clone());
         r.register("cache_fills", "Read-model misses filled from the store (cache-aside)", self.cache_fills.clone());
         r.register("connections_open", "Client connections open now", self.connections_open.clone());
@@ -86,6 +104,16 @@ impl ApiMetrics {
             "Connections closed for a slow header or an idle keep-alive",
             self.connections_timed_out.clone(),
         );
+    }
+
+    /// Counts one answer of the server, whatever produced it.
+    pub fn count_response(&self, status: u16) {
+        match status {
+            200 => self.hot.responses_ok.inc(),
+            304 => self.hot.responses_not_modified.inc(),
+            404 => self.hot.responses_not_found.inc(),
+            _ => self.responses.get_or_create(&StatusLabel { status }).inc(),
+        };
     }
 
     pub fn observe(&self, route: &'static str, status: u16, started: std::time::Instant) {
@@ -110,5 +138,111 @@ impl ApiMetrics {
         }
         self.requests.get_or_create(&RouteStatus { route, status }).inc();
         self.duration.get_or_create(&RouteLabel { route }).observe(seconds);
+    }
+}
+
+/// `catalog_build_info{version}` (always 1) and the process's CPU, memory and descriptors,
+/// read from `/proc` at each scrape.
+pub fn register_process(registry: &mut Registry, version: &'static str, backend: &'static str) {
+    let info: Family<BuildLabels, Gauge> = Family::default();
+    info.get_or_create(&BuildLabels { version, backend }).set(1);
+    registry.register("catalog_build_info", "The running build: version and backend (always 1)", info);
+    registry.register_collector(Box::new(ProcessCollector));
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    backend: &'static str,
+}
+
+/// Linux's fixed clock tick for `/proc/<pid>/stat` times.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Debug)]
+struct ProcessCollector;
+
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<i64>,
+    open_fds: Option<i64>,
+    max_fds: Option<i64>,
+}
+
+impl ProcessStats {
+    fn read() -> Self {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        let status = std::fs::read_to_string("/proc/self/status").ok();
+        Self {
+            cpu_seconds: stat.as_deref().and_then(cpu_seconds),
+            resident_bytes: status.as_deref().and_then(resident_bytes),
+            open_fds: std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as i64),
+            max_fds: crate::server::open_file_limit().map(|n| n as i64),
+        }
+    }
+}
+
+/// utime + stime, the 14th and 15th fields; the command name before them may hold spaces.
+fn cpu_seconds(stat: &str) -> Option<f64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / TICKS_PER_SECOND)
+}
+
+fn resident_bytes(status: &str) -> Option<i64> {
+    let kib: i64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let stats = ProcessStats::read();
+        if let Some(v) = stats.cpu_seconds {
+            let metric = ConstCounter::new(v);
+            metric.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time",
+                None,
+                metric.metric_type(),
+            )?)?;
+        }
+        let gauges = [
+            ("process_resident_memory_bytes", "Resident memory", stats.resident_bytes),
+            ("process_open_fds", "Open file descriptors", stats.open_fds),
+            ("process_max_fds", "The open-file limit", stats.max_fds),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                let metric = ConstGauge::new(v);
+                metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_and_status_are_read_as_the_kernel_writes_them() {
+        let stat = "4242 (cat alog) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1234 1000 500";
+        assert_eq!(cpu_seconds(stat), Some(3.0));
+        assert_eq!(resident_bytes("Name:\tcatalog\nVmRSS:\t  2048 kB\nThreads:\t3\n"), Some(2048 * 1024));
+        assert_eq!(resident_bytes("Name:\tcatalog\n"), None);
+    }
+
+    #[test]
+    fn every_figure_is_there_on_linux() {
+        if std::path::Path::new("/proc/self/stat").exists() {
+            let stats = ProcessStats::read();
+            assert!(stats.cpu_seconds.is_some() && stats.resident_bytes.is_some_and(|b| b > 0));
+            assert!(stats.open_fds.is_some_and(|n| n > 0));
+        }
     }
 }

@@ -197,9 +197,11 @@ async fn serve_connection<S>(
     let phase: SharedPhase = Arc::new(Mutex::new(Phase { in_request: false, head_started: None, idle_since: Instant::now() }));
     let io = TokioIo::new(Watched { stream, phase: phase.clone() });
     let handler = {
-        let phase = phase.clone();
+        let (phase, metrics) = (phase.clone(), metrics.clone());
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (mut service, phase) = (service.clone(), phase.clone());
+            let (mut service, phase, metrics) = (service.clone(), phase.clone(), metrics.clone());
+            let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (request.method().clone(), request.uri().clone()));
+            let started = Instant::now();
             async move {
                 {
                     let mut p = lock(&phase);
@@ -211,9 +213,15 @@ async fn serve_connection<S>(
                     Ok(Err(never)) => match never {},
                     Err(_) => body_timed_out(limits.body_timeout),
                 };
-                let mut p = lock(&phase);
-                p.in_request = false;
-                p.idle_since = Instant::now();
+                {
+                    let mut p = lock(&phase);
+                    p.in_request = false;
+                    p.idle_since = Instant::now();
+                }
+                metrics.count_response(response.status().as_u16());
+                if let Some((method, uri)) = logged {
+                    tracing::debug!(%method, %uri, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
+                }
                 Ok::<_, Infallible>(response)
             }
         })
@@ -230,6 +238,11 @@ async fn serve_connection<S>(
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
+                    // hyper answers a request it cannot parse itself (400, or 431 for huge
+                    // headers) and ends the connection: count that answer too.
+                    if let Some(status) = e.downcast_ref::<hyper::Error>().and_then(refused_by_hyper) {
+                        metrics.count_response(status);
+                    }
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
@@ -250,6 +263,17 @@ async fn serve_connection<S>(
                 connection.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+/// The status hyper sent for a request it refused before our service saw it.
+fn refused_by_hyper(e: &hyper::Error) -> Option<u16> {
+    if e.is_parse_too_large() {
+        Some(431)
+    } else if e.is_parse() {
+        Some(400)
+    } else {
+        None
     }
 }
 

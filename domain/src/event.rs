@@ -141,6 +141,24 @@ pub enum ValidationError {
 }
 
 impl ValidationError {
+    /// Every code [`ValidationError::code`] can return.
+    pub const CODES: &'static [&'static str] = &[
+        "body_too_large",
+        "malformed_json",
+        "unknown_shape",
+        "unknown_event_type",
+        "missing_field",
+        "wrong_type",
+        "invalid_product_id",
+        "invalid_price",
+        "invalid_currency",
+        "invalid_quantity",
+        "invalid_version",
+        "invalid_status",
+        "invalid_time",
+        "invalid_value",
+    ];
+
     pub fn code(&self) -> &'static str {
         match self {
             ValidationError::TooLarge { .. } => "body_too_large",
@@ -575,6 +593,7 @@ mod tests {
         ];
         for (body, expected) in cases {
             assert_eq!(code(&body), expected, "{body}");
+            assert!(ValidationError::CODES.contains(&expected), "{expected} is missing from CODES");
         }
     }
 

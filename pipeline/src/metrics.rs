@@ -29,6 +29,11 @@ impl PipelineMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("catalog_pipeline");
         r.register("events_received", "Messages taken from the event source", self.received.clone());
+        // Every reason exists from the start at zero, so a dashboard's rate() has a series
+        // before the first dead letter.
+        for code in catalog_domain::event::ValidationError::CODES {
+            let _ = self.dead_lettered.get_or_create(&CodeLabel { code: (*code).to_owned() });
+        }
         r.register("events_dead_lettered", "Messages moved to the dead-letter queue, by reason", self.dead_lettered.clone());
         r.register("events_applied", "Events that changed a product's state", self.applied.clone());
         r.register("events_unchanged", "Duplicate or stale events that changed nothing", self.unchanged.clone());

@@ -127,7 +127,8 @@ async fn validate<S: EventSource>(
                     event: SequencedEvent { sequence: message.sequence, event },
                 }),
                 Err(e) => {
-                    tracing::info!(message_id = %message.message_id, code = e.code(), error = %e, "invalid message");
+                    // The one line per dead letter, whichever source keeps it.
+                    tracing::warn!(message_id = %message.message_id, code = e.code(), error = %e, stage = "validate", "message dead-lettered");
                     metrics.dead_lettered.get_or_create(&CodeLabel { code: e.code().to_owned() }).inc();
                     letters.push(DeadLetter {
                         receipt: message.receipt,

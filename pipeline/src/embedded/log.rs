@@ -239,6 +239,7 @@ impl EmbeddedLog {
             let message = reason.unwrap_or_else(|| {
                 format!("not acknowledged within the visibility timeout in {} deliveries", inner.config.max_receive_count)
             });
+            tracing::warn!(sequence, code = "max_receive_count_exceeded", error = %message, stage = "source", "message dead-lettered");
             self.move_to_dlq(&mut cursor, sequence, "max_receive_count_exceeded", &message, "source", None)?;
         }
         if out.len() < max {
@@ -294,7 +295,6 @@ impl EmbeddedLog {
         if self.inner.dlq.insert(sequence.to_be_bytes(), value).map_err(&write)?.is_none() {
             self.inner.dead_letters.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::warn!(sequence, code, message, stage, "message dead-lettered");
         Ok(())
     }
 
@@ -375,6 +375,7 @@ impl EventSource for EmbeddedLog {
         }
         for sequence in exhausted {
             let message = format!("failed {} deliveries; last error: {reason}", self.inner.config.max_receive_count);
+            tracing::warn!(sequence, code = "max_receive_count_exceeded", error = %message, stage = "write", "message dead-lettered");
             self.move_to_dlq(&mut cursor, sequence, "max_receive_count_exceeded", &message, "write", None)?;
         }
         self.advance_watermark(&mut cursor)
