@@ -152,6 +152,19 @@ pub struct AwsArgs {
     #[arg(long, env = "CATALOG_SQS_WAIT_SECS", default_value_t = aws::DEFAULT_WAIT_TIME.as_secs(),
           value_parser = InRange::new(0, aws::MAX_WAIT_TIME.as_secs()))]
     pub sqs_wait_secs: u64,
+    /// Seconds a received message stays invisible (renewed by a heartbeat while in flight).
+    #[arg(long, env = "CATALOG_SQS_VISIBILITY_SECS", default_value_t = aws::DEFAULT_VISIBILITY_TIMEOUT.as_secs(),
+          value_parser = InRange::new(1, SQS_MAX_VISIBILITY_SECS))]
+    pub sqs_visibility_secs: u64,
+    /// Receives before SQS moves a failing message to the DLQ (the queue's redrive policy).
+    #[arg(long, env = "CATALOG_SQS_MAX_RECEIVE_COUNT", default_value_t = aws::DEFAULT_MAX_RECEIVE_COUNT,
+          value_parser = u32_in(1, SQS_MAX_RECEIVE_COUNT))]
+    pub sqs_max_receive_count: u32,
+}
+
+/// How an AWS worker runs: meaningless to `infra init`, so only `serve` has them.
+#[derive(Args, Clone)]
+pub struct AwsRuntimeArgs {
     /// Concurrent SQS receive loops per worker.
     #[arg(long, env = "CATALOG_POLLERS", default_value_t = aws::DEFAULT_POLLERS, value_parser = usize_in(1, 64))]
     pub pollers: usize,
@@ -163,17 +176,10 @@ pub struct AwsArgs {
     #[arg(long, env = "CATALOG_LOG_SEGMENT_BYTES", default_value_t = aws::DEFAULT_LOG_SEGMENT_BYTES,
           value_parser = usize_in(1, aws::MAX_LOG_SEGMENT_BYTES))]
     pub log_segment_bytes: usize,
-    /// Seconds a received message stays invisible (renewed by a heartbeat while in flight).
-    #[arg(long, env = "CATALOG_SQS_VISIBILITY_SECS", default_value_t = aws::DEFAULT_VISIBILITY_TIMEOUT.as_secs(),
-          value_parser = InRange::new(1, SQS_MAX_VISIBILITY_SECS))]
-    pub sqs_visibility_secs: u64,
-    /// Receives before SQS moves a failing message to the DLQ (the queue's redrive policy).
-    #[arg(long, env = "CATALOG_SQS_MAX_RECEIVE_COUNT", default_value_t = aws::DEFAULT_MAX_RECEIVE_COUNT,
-          value_parser = u32_in(1, SQS_MAX_RECEIVE_COUNT))]
-    pub sqs_max_receive_count: u32,
 }
 
 impl AwsArgs {
+    /// The settings `infra init` needs; `serve` adds its runtime ones.
     pub fn settings(&self) -> aws::AwsSettings {
         aws::AwsSettings {
             names: aws::AwsNames {
@@ -188,8 +194,6 @@ impl AwsArgs {
             wait_time: Duration::from_secs(self.sqs_wait_secs),
             visibility_timeout: Duration::from_secs(self.sqs_visibility_secs),
             max_receive_count: self.sqs_max_receive_count,
-            write_concurrency: self.write_concurrency,
-            log_segment_bytes: self.log_segment_bytes,
             ..aws::AwsSettings::default()
         }
     }
@@ -249,6 +253,8 @@ pub struct ServeArgs {
     pub role: Role,
     #[command(flatten)]
     pub aws: AwsArgs,
+    #[command(flatten)]
+    pub aws_runtime: AwsRuntimeArgs,
     /// Load a small sample catalog when the event log is empty.
     #[arg(long, env = "CATALOG_DEMO")]
     pub demo: bool,
@@ -385,6 +391,14 @@ impl ServeArgs {
         }
     }
 
+    pub fn aws_settings(&self) -> aws::AwsSettings {
+        aws::AwsSettings {
+            write_concurrency: self.aws_runtime.write_concurrency,
+            log_segment_bytes: self.aws_runtime.log_segment_bytes,
+            ..self.aws.settings()
+        }
+    }
+
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
@@ -420,6 +434,32 @@ mod tests {
         assert_eq!(args.data.cache_mb, DEFAULT_CACHE_MB);
         assert_eq!(args.write_batch, pipeline::DEFAULT_WRITE_BATCH);
         assert!(args.api_config().is_ok());
+    }
+
+    #[test]
+    fn every_option_of_every_command_says_what_it_is_for() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(arg.get_id().as_str())));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "catalog", &mut missing);
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+
+    #[test]
+    fn infra_init_offers_only_what_it_uses() {
+        let err = Cli::try_parse_from(["catalog", "infra", "init", "--pollers", "2"]).err().expect("--pollers is a serve flag");
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        assert!(Cli::try_parse_from(["catalog", "infra", "init", "--sqs-max-receive-count", "5"]).is_ok());
     }
 
     #[test]

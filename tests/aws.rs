@@ -127,6 +127,26 @@ impl Aws {
 }
 
 #[test]
+fn infra_init_without_a_region_says_to_set_aws_region() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["infra", "init"])
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", empty.path().join("config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", empty.path().join("credentials"))
+        // Never probe the instance-metadata address from a test.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("set AWS_REGION"), "{stderr}");
+    assert!(!stderr.contains("DispatchFailure"), "{stderr}");
+}
+
+#[test]
 fn infra_init_is_idempotent() {
     require_moto!();
     let env = aws_env("infra");

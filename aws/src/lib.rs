@@ -132,13 +132,21 @@ pub struct AwsClients {
 }
 
 impl AwsClients {
-    pub async fn from_env() -> Self {
+    /// Fails at once, saying what to set, when no region is configured: every call would
+    /// otherwise fail later with a dispatch error that does not say why.
+    pub async fn from_env() -> Result<Self, BackendError> {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Self {
+        if config.region().is_none() {
+            return Err(BackendError::rejected(
+                "loading the AWS configuration",
+                "no AWS region: set AWS_REGION (for example us-east-1), or use a profile that has one",
+            ));
+        }
+        Ok(Self {
             sqs: aws_sdk_sqs::Client::new(&config),
             dynamodb: aws_sdk_dynamodb::Client::new(&config),
             eventbridge: aws_sdk_eventbridge::Client::new(&config),
-        }
+        })
     }
 }
 

@@ -22,8 +22,8 @@ use crate::cli::{Role, ServeArgs};
 use crate::datadir::DataDir;
 
 pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
-    let clients = AwsClients::from_env().await;
-    let settings = args.aws.settings();
+    let clients = AwsClients::from_env().await?;
+    let settings = args.aws_settings();
     let mut registry = Registry::default();
     let aws_metrics = AwsMetrics::default();
     aws_metrics.register(&mut registry);
@@ -45,7 +45,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
             Arc::new(source),
             store.clone(),
             bus,
-            args.pipeline_config(10, args.aws.pollers, config::DEFAULT_AWS_WRITE_BATCH_TIMEOUT),
+            args.pipeline_config(10, args.aws_runtime.pollers, config::DEFAULT_AWS_WRITE_BATCH_TIMEOUT),
             pipeline_metrics,
             stop.clone(),
         )));
