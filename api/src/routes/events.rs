@@ -14,22 +14,27 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::http::{ApiError, json_status};
+use crate::openapi::{Accepted, ErrorBody};
 use crate::state::AppState;
 
 /// Accept events; 202 means every entry is on disk.
 #[utoipa::path(
     post,
     path = "/events",
-    request_body(content = String, description = "A JSON array (or one object) of EventBridge envelopes, compact or bare events, or PutEvents entries (`Source`, `DetailType`, `Detail` as a string)", content_type = "application/json"),
+    request_body(content = inline(crate::openapi::EventsBodyRef), description = "One entry or a JSON array of them: EventBridge envelopes, compact or bare events, or PutEvents entries (`Source`, `DetailType`, `Detail` as a string)", content_type = "application/json"),
     responses(
-        (status = 202, description = "`{\"accepted\": n}`: durably stored, processed asynchronously; invalid events go to the DLQ"),
-        (status = 400, description = "Not JSON, or entries that are not events, with per-entry errors"),
-        (status = 401, description = "Missing or wrong bearer token"),
-        (status = 413, description = "Body over the configured limit"),
-        (status = 415, description = "Content-Type is not application/json"),
-        (status = 503, description = "Ingest unavailable on this instance or storage failing"),
+        (status = 202, description = "Durably stored, processed asynchronously; invalid events go to the DLQ", body = Accepted),
+        (status = 400, description = "Not JSON, or entries that are not events, with per-entry errors", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 405, description = "Only POST", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 411, description = "No Content-Length", body = ErrorBody),
+        (status = 413, description = "Body or entry count over the configured limit", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 503, description = "Ingest unavailable on this instance or storage failing", body = ErrorBody),
     ),
-    security(("bearer" = [])),
+    // Bearer only when the operator set CATALOG_INGEST_TOKEN: a loopback catalog may have none.
+    security((), ("bearer" = [])),
     tag = "ingest"
 )]
 pub async fn post_events(body: Bytes, state: Arc<AppState>) -> Response {

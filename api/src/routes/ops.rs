@@ -10,15 +10,19 @@ use crate::http::json_status;
 use crate::state::AppState;
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "`{\"status\":\"ok\"}`")), tag = "operations")]
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, description = "The process answers", body = crate::openapi::Health),
+    (status = 405, description = "Only GET and HEAD", body = crate::openapi::ErrorBody),
+), tag = "operations")]
 pub fn healthz() -> Reply {
     json_status(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
 
 /// Readiness: read model open, backends reachable, breaker state; 503 while draining.
 #[utoipa::path(get, path = "/readyz", responses(
-    (status = 200, description = "Ready, with each check"),
-    (status = 503, description = "A check failed, or the instance is shutting down"),
+    (status = 200, description = "Ready, with each check", body = crate::openapi::Readiness),
+    (status = 405, description = "Only GET and HEAD", body = crate::openapi::ErrorBody),
+    (status = 503, description = "A check failed, or the instance is shutting down", body = crate::openapi::Readiness),
 ), tag = "operations")]
 pub async fn readyz(state: Arc<AppState>) -> Reply {
     let checks = state.readiness.checks().await;
@@ -36,7 +40,10 @@ pub async fn readyz(state: Arc<AppState>) -> Reply {
 }
 
 /// Prometheus / OpenMetrics text of every counter and histogram.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")), tag = "operations")]
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text"),
+    (status = 405, description = "Only GET and HEAD", body = crate::openapi::ErrorBody),
+), tag = "operations")]
 pub fn metrics(state: Arc<AppState>) -> Reply {
     let mut text = String::with_capacity(8 * 1024);
     match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
@@ -53,7 +60,10 @@ pub fn metrics(state: Arc<AppState>) -> Reply {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 description of the BFF")), tag = "operations")]
+#[utoipa::path(get, path = "/openapi.json", responses(
+    (status = 200, description = "OpenAPI 3 description of the BFF", body = Object),
+    (status = 405, description = "Only GET and HEAD", body = crate::openapi::ErrorBody),
+), tag = "operations")]
 pub fn openapi() -> Reply {
     static DOC: OnceLock<String> = OnceLock::new();
     let doc = DOC.get_or_init(crate::openapi::document);

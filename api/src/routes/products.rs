@@ -10,6 +10,7 @@ use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 
 use crate::http::{ApiError, Conditional, cached_json, dynamic_json};
+use crate::openapi::{AnyView, ErrorBody, ListBody, ViewParam};
 use crate::state::AppState;
 
 fn parse_variant(params: &[(String, String)]) -> Result<Variant, ApiError> {
@@ -18,6 +19,18 @@ fn parse_variant(params: &[(String, String)]) -> Result<Variant, ApiError> {
         Some("mobile") => Ok(Variant::Mobile),
         Some(other) => Err(ApiError::bad_request("invalid_view", format!("view must be web or mobile, got {other:?}"))),
     }
+}
+
+/// An id as it stands in the path, percent-encoded or not: `P%3A1` is `P:1`, as any client
+/// that escapes reserved characters sends it. Only the fast path (nothing escaped) borrows.
+fn parse_path_id(raw: &str) -> Result<ProductId, ApiError> {
+    if !raw.contains('%') {
+        return parse_id(raw);
+    }
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("invalid_product_id", "the id is not valid UTF-8 once percent-decoded"))?;
+    parse_id(&decoded)
 }
 
 fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
@@ -53,15 +66,17 @@ async fn lookup(state: &AppState, id: &ProductId) -> Result<Option<StoredView>, 
     get,
     path = "/products/{id}",
     params(
-        ("id" = String, Path, description = "1–64 characters of [A-Za-z0-9_.:-]"),
-        ("view" = Option<String>, Query, description = "`web` (default) or `mobile`"),
+        ("id" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,64}$", example = "P123", description = "1–64 characters of [A-Za-z0-9_.:-], not `.` or `..`"),
+        ("view" = Option<ViewParam>, Query, description = "`web` (default) or `mobile`"),
         ("If-None-Match" = Option<String>, Header, description = "ETag of a cached copy: 304 when unchanged"),
     ),
     responses(
-        (status = 200, description = "The product view (web)", body = catalog_domain::view::WebView),
+        (status = 200, description = "The product, in the web or the mobile view", body = AnyView),
         (status = 304, description = "Not modified"),
-        (status = 400, description = "Invalid id or view"),
-        (status = 404, description = "Unknown or deleted product"),
+        (status = 400, description = "Invalid id or view", body = ErrorBody),
+        (status = 404, description = "Unknown or deleted product", body = ErrorBody),
+        (status = 405, description = "Only GET and HEAD", body = ErrorBody),
+        (status = 503, description = "The read model or the store cannot answer", body = ErrorBody),
     ),
     tag = "products"
 )]
@@ -81,7 +96,7 @@ async fn product_response(
     cond: &Conditional,
     state: &AppState,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(raw_id)?;
+    let id = parse_path_id(raw_id)?;
     let variant = parse_variant(params)?;
     match lookup(state, &id).await? {
         Some(view) if view.listed => {
@@ -97,14 +112,18 @@ async fn product_response(
     path = "/products",
     params(
         ("category" = Option<String>, Query, description = "List this category, in product-id order"),
-        ("limit" = Option<usize>, Query, description = "Page size, 1–100, default 20"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 1–100, default 20"),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page of the same category (opaque)"),
         ("ids" = Option<String>, Query, description = "Comma-separated product ids, at most 100 (instead of category)"),
-        ("view" = Option<String>, Query, description = "`web` (default) or `mobile`"),
+        ("view" = Option<ViewParam>, Query, description = "`web` (default) or `mobile`"),
+        ("If-None-Match" = Option<String>, Header, description = "ETag of a cached copy: 304 when unchanged"),
     ),
     responses(
-        (status = 200, description = "`{items, nextCursor}` for a category; `{items, missing}` for ids"),
-        (status = 400, description = "Invalid or missing parameters"),
+        (status = 200, description = "A page of a category, or the products asked for by id", body = ListBody),
+        (status = 304, description = "Not modified"),
+        (status = 400, description = "Invalid or missing parameters", body = ErrorBody),
+        (status = 405, description = "Only GET and HEAD", body = ErrorBody),
+        (status = 503, description = "The read model or the store cannot answer", body = ErrorBody),
     ),
     tag = "products"
 )]
@@ -233,6 +252,14 @@ fn join_bodies(out: &mut Vec<u8>, views: &[StoredView], variant: Variant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_ids_are_percent_decoded() {
+        assert_eq!(parse_path_id("P%3A1").unwrap().as_str(), "P:1");
+        assert_eq!(parse_path_id("P:1").unwrap().as_str(), "P:1");
+        assert_eq!(parse_path_id("P%201").unwrap_err().code, "invalid_product_id", "a decoded space is still refused");
+        assert_eq!(parse_path_id("%FF").unwrap_err().code, "invalid_product_id");
+    }
 
     #[test]
     fn a_cursor_round_trips_for_its_own_category_only() {
