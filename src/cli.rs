@@ -456,6 +456,21 @@ mod tests {
     }
 
     #[test]
+    fn the_operations_page_lists_every_serve_flag() {
+        use clap::CommandFactory;
+        let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|long| *long != "help" && !page.contains(&format!("`--{long}`")))
+            .map(|long| format!("--{long}"))
+            .collect();
+        assert!(missing.is_empty(), "docs/operations.md does not list {missing:?}");
+    }
+
+    #[test]
     fn infra_init_offers_only_what_it_uses() {
         let err = Cli::try_parse_from(["catalog", "infra", "init", "--pollers", "2"]).err().expect("--pollers is a serve flag");
         assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);

@@ -311,6 +311,21 @@ fn an_empty_token_does_not_switch_authentication_off_on_a_public_bind() {
     }
 }
 
+#[test]
+fn dot_segments_are_not_product_ids() {
+    use std::io::{Read, Write};
+    let app = spawn_app();
+    // Raw requests: an HTTP client library would normalise these paths away before sending.
+    for path in ["/products/.", "/products/.."] {
+        let mut s = std::net::TcpStream::connect(app.base.trim_start_matches("http://")).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("invalid_product_id"), "{path}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn cors_allows_configured_origins_only() {
     let app = spawn_with(Options { args: vec!["--cors-origin".into(), "https://shop.example.com".into()], ..Default::default() });
