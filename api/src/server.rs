@@ -171,7 +171,6 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let (service, metrics, stop) = (service.clone(), metrics.clone(), stop.clone());
         connections.spawn(async move {
             metrics.connections_open.inc();
@@ -196,36 +195,45 @@ async fn serve_connection<S>(
 {
     let phase: SharedPhase = Arc::new(Mutex::new(Phase { in_request: false, head_started: None, idle_since: Instant::now() }));
     let io = TokioIo::new(Watched { stream, phase: phase.clone() });
-    let handler = {
-        let (phase, metrics) = (phase.clone(), metrics.clone());
-        hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (mut service, phase, metrics) = (service.clone(), phase.clone(), metrics.clone());
-            let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (request.method().clone(), request.uri().clone()));
-            let started = Instant::now();
-            async move {
-                {
-                    let mut p = lock(&phase);
-                    p.in_request = true;
-                    p.head_started = None;
-                }
-                let response = match tokio::time::timeout(limits.body_timeout, service.call(request)).await {
+    // One handle per connection: every request clones a single Arc, not each metric's.
+    let shared = Arc::new((phase.clone(), metrics.clone()));
+    let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let (mut service, shared) = (service.clone(), shared.clone());
+        let logged =
+            tracing::enabled!(tracing::Level::DEBUG).then(|| (request.method().clone(), request.uri().clone(), Instant::now()));
+        // A request with no body (every GET) has nothing to time out on: no timer for it.
+        let has_body = !hyper::body::Body::is_end_stream(request.body());
+        async move {
+            let (phase, metrics) = &*shared;
+            {
+                let mut p = lock(phase);
+                p.in_request = true;
+                p.head_started = None;
+            }
+            let response = if has_body {
+                match tokio::time::timeout(limits.body_timeout, service.call(request)).await {
                     Ok(Ok(response)) => response,
                     Ok(Err(never)) => match never {},
                     Err(_) => body_timed_out(limits.body_timeout),
-                };
-                {
-                    let mut p = lock(&phase);
-                    p.in_request = false;
-                    p.idle_since = Instant::now();
                 }
-                metrics.count_response(response.status().as_u16());
-                if let Some((method, uri)) = logged {
-                    tracing::debug!(%method, %uri, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
+            } else {
+                match service.call(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
                 }
-                Ok::<_, Infallible>(response)
+            };
+            {
+                let mut p = lock(phase);
+                p.in_request = false;
+                p.idle_since = Instant::now();
             }
-        })
-    };
+            metrics.count_response(response.status().as_u16());
+            if let Some((method, uri, started)) = logged {
+                tracing::debug!(%method, %uri, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The watchdog below owns every timeout: hyper's header timer would also count idle time.
     builder.http1().timer(TokioTimer::new()).header_read_timeout(None);
@@ -236,6 +244,8 @@ async fn serve_connection<S>(
         // While a request runs, look again after an idle period: it may have finished by then.
         let wake = lock(&phase).deadline(&limits).unwrap_or_else(|| Instant::now() + limits.idle_timeout);
         tokio::select! {
+            // The connection first: it is what wakes this task for every request.
+            biased;
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     // hyper answers a request it cannot parse itself (400, or 431 for huge

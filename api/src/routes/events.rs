@@ -1,7 +1,5 @@
 //! `POST /events`: embedded ingest of EventBridge envelopes or PutEvents entries.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -151,9 +149,19 @@ fn to_message(entry: &RawValue) -> Result<Bytes, (&'static str, String)> {
     }
     // The shape is decided by the top-level keys alone (a product may well be named "Detail"),
     // without parsing the values: envelopes are passed through untouched.
-    let keys: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(text).map_err(|e| ("invalid_entry", e.to_string()))?;
-    let put_events = keys.contains_key("DetailType") || keys.contains_key("Detail");
-    if !put_events || keys.contains_key("detail") {
+    // Only the keys that decide; the values stay unparsed and nothing is allocated.
+    #[derive(serde::Deserialize)]
+    struct Shape<'a> {
+        #[serde(borrow)]
+        detail: Option<&'a RawValue>,
+        #[serde(borrow, rename = "Detail")]
+        put_detail: Option<&'a RawValue>,
+        #[serde(borrow, rename = "DetailType")]
+        put_detail_type: Option<&'a RawValue>,
+    }
+    let shape: Shape = serde_json::from_str(text).map_err(|e| ("invalid_entry", e.to_string()))?;
+    let put_events = shape.put_detail.is_some() || shape.put_detail_type.is_some();
+    if !put_events || shape.detail.is_some() {
         return Ok(Bytes::copy_from_slice(text.as_bytes()));
     }
     #[derive(serde::Deserialize)]
