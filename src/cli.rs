@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use catalog_api::config as api;
 use catalog_api::server;
 use catalog_aws as aws;
+use catalog_pipeline::breaker;
 use catalog_pipeline::config as pipeline;
 use catalog_pipeline::embedded;
 
@@ -314,6 +315,31 @@ pub struct ServeArgs {
     /// or the open-file limit less 256 when that is lower).
     #[arg(long, env = "CATALOG_MAX_CONNECTIONS", value_parser = usize_in(1, 1_000_000))]
     pub max_connections: Option<usize>,
+    /// Store writes failing in a row (unavailable or refused) that open the circuit breaker.
+    #[arg(long, env = "CATALOG_BREAKER_FAILURES", default_value_t = breaker::DEFAULT_CONSECUTIVE_FAILURES, value_parser = u32_in(1, 10_000))]
+    pub breaker_failures: u32,
+    /// Percentage of failed store writes within one window that opens the breaker.
+    #[arg(long, env = "CATALOG_BREAKER_FAILURE_PERCENT", default_value_t = (breaker::DEFAULT_FAILURE_RATE * 100.0) as u64,
+          value_parser = InRange::new(1, 100))]
+    pub breaker_failure_percent: u64,
+    /// Fewest writes in a window before its failure percentage counts.
+    #[arg(long, env = "CATALOG_BREAKER_MIN_CALLS", default_value_t = breaker::DEFAULT_MIN_CALLS, value_parser = u32_in(1, 1_000_000))]
+    pub breaker_min_calls: u32,
+    /// Seconds of the window the failure percentage is taken over.
+    #[arg(long, env = "CATALOG_BREAKER_WINDOW_SECS", default_value_t = breaker::DEFAULT_WINDOW.as_secs(), value_parser = InRange::new(1, 3600))]
+    pub breaker_window_secs: u64,
+    /// Throttled store writes in a row that open the breaker (throttles alone are not an outage).
+    #[arg(long, env = "CATALOG_BREAKER_THROTTLES", default_value_t = breaker::DEFAULT_CONSECUTIVE_THROTTLES, value_parser = u32_in(1, 100_000))]
+    pub breaker_throttles: u32,
+    /// Seconds an open breaker waits before letting a trial batch through.
+    #[arg(long, env = "CATALOG_BREAKER_COOL_DOWN_SECS", default_value_t = breaker::DEFAULT_COOL_DOWN.as_secs(), value_parser = InRange::new(1, 3600))]
+    pub breaker_cool_down_secs: u64,
+    /// Trial batches a half-open breaker lets through at once.
+    #[arg(long, env = "CATALOG_BREAKER_TRIAL_BATCHES", default_value_t = breaker::DEFAULT_TRIAL_BATCHES, value_parser = u32_in(1, 100))]
+    pub breaker_trial_batches: u32,
+    /// Successful trial batches that close a half-open breaker.
+    #[arg(long, env = "CATALOG_BREAKER_TRIAL_SUCCESSES", default_value_t = breaker::DEFAULT_TRIAL_SUCCESSES, value_parser = u32_in(1, 1000))]
+    pub breaker_trial_successes: u32,
     /// Longest a graceful shutdown waits for in-flight batches, in seconds.
     #[arg(long, env = "CATALOG_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
           value_parser = InRange::new(0, 3600))]
@@ -388,6 +414,19 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             body_timeout: Duration::from_secs(self.body_timeout_secs),
             max_connections,
+        }
+    }
+
+    pub fn breaker_config(&self) -> breaker::BreakerConfig {
+        breaker::BreakerConfig {
+            consecutive_failures: self.breaker_failures,
+            failure_rate: self.breaker_failure_percent as f64 / 100.0,
+            min_calls: self.breaker_min_calls,
+            window: Duration::from_secs(self.breaker_window_secs),
+            consecutive_throttles: self.breaker_throttles,
+            cool_down: Duration::from_secs(self.breaker_cool_down_secs),
+            trial_batches: self.breaker_trial_batches,
+            trial_successes: self.breaker_trial_successes,
         }
     }
 

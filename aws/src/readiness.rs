@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
-use catalog_pipeline::health::{BoxFuture, Check, Readiness};
+use std::sync::Arc;
+
+use catalog_pipeline::breaker::Breaker;
+use catalog_pipeline::health::{BoxFuture, Check, Readiness, breaker_check};
 
 use crate::{AwsClients, AwsSettings, ServiceFault};
 
@@ -15,8 +18,9 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AwsReadiness {
     pub clients: AwsClients,
     pub settings: AwsSettings,
-    /// Whether this process runs the pipeline (and so depends on the ingest queue).
-    pub worker: bool,
+    /// The store's breaker, where this process runs the pipeline (and so depends on the
+    /// ingest queue); `None` for an API-only instance.
+    pub breaker: Option<Arc<Breaker>>,
 }
 
 impl AwsReadiness {
@@ -64,10 +68,10 @@ impl Readiness for AwsReadiness {
     fn checks(&self) -> BoxFuture<'_, Vec<Check>> {
         Box::pin(async move {
             let mut checks = vec![Check { name: "readModel", ok: true, detail: "open".into() }, self.store().await];
-            if self.worker {
+            if self.breaker.is_some() {
                 checks.push(self.event_source().await);
             }
-            checks.push(Check { name: "breaker", ok: true, detail: "closed (failed writes are released to SQS redrive)".into() });
+            checks.push(breaker_check(self.breaker.as_deref()));
             checks
         })
     }

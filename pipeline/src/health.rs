@@ -13,6 +13,22 @@ pub struct Check {
     pub detail: String,
 }
 
+/// The breaker's line: ready only while it is closed. `None` where this process writes
+/// nothing (an API-only instance).
+pub fn breaker_check(breaker: Option<&crate::breaker::Breaker>) -> Check {
+    use crate::breaker::BreakerState;
+    match breaker.map(crate::breaker::Breaker::state) {
+        None => Check { name: "breaker", ok: true, detail: "closed (this instance writes nothing)".into() },
+        Some(BreakerState::Closed) => Check { name: "breaker", ok: true, detail: "closed".into() },
+        Some(BreakerState::Open) => {
+            Check { name: "breaker", ok: false, detail: "open: the store is failing; writes and receives pause".into() }
+        }
+        Some(BreakerState::HalfOpen) => {
+            Check { name: "breaker", ok: false, detail: "half-open: trial batches are testing the store".into() }
+        }
+    }
+}
+
 /// Object-safe, so the HTTP layer holds whichever backend's checks the process assembled.
 pub trait Readiness: Send + Sync + 'static {
     fn checks(&self) -> BoxFuture<'_, Vec<Check>>;

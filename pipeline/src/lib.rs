@@ -11,9 +11,12 @@
 //!   as the append-only event log, which keeps the write path at three sled writes per event.
 //!   The AWS adapters implement the same ports in the `catalog-aws` crate.
 //! - `health`: the readiness lines each backend reports.
+//! - `breaker`: the circuit breaker around the store; the write stage asks it, the ingest stage
+//!   pauses while it is open, readiness shows it.
 //! - `config`: every limit of the pipeline, named, with its default.
 //! - `metrics`: counters that drive `/metrics` and the benchmarks' per-event figures.
 
+pub mod breaker;
 pub mod config;
 pub mod embedded;
 pub mod error;

@@ -14,6 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{Breaker, Outcome};
 use crate::config::PipelineConfig;
 use crate::error::chain;
 use crate::metrics::{CodeLabel, PipelineMetrics};
@@ -39,6 +40,7 @@ pub async fn run<S, St, B>(
     bus: Arc<B>,
     config: PipelineConfig,
     metrics: PipelineMetrics,
+    breaker: Arc<Breaker>,
     shutdown: CancellationToken,
 ) where
     S: EventSource,
@@ -59,13 +61,14 @@ pub async fn run<S, St, B>(
             config.receive_batch,
             received_tx.clone(),
             metrics.received.clone(),
+            breaker.clone(),
             shutdown.clone(),
         ));
     }
     drop(received_tx);
     tasks.spawn(validate(source.clone(), config.parse_limits, received_rx, accepted_tx, metrics.clone()));
     tasks.spawn(batch(accepted_rx, config.write_batch, config.write_batch_timeout, batch_tx));
-    tasks.spawn(write(source.clone(), store, batch_rx, written_tx, metrics.clone()));
+    tasks.spawn(write(source.clone(), store, batch_rx, written_tx, metrics.clone(), breaker));
     tasks.spawn(publish(source.clone(), bus, config.clone(), written_rx, published_tx, metrics.clone()));
     tasks.spawn(ack(source, published_rx, metrics.acked.clone()));
     while let Some(result) = tasks.join_next().await {
@@ -81,9 +84,17 @@ async fn ingest<S: EventSource>(
     max: usize,
     out: mpsc::Sender<Vec<Received<S::Receipt>>>,
     received: Counter,
+    breaker: Arc<Breaker>,
     shutdown: CancellationToken,
 ) {
     loop {
+        if let Err(until) = breaker.admits_receive() {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(until) => continue,
+            }
+        }
         let batch = tokio::select! {
             biased;
             () = shutdown.cancelled() => return,
@@ -199,11 +210,22 @@ async fn write<S: EventSource, St: ProductStore>(
     mut input: mpsc::Receiver<Vec<Accepted<S::Receipt>>>,
     out: mpsc::Sender<Written<S::Receipt>>,
     metrics: PipelineMetrics,
+    breaker: Arc<Breaker>,
 ) {
     while let Some(batch) = input.recv().await {
         let redelivered = batch.iter().any(|a| a.redelivered);
         let (receipts, events): (Vec<_>, Vec<_>) = batch.into_iter().map(|a| (a.receipt, a.event)).unzip();
-        let outcome = match store.write_batch(&events).await {
+        let Some(trial) = breaker.try_acquire() else {
+            release(&*source, receipts, "the store's circuit breaker is open; retried after its cool-down", &metrics).await;
+            continue;
+        };
+        let result = store.write_batch(&events).await;
+        let verdict = match &result {
+            Ok(outcome) => outcome.failure.as_ref().map_or(Outcome::Success, |e| Outcome::Failure(e.class())),
+            Err(e) => Outcome::Failure(e.class()),
+        };
+        breaker.record(trial, verdict);
+        let outcome = match result {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %chain(&e), events = events.len(), "store write failed; releasing the batch");

@@ -1,11 +1,12 @@
 //! The real stage topology over the real embedded adapters (sled in a temp dir).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use catalog_domain::{ProductId, ProductState};
+use catalog_pipeline::breaker::{Breaker, BreakerConfig, BreakerMetrics, BreakerState};
 use catalog_pipeline::embedded::{EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
 use catalog_pipeline::{PipelineConfig, PipelineMetrics, ProductStore, SequencedEvent, StoreError, WriteOutcome};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,10 @@ fn log_config() -> LogConfig {
 }
 
 fn start<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St) -> Harness {
+    start_with(wrap, Arc::new(Breaker::new(BreakerConfig::default(), BreakerMetrics::default())))
+}
+
+fn start_with<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St, breaker: Arc<Breaker>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path()).unwrap();
     let log = EmbeddedLog::open(&db, log_config()).unwrap();
@@ -43,6 +48,7 @@ fn start<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St) -> Harness {
         bus,
         config,
         PipelineMetrics::default(),
+        breaker,
         shutdown.clone(),
     ));
     Harness { _dir: dir, log, store, invalidations, shutdown, pipeline }
@@ -107,10 +113,12 @@ async fn duplicates_change_nothing_and_announce_nothing() {
 struct FlakyStore {
     inner: EmbeddedStore,
     down: Arc<AtomicBool>,
+    attempts: Arc<AtomicU32>,
 }
 
 impl ProductStore for FlakyStore {
     async fn write_batch(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::unavailable(format!("writing {} events", events.len()), "injected outage"));
         }
@@ -126,7 +134,7 @@ impl ProductStore for FlakyStore {
 async fn a_store_outage_retries_then_dead_letters_and_recovery_resumes() {
     let down = Arc::new(AtomicBool::new(true));
     let flag = down.clone();
-    let h = start(move |inner| FlakyStore { inner, down: flag });
+    let h = start(move |inner| FlakyStore { inner, down: flag, attempts: Arc::default() });
     h.log.append(&[Bytes::from_static(br#"{"productId":"P3","quantity":1}"#)]).await.unwrap();
     until(|| h.log.dead_letter_count() == 1).await;
     let (record, _) = h.log.dead_letters().unwrap().remove(0);
@@ -136,6 +144,35 @@ async fn a_store_outage_retries_then_dead_letters_and_recovery_resumes() {
     h.log.append(&[Bytes::from_static(br#"{"productId":"P3","quantity":2}"#)]).await.unwrap();
     until(|| h.store.get(&id("P3")).unwrap().is_some()).await;
     assert_eq!(h.store.get(&id("P3")).unwrap().unwrap().quantity, Some(2));
+    h.shutdown.cancel();
+    h.pipeline.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_open_breaker_stops_writes_and_receives_until_the_store_is_back() {
+    let down = Arc::new(AtomicBool::new(true));
+    let attempts = Arc::new(AtomicU32::new(0));
+    let config = BreakerConfig {
+        consecutive_failures: 2,
+        cool_down: Duration::from_millis(600),
+        trial_successes: 1,
+        ..BreakerConfig::default()
+    };
+    let breaker = Arc::new(Breaker::new(config, BreakerMetrics::default()));
+    let (flag, count) = (down.clone(), attempts.clone());
+    let h = start_with(move |inner| FlakyStore { inner, down: flag, attempts: count }, breaker.clone());
+    h.log.append(&[Bytes::from_static(br#"{"productId":"P4","quantity":4}"#)]).await.unwrap();
+    until(|| breaker.state() == BreakerState::Open).await;
+    let seen = attempts.load(Ordering::SeqCst);
+    assert_eq!(seen, 2, "opened after two failed writes");
+    // While open, nothing is written and nothing is taken from the log (its message keeps its
+    // deliveries: it is not burned into the DLQ).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(attempts.load(Ordering::SeqCst), seen);
+    down.store(false, Ordering::SeqCst);
+    until(|| h.store.get(&id("P4")).unwrap().is_some()).await;
+    assert_eq!(breaker.state(), BreakerState::Closed, "a successful trial closed it");
+    assert_eq!(h.log.dead_letter_count(), 0);
     h.shutdown.cancel();
     h.pipeline.await.unwrap();
 }

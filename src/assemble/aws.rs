@@ -11,6 +11,7 @@ use catalog_aws::eventbridge::{EventBridgeBus, InvalidationSubscription};
 use catalog_aws::readiness::AwsReadiness;
 use catalog_aws::sqs::SqsSource;
 use catalog_aws::{AwsClients, AwsMetrics};
+use catalog_pipeline::breaker::{Breaker, BreakerMetrics};
 use catalog_pipeline::embedded::DEFAULT_SUBSCRIBER_CAPACITY;
 use catalog_pipeline::{PipelineMetrics, config};
 use catalog_readmodel::ReadModel;
@@ -33,6 +34,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let mut finish: Vec<FinishStep> = Vec::new();
 
     let worker = matches!(args.role, Role::All | Role::Worker);
+    let mut breaker = None;
     if worker {
         let source = SqsSource::connect(clients.sqs.clone(), settings.clone(), aws_metrics.clone())
             .await
@@ -40,6 +42,10 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         tasks.push(source.spawn_heartbeat(stop.clone()));
         let pipeline_metrics = PipelineMetrics::default();
         pipeline_metrics.register(&mut registry);
+        let breaker_metrics = BreakerMetrics::default();
+        breaker_metrics.register(&mut registry);
+        let guard = Arc::new(Breaker::new(args.breaker_config(), breaker_metrics));
+        breaker = Some(guard.clone());
         let bus = Arc::new(EventBridgeBus::new(clients.eventbridge.clone(), settings.clone(), aws_metrics.clone()));
         tasks.push(tokio::spawn(catalog_pipeline::stages::run(
             Arc::new(source),
@@ -47,6 +53,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
             bus,
             args.pipeline_config(10, args.aws_runtime.pollers, config::DEFAULT_AWS_WRITE_BATCH_TIMEOUT),
             pipeline_metrics,
+            guard,
             stop.clone(),
         )));
     }
@@ -86,7 +93,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         readmodel: model.clone(),
         ingest: None,
         fill: Some(Arc::new(StoreFill::new(store, model))),
-        readiness: Arc::new(AwsReadiness { clients, settings, worker }),
+        readiness: Arc::new(AwsReadiness { clients, settings, breaker }),
         registry,
         tasks,
         stop,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use catalog_api::StoreFill;
 use catalog_domain::{CatalogEvent, ParseLimits};
+use catalog_pipeline::breaker::{Breaker, BreakerMetrics};
 use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
 use catalog_pipeline::health::{BoxFuture, Check, Readiness};
 use catalog_pipeline::{PipelineMetrics, config};
@@ -47,6 +48,9 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let mut registry = Registry::default();
     let pipeline_metrics = PipelineMetrics::default();
     pipeline_metrics.register(&mut registry);
+    let breaker_metrics = BreakerMetrics::default();
+    breaker_metrics.register(&mut registry);
+    let breaker = Arc::new(Breaker::new(args.breaker_config(), breaker_metrics));
     let bus = Arc::new(EmbeddedBus::new());
     let refresher =
         tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), bus.subscribe(DEFAULT_SUBSCRIBER_CAPACITY)));
@@ -56,6 +60,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         bus,
         args.pipeline_config(args.receive_batch, 1, config::DEFAULT_WRITE_BATCH_TIMEOUT),
         pipeline_metrics,
+        breaker.clone(),
         stop.clone(),
     ));
     let gauges = spawn_gauges(&mut registry, log.clone(), model.clone(), stop.clone());
@@ -72,7 +77,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         readmodel: model.clone(),
         ingest: Some(Arc::new(log.clone())),
         fill: Some(Arc::new(StoreFill::new(store, model.clone()))),
-        readiness: Arc::new(EmbeddedReadiness { log, model }),
+        readiness: Arc::new(EmbeddedReadiness { log, model, breaker }),
         registry,
         tasks: vec![closer, pipeline, refresher, gauges],
         stop,
@@ -132,6 +137,7 @@ fn spawn_gauges(registry: &mut Registry, log: EmbeddedLog, model: ReadModel, sto
 struct EmbeddedReadiness {
     log: EmbeddedLog,
     model: ReadModel,
+    breaker: Arc<Breaker>,
 }
 
 impl Readiness for EmbeddedReadiness {
@@ -153,7 +159,7 @@ impl Readiness for EmbeddedReadiness {
                     ),
                 },
                 Check { name: "store", ok: true, detail: "embedded sled store".into() },
-                Check { name: "breaker", ok: true, detail: "closed (embedded store is local)".into() },
+                catalog_pipeline::health::breaker_check(Some(&self.breaker)),
             ]
         })
     }
