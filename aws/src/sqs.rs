@@ -26,6 +26,8 @@ const MAX_REASON_CHARS: usize = 1_000;
 const RELEASE_BACKOFF_BASE_SECS: u64 = 1;
 /// ...up to this.
 const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
+/// SQS's longest visibility timeout: 12 hours.
+const MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
 
 /// How long a message released after its `receive_count`-th delivery stays invisible: 1 s,
 /// 2 s, 4 s… up to 5 minutes. Whole seconds throughout, so no step truncates to zero.
@@ -261,6 +263,19 @@ impl EventSource for SqsSource {
             for chunk in handles.chunks(SQS_BATCH) {
                 self.change_visibility(chunk, seconds).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Hides the messages for `delay` (whole seconds, at least 1). SQS counts every receive, so
+    /// the next delivery still counts towards its redrive policy; the breaker keeps receives
+    /// off while it is open, so only its trial batches add deliveries.
+    async fn defer(&self, receipts: Vec<SqsReceipt>, delay: Duration) -> Result<(), SourceError> {
+        self.forget(&receipts);
+        let seconds = i32::try_from(delay.as_secs().clamp(1, MAX_VISIBILITY_SECS)).unwrap_or(i32::MAX);
+        let handles: Vec<Arc<str>> = receipts.into_iter().map(|r| r.handle).collect();
+        for chunk in handles.chunks(SQS_BATCH) {
+            self.change_visibility(chunk, seconds).await?;
         }
         Ok(())
     }

@@ -28,6 +28,8 @@ pub const DEFAULT_CONSECUTIVE_THROTTLES: u32 = 20;
 pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(15);
 pub const DEFAULT_TRIAL_BATCHES: u32 = 1;
 pub const DEFAULT_TRIAL_SUCCESSES: u32 = 3;
+/// The shortest wait given to a batch turned away (SQS visibility is in whole seconds).
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often a waiting receiver looks again while a trial batch is in flight.
 const HALF_OPEN_POLL: Duration = Duration::from_millis(100);
 
@@ -157,6 +159,14 @@ impl Breaker {
     /// Follows the state: the ingest stage waits on it while the breaker is open.
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.state.subscribe()
+    }
+
+    /// How long a batch turned away now should stay away: until the cool-down ends.
+    pub fn retry_after(&self) -> Duration {
+        match *self.lock() {
+            Phase::Open { until } => until.saturating_duration_since(Instant::now()).max(MIN_RETRY_AFTER),
+            _ => self.config.cool_down,
+        }
     }
 
     /// Whether to take more messages from the source now: not while open (the queue keeps

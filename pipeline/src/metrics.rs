@@ -23,6 +23,7 @@ pub struct PipelineMetrics {
     pub publish_failures: Counter,
     pub acked: Counter,
     pub released: Counter,
+    pub deferred: Counter,
 }
 
 impl PipelineMetrics {
@@ -43,5 +44,6 @@ impl PipelineMetrics {
         r.register("publish_failures", "Failed attempts to publish invalidations", self.publish_failures.clone());
         r.register("messages_acked", "Messages acknowledged after their effects were durable", self.acked.clone());
         r.register("messages_released", "Messages released back to the source for another attempt", self.released.clone());
+        r.register("messages_deferred", "Messages given back untried while the store's breaker was open", self.deferred.clone());
     }
 }

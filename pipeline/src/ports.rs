@@ -3,7 +3,7 @@
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use catalog_domain::{CatalogEvent, FacetVersions, ProductId, ProductState};
@@ -50,6 +50,11 @@ pub trait EventSource: Send + Sync + 'static {
 
     /// Gives messages back for another attempt after a transient failure.
     fn release(&self, receipts: Vec<Self::Receipt>, reason: &str) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Gives messages back untried, to come back after `delay`: they did not fail, they were not
+    /// attempted (the store's breaker is open). Where the source can, this delivery does not
+    /// count towards the dead-letter queue.
+    fn defer(&self, receipts: Vec<Self::Receipt>, delay: Duration) -> impl Future<Output = Result<(), SourceError>> + Send;
 
     /// Moves messages to the dead-letter queue with their reason and removes them from the source.
     fn dead_letter(&self, letters: Vec<DeadLetter<Self::Receipt>>) -> impl Future<Output = Result<(), SourceError>> + Send;

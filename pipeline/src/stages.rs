@@ -216,7 +216,17 @@ async fn write<S: EventSource, St: ProductStore>(
         let redelivered = batch.iter().any(|a| a.redelivered);
         let (receipts, events): (Vec<_>, Vec<_>) = batch.into_iter().map(|a| (a.receipt, a.event)).unzip();
         let Some(trial) = breaker.try_acquire() else {
-            release(&*source, receipts, "the store's circuit breaker is open; retried after its cool-down", &metrics).await;
+            // Not a failure of these messages: they come back after the cool-down, and where the
+            // source can, this delivery does not count towards the DLQ.
+            let n = receipts.len() as u64;
+            match source.defer(receipts, breaker.retry_after()).await {
+                Ok(()) => {
+                    metrics.deferred.inc_by(n);
+                }
+                Err(e) => {
+                    tracing::error!(error = %chain(&e), "deferring messages failed; they return after their visibility timeout")
+                }
+            };
             continue;
         };
         let result = store.write_batch(&events).await;

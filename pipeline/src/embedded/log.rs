@@ -381,6 +381,18 @@ impl EventSource for EmbeddedLog {
         self.advance_watermark(&mut cursor)
     }
 
+    async fn defer(&self, receipts: Vec<u64>, delay: Duration) -> Result<(), SourceError> {
+        let mut cursor = lock(&self.inner.cursor);
+        let visible_at = Instant::now() + delay;
+        for sequence in receipts {
+            let Some(lease) = cursor.in_flight.get_mut(&sequence) else { continue };
+            // This delivery was never tried: it does not count.
+            lease.receive_count = lease.receive_count.saturating_sub(1);
+            lease.visible_at = visible_at;
+        }
+        Ok(())
+    }
+
     async fn dead_letter(&self, letters: Vec<DeadLetter<u64>>) -> Result<(), SourceError> {
         let mut cursor = lock(&self.inner.cursor);
         for letter in letters {
@@ -442,6 +454,20 @@ mod tests {
         assert!(letters[0].0.message.contains("store down"), "{}", letters[0].0.message);
         assert_eq!(letters[0].1, Bytes::from_static(b"x"));
         assert_eq!(log.consumed_watermark(), 2);
+    }
+
+    #[tokio::test]
+    async fn deferred_messages_come_back_without_counting_a_delivery() {
+        let (_dir, _db, log) = open(fast());
+        log.append(&[Bytes::from_static(b"x")]).await.unwrap();
+        for _ in 0..10 {
+            let got = log.receive(10).await.unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].receive_count, 1, "never tried, so never counted");
+            log.defer(vec![got[0].receipt], Duration::from_millis(5)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.dead_letter_count(), 0);
     }
 
     #[tokio::test]
