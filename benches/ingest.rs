@@ -40,11 +40,7 @@ fn events(total: usize) -> Vec<Value> {
 /// CPU seconds (user + system) the server has used so far, from /proc (Linux ticks of 10 ms):
 /// steadier than wall-clock rates on a shared machine, so A/B runs compare it too.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
+    catalog_api::metrics::cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 async fn checkpoint(client: &reqwest::Client, base: &str) -> u64 {

@@ -120,9 +120,9 @@ fn u32_in(min: u32, max: u32) -> impl TypedValueParser<Value = u32> {
     InRange::new(u64::from(min), u64::from(max)).map(|v| v as u32)
 }
 
-/// SQS holds a message invisible for at most 12 hours, and redrives after at most 1,000 receives.
-const SQS_MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
-const SQS_MAX_RECEIVE_COUNT: u32 = 1_000;
+/// The embedded log takes the same bounds as SQS, so a setting moves between backends as it is.
+const SQS_MAX_VISIBILITY_SECS: u64 = aws::MAX_VISIBILITY_SECS;
+const SQS_MAX_RECEIVE_COUNT: u32 = aws::MAX_RECEIVE_COUNT;
 
 /// AWS resource names and limits; the endpoint, region and credentials come from the
 /// standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, profiles, roles…).

@@ -1,7 +1,7 @@
 //! Response helpers every route shares: JSON errors, conditional GETs, gzip.
 
 use bytes::Bytes;
-use catalog_readmodel::{Effort, etag, gzip};
+use catalog_readmodel::{Effort, GZIP_MIN_BYTES, etag, gzip};
 use warp::http::{HeaderValue, Response, StatusCode, header};
 use warp::reply::Response as Reply;
 
@@ -101,8 +101,8 @@ pub fn cached_json(cond: &Conditional, etag: Bytes, body: Bytes, gzip_body: Opti
 /// For bodies assembled per request: computes the ETag and, when worth it, the gzip twin.
 pub fn dynamic_json(cond: &Conditional, body: Vec<u8>, cache_control: &HeaderValue) -> Reply {
     let etag = Bytes::from(etag(&body));
-    // Compressed only when it will be sent: not for a 304.
-    let gz = (cond.accepts_gzip() && !cond.not_modified(&gzip_etag(&etag)))
+    // Compressed only when it will be sent: not for a small body, nor for a 304.
+    let gz = (cond.accepts_gzip() && body.len() >= GZIP_MIN_BYTES && !cond.not_modified(&gzip_etag(&etag)))
         .then(|| gzip(&body, Effort::PerRequest))
         .flatten()
         .map(Bytes::from);

@@ -183,8 +183,9 @@ impl ProcessStats {
     }
 }
 
-/// utime + stime, the 14th and 15th fields; the command name before them may hold spaces.
-fn cpu_seconds(stat: &str) -> Option<f64> {
+/// CPU seconds (utime + stime, the 14th and 15th fields) of a `/proc/<pid>/stat` text; the
+/// command name before them may hold spaces. The ingest bench reads the server's with it too.
+pub fn cpu_seconds(stat: &str) -> Option<f64> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(ticks as f64 / TICKS_PER_SECOND)

@@ -75,6 +75,9 @@ pub const INVALIDATION_DETAIL_TYPE: &str = "Product Changed";
 /// SQS long polling waits at most 20 s.
 pub const MAX_WAIT_TIME: Duration = Duration::from_secs(20);
 pub const DEFAULT_WAIT_TIME: Duration = MAX_WAIT_TIME;
+/// SQS's longest visibility timeout (12 hours) and largest redrive receive count.
+pub const MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
+pub const MAX_RECEIVE_COUNT: u32 = 1_000;
 /// Concurrent SQS receive loops per worker: each returns at most 10 messages per call.
 pub const DEFAULT_POLLERS: usize = 4;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);

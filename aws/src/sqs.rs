@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use catalog_pipeline::{BackendError, DeadLetter, EventSource, FailureClass, Received, SourceError};
 
-use crate::{AwsMetrics, AwsSettings, classify};
+use crate::{AwsMetrics, AwsSettings, MAX_VISIBILITY_SECS, classify};
 
 /// SQS takes at most 10 entries per batch call.
 const SQS_BATCH: usize = 10;
@@ -26,8 +26,6 @@ const MAX_REASON_CHARS: usize = 1_000;
 const RELEASE_BACKOFF_BASE_SECS: u64 = 1;
 /// ...up to this.
 const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
-/// SQS's longest visibility timeout: 12 hours.
-const MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
 
 /// How long a message released after its `receive_count`-th delivery stays invisible: 1 s,
 /// 2 s, 4 s… up to 5 minutes. Whole seconds throughout, so no step truncates to zero.

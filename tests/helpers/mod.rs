@@ -122,6 +122,27 @@ impl TestApp {
         }
     }
 
+    /// Every id of a category listing, walked page by page with `nextCursor`; and how many
+    /// pages that took.
+    pub async fn listing(&self, category: &str, limit: usize) -> (Vec<String>, usize) {
+        let (mut ids, mut pages) = (Vec::new(), 0);
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/products?category={category}&limit={limit}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (status, page) = self.get_json(&path).await;
+            assert_eq!(status, 200, "{page}");
+            pages += 1;
+            ids.extend(page["items"].as_array().unwrap().iter().map(|v| v["product"]["id"].as_str().unwrap().to_owned()));
+            match page["nextCursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => return (ids, pages),
+            }
+        }
+    }
+
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         let text = self.get("/metrics").await.text().await.unwrap();
         text.lines()
