@@ -5,6 +5,9 @@
 //!
 //! cargo bench --bench aws_cost          (CATALOG_COST_EVENTS to change the count)
 
+#[path = "../tests/helpers/moto.rs"]
+mod moto;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -94,25 +97,7 @@ struct Figures {
 
 async fn run(endpoint: &str, total: usize, repeat_share: f64, label: &str) -> Figures {
     let suffix = format!("cost-{label}-{}", std::process::id());
-    let mut env: Vec<(String, String)> = vec![
-        ("AWS_ENDPOINT_URL".into(), endpoint.into()),
-        ("AWS_REGION".into(), "us-east-1".into()),
-        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
-        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-        ("CATALOG_BACKEND".into(), "aws".into()),
-    ];
-    for (var, base) in [
-        ("CATALOG_BUS", "bus"),
-        ("CATALOG_INGEST_RULE", "ingest"),
-        ("CATALOG_INGEST_QUEUE", "ingest"),
-        ("CATALOG_DLQ", "dlq"),
-        ("CATALOG_EVENTS_TABLE", "events"),
-        ("CATALOG_PRODUCTS_TABLE", "products"),
-        ("CATALOG_INVALIDATION_PREFIX", "inv"),
-    ] {
-        env.push((var.into(), format!("{base}-{suffix}")));
-    }
+    let env = moto::moto_env(endpoint, &suffix);
     let init = Command::new(env!("CARGO_BIN_EXE_catalog")).args(["infra", "init"]).envs(env.iter().cloned()).output().unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     let dirs: Vec<tempfile::TempDir> = (0..=API_INSTANCES).map(|_| tempfile::tempdir().unwrap()).collect();

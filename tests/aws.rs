@@ -36,29 +36,8 @@ macro_rules! require_moto {
 fn aws_env(test: &str) -> Vec<(String, String)> {
     static N: AtomicU32 = AtomicU32::new(0);
     let suffix = format!("{test}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let mut env: Vec<(String, String)> = [
-        ("AWS_ENDPOINT_URL", endpoint()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ACCESS_KEY_ID", "test".into()),
-        ("AWS_SECRET_ACCESS_KEY", "test".into()),
-        ("AWS_EC2_METADATA_DISABLED", "true".into()),
-        ("CATALOG_BACKEND", "aws".into()),
-        ("CATALOG_SQS_WAIT_SECS", "1".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    for (var, base) in [
-        ("CATALOG_BUS", "bus"),
-        ("CATALOG_INGEST_RULE", "ingest"),
-        ("CATALOG_INGEST_QUEUE", "ingest"),
-        ("CATALOG_DLQ", "dlq"),
-        ("CATALOG_EVENTS_TABLE", "events"),
-        ("CATALOG_PRODUCTS_TABLE", "products"),
-        ("CATALOG_INVALIDATION_PREFIX", "inv"),
-    ] {
-        env.push((var.to_owned(), format!("{base}-{suffix}")));
-    }
+    let mut env = helpers::moto::moto_env(&endpoint(), &suffix);
+    env.push(("CATALOG_SQS_WAIT_SECS".to_owned(), "1".to_owned()));
     env
 }
 

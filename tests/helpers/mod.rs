@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod moto;
+
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
