@@ -44,6 +44,12 @@ pub mod attr {
     pub const PRODUCT_VERSION: &str = "productVersion";
     pub const INVENTORY_VERSION: &str = "inventoryVersion";
     pub const PRICE_VERSION: &str = "priceVersion";
+    /// Per facet, the position of the last unversioned event applied (`ProductState::positions`).
+    pub const PRODUCT_POSITION: &str = "productPosition";
+    pub const INVENTORY_POSITION: &str = "inventoryPosition";
+    pub const PRICE_POSITION: &str = "pricePosition";
+    /// In a log segment's JSON line: the event's position, beside the compact envelope.
+    pub const LINE_POSITION: &str = "position";
     pub const REVISION: &str = "revision";
     pub const UPDATED_AT: &str = "updatedAt";
     pub const TIME: &str = "time";
@@ -65,6 +71,19 @@ fn version_attr(facet: Facet) -> &'static str {
     }
 }
 
+fn position_attr(facet: Facet) -> &'static str {
+    match facet {
+        Facet::Product => attr::PRODUCT_POSITION,
+        Facet::Inventory => attr::INVENTORY_POSITION,
+        Facet::Price => attr::PRICE_POSITION,
+    }
+}
+
+/// What orders an event within its facet: its version, else its position (`None`: arrival).
+fn order_key(e: &SequencedEvent) -> Option<u64> {
+    e.event.version.or(e.position)
+}
+
 /// Packs events into log segments of at most `max_bytes` of JSON lines each (an event larger
 /// than that gets a segment of its own). DynamoDB bills a write per started KiB of each item,
 /// so one compressed segment of many events costs a fraction of a unit per event where one
@@ -75,7 +94,7 @@ fn version_attr(facet: Facet) -> &'static str {
 /// readers fold events by version (see [`decode_segment`]).
 /// Members are the events' positions in `events`.
 fn segments<'a>(
-    events: impl IntoIterator<Item = &'a CatalogEvent>,
+    events: impl IntoIterator<Item = &'a SequencedEvent>,
     max_bytes: usize,
     writer: &SegmentIds,
 ) -> Vec<(LogKey, Item, Vec<usize>)> {
@@ -99,8 +118,13 @@ fn segments<'a>(
         out.push((key, item, std::mem::take(members)));
         lines.clear();
     };
-    for (i, event) in events.into_iter().enumerate() {
-        let line = event.to_compact_json().to_string();
+    for (i, sequenced) in events.into_iter().enumerate() {
+        let event = &sequenced.event;
+        let mut json = event.to_compact_json();
+        if let (Some(position), serde_json::Value::Object(envelope)) = (sequenced.position, &mut json) {
+            envelope.insert(attr::LINE_POSITION.into(), position.into());
+        }
+        let line = json.to_string();
         if !members.is_empty() && lines.len() + line.len() + 1 > max_bytes {
             flush(&mut lines, &mut members, first_time);
         }
@@ -194,6 +218,11 @@ pub fn state_from_item(item: &Item) -> Result<ProductState, StoreError> {
             inventory: unsigned(attr::INVENTORY_VERSION),
             price: unsigned(attr::PRICE_VERSION),
         },
+        positions: FacetVersions {
+            product: unsigned(attr::PRODUCT_POSITION),
+            inventory: unsigned(attr::INVENTORY_POSITION),
+            price: unsigned(attr::PRICE_POSITION),
+        },
         revision: unsigned(attr::REVISION).unwrap_or(0),
         updated_at_ms: unsigned(attr::UPDATED_AT).unwrap_or(0),
     })
@@ -207,7 +236,7 @@ struct FacetUpdate {
     values: HashMap<String, AttributeValue>,
 }
 
-fn facet_update(event: &CatalogEvent) -> FacetUpdate {
+fn facet_update(event: &CatalogEvent, position: Option<u64>) -> FacetUpdate {
     let mut set = Vec::new();
     let mut remove = Vec::new();
     let mut names = HashMap::new();
@@ -226,8 +255,14 @@ fn facet_update(event: &CatalogEvent) -> FacetUpdate {
     };
     put(attr::UPDATED_AT, Some(n(event.time_millis())));
     let facet = event.change.facet();
-    if let Some(v) = event.version {
-        put(version_attr(facet), Some(n(v)));
+    // The same guard as `ProductState::apply_at`: the version, else the position.
+    let guard = match (event.version, position) {
+        (Some(v), _) => Some((version_attr(facet), v)),
+        (None, Some(p)) => Some((position_attr(facet), p)),
+        (None, None) => None,
+    };
+    if let Some((attribute, value)) = guard {
+        put(attribute, Some(n(value)));
     }
     match &event.change {
         Change::Product(p) if p.status == ProductStatus::Deleted => put(attr::DELETED, Some(AttributeValue::Bool(true))),
@@ -252,9 +287,9 @@ fn facet_update(event: &CatalogEvent) -> FacetUpdate {
         expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
     }
     expression.push_str(" ADD #rev :one");
-    let condition = event.version.map(|v| {
-        names.insert("#fv".into(), version_attr(facet).into());
-        values.insert(":fv".into(), n(v));
+    let condition = guard.map(|(attribute, value)| {
+        names.insert("#fv".into(), attribute.into());
+        values.insert(":fv".into(), n(value));
         "attribute_not_exists(#fv) OR #fv < :fv".to_owned()
     });
     FacetUpdate { expression, condition, names, values }
@@ -270,8 +305,9 @@ struct FacetWork {
 
 /// What a write batch asks of the products table, decided before any call: per product (in
 /// first-arrival order), its facets in turn. Events in `skip` (not durable in the log) are left
-/// out. Where every event of a facet is versioned only the highest version can change
-/// anything, so it alone is written and the others are superseded.
+/// out. Where every event of a facet is ordered alike (all versioned, or all positioned and
+/// unversioned) only the highest can change anything, so it alone is written and the others
+/// are superseded.
 fn plan(events: &[SequencedEvent], skip: &BTreeSet<usize>) -> Vec<Vec<FacetWork>> {
     let mut products: Vec<Vec<FacetWork>> = Vec::new();
     let mut product_slot: HashMap<&ProductId, usize> = HashMap::new();
@@ -292,8 +328,10 @@ fn plan(events: &[SequencedEvent], skip: &BTreeSet<usize>) -> Vec<Vec<FacetWork>
         members[f].push(i);
     }
     for (indexes, p) in members.into_iter().zip(facet_product) {
-        let work = if indexes.iter().all(|&i| events[i].event.version.is_some()) {
-            let best = *indexes.iter().max_by_key(|&&i| events[i].event.version).expect("a facet has at least one event");
+        let versioned = indexes.iter().all(|&i| events[i].event.version.is_some());
+        let positioned = indexes.iter().all(|&i| events[i].event.version.is_none() && events[i].position.is_some());
+        let work = if versioned || positioned {
+            let best = *indexes.iter().max_by_key(|&&i| order_key(&events[i])).expect("a facet has at least one event");
             FacetWork { updates: vec![best], superseded: indexes.into_iter().filter(|&i| i != best).collect() }
         } else {
             FacetWork { updates: indexes, superseded: Vec::new() }
@@ -370,7 +408,7 @@ impl DynamoStore {
     async fn append_log(&self, events: &[SequencedEvent]) -> Result<(BTreeSet<usize>, Option<StoreError>), StoreError> {
         let mut owners: HashMap<LogKey, Vec<usize>> = HashMap::new();
         let mut requests = Vec::new();
-        for (key, item, members) in segments(events.iter().map(|e| &e.event), self.settings.log_segment_bytes, &self.segment_ids)
+        for (key, item, members) in segments(events, self.settings.log_segment_bytes, &self.segment_ids)
         {
             owners.insert(key.clone(), members);
             let put = PutRequest::builder()
@@ -402,8 +440,9 @@ impl DynamoStore {
         Ok((failed, failure))
     }
 
-    async fn update_facet(&self, event: &CatalogEvent) -> Result<Applied, StoreError> {
-        let update = facet_update(event);
+    async fn update_facet(&self, sequenced: &SequencedEvent) -> Result<Applied, StoreError> {
+        let event = &sequenced.event;
+        let update = facet_update(event, sequenced.position);
         self.metrics.call("dynamodb", "UpdateItem");
         let result = self
             .client
@@ -499,7 +538,7 @@ impl DynamoStore {
                 let result = if broken {
                     UpdateResult::Held
                 } else {
-                    match self.update_facet(&events[i].event).await {
+                    match self.update_facet(&events[i]).await {
                         Ok(applied) => UpdateResult::Applied(applied),
                         Err(e) => {
                             broken = true;
@@ -602,7 +641,7 @@ mod tests {
     }
 
     fn batch(bodies: &[&str]) -> Vec<SequencedEvent> {
-        bodies.iter().map(|b| SequencedEvent { sequence: None, event: event(b) }).collect()
+        bodies.iter().map(|b| SequencedEvent { sequence: None, position: None, event: event(b) }).collect()
     }
 
     #[test]
@@ -643,21 +682,33 @@ mod tests {
 
     #[test]
     fn versioned_updates_carry_their_guard_and_deletes_only_flag() {
-        let u = facet_update(&event(r#"{"productId":"P1","price":9.99,"currency":"USD","version":4}"#));
+        let u = facet_update(&event(r#"{"productId":"P1","price":9.99,"currency":"USD","version":4}"#), Some(77));
         assert_eq!(u.condition.as_deref(), Some("attribute_not_exists(#fv) OR #fv < :fv"));
         assert_eq!(u.names["#fv"], attr::PRICE_VERSION);
         assert_eq!(u.values[":fv"], n(4));
         assert!(u.expression.ends_with("ADD #rev :one"));
-        let d = facet_update(&event(r#"{"productId":"P1","status":"deleted"}"#));
+        let d = facet_update(&event(r#"{"productId":"P1","status":"deleted"}"#), None);
         assert!(d.condition.is_none());
         assert!(d.names.values().any(|v| v == attr::DELETED));
         assert!(!d.names.values().any(|v| v == attr::NAME), "a delete keeps the facet's fields");
     }
 
     #[test]
+    fn unversioned_updates_are_guarded_by_their_position_and_only_the_latest_is_planned() {
+        let u = facet_update(&event(r#"{"productId":"P1","quantity":3}"#), Some(42));
+        assert_eq!(u.condition.as_deref(), Some("attribute_not_exists(#fv) OR #fv < :fv"));
+        assert_eq!((u.names["#fv"].as_str(), &u.values[":fv"]), (attr::INVENTORY_POSITION, &n(42)));
+        let mut events = batch(&[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]);
+        events[0].position = Some(9);
+        events[1].position = Some(4);
+        assert_eq!(plan(&events, &BTreeSet::new()), vec![vec![FacetWork { updates: vec![0], superseded: vec![1] }]]);
+    }
+
+    #[test]
     fn segments_pack_events_within_the_limit_and_read_back_in_order() {
-        let events: Vec<CatalogEvent> =
-            (1..=50).map(|v| event(&format!(r#"{{"productId":"P{}","quantity":{v},"version":{v}}}"#, v % 7))).collect();
+        let bodies: Vec<String> = (1..=50).map(|v| format!(r#"{{"productId":"P{}","quantity":{v},"version":{v}}}"#, v % 7)).collect();
+        let mut events = batch(&bodies.iter().map(String::as_str).collect::<Vec<_>>());
+        events[0].position = Some(12);
         let ids = SegmentIds::new();
         let one = segments(&events, DEFAULT_LOG_SEGMENT, &ids);
         assert_eq!(one.len(), 1);
@@ -666,8 +717,9 @@ mod tests {
         assert_eq!(item[attr::SEGMENT], s(key.clone()));
         assert_eq!(item[attr::COUNT], n(50));
         let decoded = decode_segment(item).unwrap();
-        let again: Vec<serde_json::Value> = events.iter().map(|e| serde_json::to_value(e.to_compact_json()).unwrap()).collect();
-        assert_eq!(decoded, again);
+        let mut again: Vec<serde_json::Value> = events.iter().map(|e| e.event.to_compact_json()).collect();
+        again[0][attr::LINE_POSITION] = 12.into();
+        assert_eq!(decoded, again, "each line the compact envelope, with the position where known");
         // Compressed, 50 events take fewer started KiB than one item per event would.
         let units = crate::cost::write_units(crate::cost::item_size(item));
         assert!(units * 10 <= 50, "{units} write units for 50 events");
@@ -692,8 +744,10 @@ mod tests {
         item.insert(attr::PRICE_CURRENCY.into(), s("USD"));
         item.insert(attr::QUANTITY.into(), n(5));
         item.insert(attr::PRICE_VERSION.into(), n(3));
+        item.insert(attr::INVENTORY_POSITION.into(), n(11));
         item.insert(attr::REVISION.into(), n(7));
         let state = state_from_item(&item).unwrap();
+        assert_eq!(state.positions.inventory, Some(11));
         assert_eq!(state.effective_price().unwrap().display(), "$999.99");
         assert_eq!((state.quantity, state.versions.price, state.revision), (Some(5), Some(3), 7));
         assert!(state.is_listed());

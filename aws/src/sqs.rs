@@ -29,6 +29,19 @@ const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
 
 /// How long a message released after its `receive_count`-th delivery stays invisible: 1 s,
 /// 2 s, 4 s… up to 5 minutes. Whole seconds throughout, so no step truncates to zero.
+/// Bits of a position below the send time's milliseconds.
+const POSITION_TIE_BITS: u32 = 10;
+
+/// A message's place in the order the log and the store agree on: its send time in
+/// milliseconds, then a hash of its id to order messages sent in the same millisecond (a
+/// standard queue keeps no order among those anyway). Below 2⁵³ until the year 2248, so
+/// DynamoDB numbers and JSON readers hold it exactly.
+pub fn position(sent_ms: u64, message_id: &str) -> u64 {
+    // FNV-1a: stable across processes and releases, unlike the standard library's hasher.
+    let hash = message_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (sent_ms << POSITION_TIE_BITS) | (hash & ((1 << POSITION_TIE_BITS) - 1))
+}
+
 fn release_delay_secs(receive_count: u32) -> i32 {
     let doublings = receive_count.saturating_sub(1).min(16);
     let secs = (RELEASE_BACKOFF_BASE_SECS << doublings).min(MAX_RELEASE_BACKOFF_SECS);
@@ -238,6 +251,7 @@ impl EventSource for SqsSource {
                 accepted_at: time_from_millis(sent_ms),
                 receive_count,
                 sequence: None,
+                position: (sent_ms > 0).then(|| position(sent_ms, id)),
             });
         }
         Ok(received)
@@ -333,6 +347,14 @@ impl EventSource for SqsSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_follow_send_time_and_are_stable_per_message() {
+        assert!(position(1_700_000_000_001, "b") > position(1_700_000_000_000, "a"));
+        assert_eq!(position(1_700_000_000_000, "a"), position(1_700_000_000_000, "a"));
+        assert_ne!(position(1_700_000_000_000, "a"), position(1_700_000_000_000, "b"));
+        assert!(position(8_000_000_000_000, "x") < 1 << 53);
+    }
 
     #[test]
     fn a_released_message_waits_at_least_a_second_and_longer_each_time_up_to_the_cap() {

@@ -16,6 +16,10 @@ pub struct FacetVersions {
 }
 
 impl FacetVersions {
+    pub fn is_empty(&self) -> bool {
+        self.product.is_none() && self.inventory.is_none() && self.price.is_none()
+    }
+
     pub fn get(&self, facet: Facet) -> Option<u64> {
         match facet {
             Facet::Product => self.product,
@@ -60,6 +64,10 @@ pub struct ProductState {
     pub quantity: Option<u64>,
     #[serde(default)]
     pub versions: FacetVersions,
+    /// Per facet, the position of the last unversioned event applied to it (see
+    /// [`ProductState::apply_at`]); the implicit version of events that carry none.
+    #[serde(default, skip_serializing_if = "FacetVersions::is_empty")]
+    pub positions: FacetVersions,
     /// Bumped by every applied change: the monotonic stamp read-model views compare, so an
     /// older state can never overwrite a newer view, whatever order refreshes finish in.
     pub revision: u64,
@@ -85,14 +93,24 @@ impl ProductState {
             price: None,
             quantity: None,
             versions: FacetVersions::default(),
+            positions: FacetVersions::default(),
             revision: 0,
             updated_at_ms: 0,
         }
     }
 
-    /// Applies one event under the version rule of docs/contract.md §1: a facet whose stored version
-    /// is ≥ the event's ignores it; events without a version apply in arrival order.
+    /// Applies one event with no known position: unversioned events apply in arrival order.
     pub fn apply(&mut self, event: &CatalogEvent) -> Applied {
+        self.apply_at(event, None)
+    }
+
+    /// Applies one event under the version rule of docs/contract.md §1: a facet whose stored
+    /// version is ≥ the event's ignores it. An event without a version is ordered by its
+    /// `position`, the order the event log and the store agree on (the embedded log's
+    /// sequence, SQS's send time): a facet that already applied a later or the same position
+    /// ignores it, so a retried event can never undo a later one, and the log folded in
+    /// order gives the state the store holds. Without a position it applies in arrival order.
+    pub fn apply_at(&mut self, event: &CatalogEvent, position: Option<u64>) -> Applied {
         debug_assert_eq!(event.product_id, self.id);
         let facet = event.change.facet();
         if let (Some(incoming), Some(stored)) = (event.version, self.versions.get(facet))
@@ -100,7 +118,14 @@ impl ProductState {
         {
             return Applied::Stale;
         }
-        let before = (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone());
+        if event.version.is_none()
+            && let (Some(incoming), Some(stored)) = (position, self.positions.get(facet))
+            && stored >= incoming
+        {
+            return Applied::Stale;
+        }
+        let before =
+            (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone(), self.positions.clone());
         match &event.change {
             Change::Product(change) => match change.status {
                 ProductStatus::Deleted => self.deleted = true,
@@ -120,10 +145,12 @@ impl ProductState {
             Change::Inventory { quantity } => self.quantity = Some(*quantity),
             Change::Price { price } => self.price = Some(*price),
         }
-        if let Some(version) = event.version {
-            self.versions.set(facet, version);
+        match (event.version, position) {
+            (Some(version), _) => self.versions.set(facet, version),
+            (None, Some(position)) => self.positions.set(facet, position),
+            (None, None) => {}
         }
-        if before == (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone()) {
+        if before == (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone(), self.positions.clone()) {
             return Applied::Unchanged;
         }
         self.revision += 1;
@@ -215,6 +242,27 @@ mod tests {
         let mut state = fold(&[r#"{"productId":"P1","quantity":3}"#]);
         assert_eq!(state.apply(&event(r#"{"productId":"P1","quantity":3}"#)), Applied::Unchanged);
         assert_eq!(state.revision, 1);
+    }
+
+    #[test]
+    fn positioned_unversioned_events_converge_on_the_latest_position_in_any_delivery_order() {
+        let events = [(r#"{"productId":"P1","quantity":3}"#, 5), (r#"{"productId":"P1","quantity":1}"#, 8), (r#"{"productId":"P1","quantity":3}"#, 10)];
+        let fold_at = |order: &[usize]| {
+            let mut state = ProductState::new(ProductId::parse("P1").unwrap());
+            for &i in order {
+                state.apply_at(&event(events[i].0), Some(events[i].1));
+            }
+            state
+        };
+        let in_log_order = fold_at(&[0, 1, 2]);
+        assert_eq!((in_log_order.quantity, in_log_order.positions.inventory), (Some(3), Some(10)));
+        for order in [[2, 1, 0], [0, 2, 1], [1, 2, 0], [2, 0, 1]] {
+            let got = fold_at(&order);
+            assert_eq!((got.quantity, got.positions.clone()), (Some(3), in_log_order.positions.clone()), "order {order:?}");
+        }
+        let mut state = in_log_order;
+        assert_eq!(state.apply_at(&event(events[1].0), Some(8)), Applied::Stale, "a retried earlier event is stale");
+        assert_eq!(state.apply_at(&event(events[2].0), Some(10)), Applied::Stale, "a redelivery is stale");
     }
 
     #[test]

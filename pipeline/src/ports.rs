@@ -21,6 +21,9 @@ pub struct Received<R> {
     pub receive_count: u32,
     /// The position in a global event log, when the source is one (the embedded inbox).
     pub sequence: Option<u64>,
+    /// Where the message stands in the order the log and the store agree on: the implicit
+    /// version of an unversioned event (see `ProductState::apply_at`).
+    pub position: Option<u64>,
 }
 
 /// A message that must not be retried, with the reason operators will read.
@@ -64,6 +67,8 @@ pub trait EventSource: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct SequencedEvent {
     pub sequence: Option<u64>,
+    /// The event's place in the order the log and the store agree on ([`Received::position`]).
+    pub position: Option<u64>,
     pub event: CatalogEvent,
 }
 

@@ -135,7 +135,7 @@ async fn validate<S: EventSource>(
                 Ok(event) => accepted.push(Accepted {
                     receipt: message.receipt,
                     redelivered: message.receive_count > 1,
-                    event: SequencedEvent { sequence: message.sequence, event },
+                    event: SequencedEvent { sequence: message.sequence, position: message.position, event },
                 }),
                 Err(e) => {
                     // The one line per dead letter, whichever source keeps it.
@@ -344,7 +344,7 @@ mod tests {
     fn accepted(n: u64) -> Accepted<u64> {
         let body = format!(r#"{{"productId":"P{n}","quantity":{n}}}"#);
         let event = CatalogEvent::parse(body.as_bytes(), SystemTime::UNIX_EPOCH, catalog_domain::ParseLimits::default()).unwrap();
-        Accepted { receipt: n, redelivered: false, event: SequencedEvent { sequence: Some(n), event } }
+        Accepted { receipt: n, redelivered: false, event: SequencedEvent { sequence: Some(n), position: Some(n), event } }
     }
 
     fn receipts(batch: &[Accepted<u64>]) -> Vec<u64> {

@@ -79,13 +79,13 @@ pub fn rebuild(
         let before = chunk.len();
         chunk.retain(|e| !dead.contains(&e.sequence));
         report.dead_lettered_skipped += (before - chunk.len()) as u64;
-        for event in parse_in_parallel(&chunk, limits, threads) {
+        for (entry, event) in chunk.iter().zip(parse_in_parallel(&chunk, limits, threads)) {
             let Some(event) = event else {
                 report.invalid_skipped += 1;
                 continue;
             };
             let state = states.entry(event.product_id.clone()).or_insert_with(|| ProductState::new(event.product_id.clone()));
-            if state.apply(&event) == catalog_domain::state::Applied::Changed {
+            if state.apply_at(&event, Some(entry.sequence)) == catalog_domain::state::Applied::Changed {
                 report.events_applied += 1;
             }
         }

@@ -320,6 +320,7 @@ fn received(entry: LogEntry, receive_count: u32) -> Received<u64> {
         accepted_at: entry.accepted_at,
         receive_count,
         sequence: Some(entry.sequence),
+        position: Some(entry.sequence),
     }
 }
 

@@ -36,7 +36,7 @@ impl EmbeddedStore {
                 order.push(id);
             }
             let (state, changed) = touched.get_mut(id).expect("inserted above");
-            match state.apply(&sequenced.event) {
+            match state.apply_at(&sequenced.event, sequenced.position) {
                 Applied::Changed => *changed = true,
                 Applied::Stale | Applied::Unchanged => unchanged += 1,
             }
