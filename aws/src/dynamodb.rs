@@ -408,8 +408,7 @@ impl DynamoStore {
     async fn append_log(&self, events: &[SequencedEvent]) -> Result<(BTreeSet<usize>, Option<StoreError>), StoreError> {
         let mut owners: HashMap<LogKey, Vec<usize>> = HashMap::new();
         let mut requests = Vec::new();
-        for (key, item, members) in segments(events, self.settings.log_segment_bytes, &self.segment_ids)
-        {
+        for (key, item, members) in segments(events, self.settings.log_segment_bytes, &self.segment_ids) {
             owners.insert(key.clone(), members);
             let put = PutRequest::builder()
                 .set_item(Some(item))
@@ -706,7 +705,8 @@ mod tests {
 
     #[test]
     fn segments_pack_events_within_the_limit_and_read_back_in_order() {
-        let bodies: Vec<String> = (1..=50).map(|v| format!(r#"{{"productId":"P{}","quantity":{v},"version":{v}}}"#, v % 7)).collect();
+        let bodies: Vec<String> =
+            (1..=50).map(|v| format!(r#"{{"productId":"P{}","quantity":{v},"version":{v}}}"#, v % 7)).collect();
         let mut events = batch(&bodies.iter().map(String::as_str).collect::<Vec<_>>());
         events[0].position = Some(12);
         let ids = SegmentIds::new();

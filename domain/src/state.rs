@@ -124,8 +124,7 @@ impl ProductState {
         {
             return Applied::Stale;
         }
-        let before =
-            (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone(), self.positions.clone());
+        let before = (self.info.clone(), self.deleted, self.price, self.quantity, self.versions.clone(), self.positions.clone());
         match &event.change {
             Change::Product(change) => match change.status {
                 ProductStatus::Deleted => self.deleted = true,
@@ -169,6 +168,39 @@ impl ProductState {
 
     pub fn effective_price(&self) -> Option<Money> {
         self.price.or_else(|| self.info.as_ref().and_then(|i| i.list_price))
+    }
+
+    /// Where two states of one product disagree on what the events said, as `field: a, b`
+    /// lines labelled with `names`; empty when they agree. Revision, times and positions are
+    /// bookkeeping that differ with delivery order, and are not compared.
+    pub fn differences(&self, other: &Self, names: (&str, &str)) -> Vec<String> {
+        fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+            v.as_ref().map_or_else(|| "none".to_owned(), |v| format!("{v:?}"))
+        }
+        let info = |s: &Self| s.info.clone();
+        let field = |s: &Self, f: fn(&ProductInfo) -> String| info(s).map(|i| f(&i));
+        let money = |m: Option<Money>| m.map(|m| m.display());
+        let mut out = Vec::new();
+        let mut check = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name}: {} {a}, {} {b}", names.0, names.1));
+            }
+        };
+        check("name", show(&field(self, |i| i.name.clone())), show(&field(other, |i| i.name.clone())));
+        check("description", show(&info(self).and_then(|i| i.description)), show(&info(other).and_then(|i| i.description)));
+        check("category", show(&info(self).and_then(|i| i.category)), show(&info(other).and_then(|i| i.category)));
+        check(
+            "list price",
+            show(&money(info(self).and_then(|i| i.list_price))),
+            show(&money(info(other).and_then(|i| i.list_price))),
+        );
+        check("deleted", self.deleted.to_string(), other.deleted.to_string());
+        check("price", show(&money(self.price)), show(&money(other.price)));
+        check("quantity", show(&self.quantity), show(&other.quantity));
+        check("product version", show(&self.versions.product), show(&other.versions.product));
+        check("inventory version", show(&self.versions.inventory), show(&other.versions.inventory));
+        check("price version", show(&self.versions.price), show(&other.versions.price));
+        out
     }
 }
 
@@ -246,7 +278,11 @@ mod tests {
 
     #[test]
     fn positioned_unversioned_events_converge_on_the_latest_position_in_any_delivery_order() {
-        let events = [(r#"{"productId":"P1","quantity":3}"#, 5), (r#"{"productId":"P1","quantity":1}"#, 8), (r#"{"productId":"P1","quantity":3}"#, 10)];
+        let events = [
+            (r#"{"productId":"P1","quantity":3}"#, 5),
+            (r#"{"productId":"P1","quantity":1}"#, 8),
+            (r#"{"productId":"P1","quantity":3}"#, 10),
+        ];
         let fold_at = |order: &[usize]| {
             let mut state = ProductState::new(ProductId::parse("P1").unwrap());
             for &i in order {
@@ -287,6 +323,20 @@ mod tests {
             r#"{"productId":"P1","name":"A","status":"updated","price":7}"#,
         ]);
         assert_eq!(state.effective_price().unwrap().minor(), 1_000);
+    }
+
+    #[test]
+    fn differences_name_each_field_that_disagrees_and_ignore_bookkeeping() {
+        let a = fold(&[r#"{"productId":"P1","name":"A","category":"C","status":"created"}"#, PRICE_V1]);
+        let mut b = fold(&[r#"{"productId":"P1","name":"B","category":"C","status":"created"}"#, PRICE_V2]);
+        assert_eq!(
+            a.differences(&b, ("log", "store")),
+            ["name: log \"A\", store \"B\"", "price: log \"$10.00\", store \"$20.00\"", "price version: log 1, store 2"]
+        );
+        b = a.clone();
+        b.revision += 5;
+        b.positions.inventory = Some(9);
+        assert!(a.differences(&b, ("log", "store")).is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - `metrics`: counters that drive `/metrics` and the benchmarks' per-event figures.
 
 pub mod breaker;
+pub mod budget;
 pub mod config;
 pub mod embedded;
 pub mod error;

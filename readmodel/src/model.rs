@@ -197,6 +197,59 @@ impl ReadModel {
         Ok(())
     }
 
+    /// Every stored view in id order, tombstones included: the replay tools' view.
+    pub fn views(&self) -> impl Iterator<Item = Result<(String, Option<StoredView>), ReadModelError>> + use<> {
+        self.inner.views.iter().map(|item| {
+            let (key, value) = item.map_err(storage("scan views"))?;
+            Ok((String::from_utf8_lossy(&key).into_owned(), StoredView::decode(Bytes::from_owner(value))))
+        })
+    }
+
+    /// Every category-index entry as `(category, id)`.
+    pub fn listings(&self) -> impl Iterator<Item = Result<(String, String), ReadModelError>> + use<> {
+        self.inner.by_category.iter().keys().map(|key| {
+            let key = key.map_err(storage("scan index"))?;
+            let split = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+            let id = key.get(split + 1..).unwrap_or_default();
+            Ok((String::from_utf8_lossy(&key[..split]).into_owned(), String::from_utf8_lossy(id).into_owned()))
+        })
+    }
+
+    pub fn is_indexed(&self, category: &str, id: &str) -> Result<bool, ReadModelError> {
+        self.inner.by_category.contains_key(category_key(category, id)).map_err(storage("index"))
+    }
+
+    /// Writes the view of `state` whatever revision is stored, and fixes its index entry:
+    /// `replay verify --repair`, which has compared the view with the store.
+    pub fn overwrite(&self, state: &ProductState) -> Result<(), ReadModelError> {
+        let key = state.id.as_str();
+        let value = StoredView::encode(state, self.inner.settings, millis_since_epoch(SystemTime::now()));
+        let old = self.inner.views.insert(key, value).map_err(storage("write view"))?;
+        let old = old.and_then(|v| StoredView::decode(Bytes::from_owner(v))).filter(|v| v.listed);
+        let old = old.as_ref().map(StoredView::category).filter(|c| !c.is_empty()).map(str::to_owned);
+        self.reindex(key, old.as_deref(), state.category())
+    }
+
+    /// Drops a product's view and its index entry (a view the store knows nothing of).
+    pub fn remove(&self, id: &str) -> Result<(), ReadModelError> {
+        if let Some(old) = self.inner.views.remove(id).map_err(storage("remove view"))?
+            && let Some(view) = StoredView::decode(Bytes::from_owner(old))
+        {
+            self.unindex(view.category(), id)?;
+        }
+        Ok(())
+    }
+
+    /// Drops one index entry.
+    pub fn unindex(&self, category: &str, id: &str) -> Result<(), ReadModelError> {
+        self.inner.by_category.remove(category_key(category, id)).map_err(storage("index"))?;
+        Ok(())
+    }
+
+    pub fn settings(&self) -> ViewSettings {
+        self.inner.settings
+    }
+
     pub fn revision_of(&self, id: &str) -> Result<Option<u64>, ReadModelError> {
         Ok(self.get(id)?.map(|v| v.revision))
     }

@@ -72,6 +72,7 @@ struct Inner {
     db: sled::Db,
     log: sled::Tree,
     dlq: sled::Tree,
+    redriven: sled::Tree,
     meta: sled::Tree,
     /// The next sequence to assign. Held while inserting, so sequences become visible in
     /// order and a reader's cursor can never step over one that is still being written.
@@ -118,6 +119,7 @@ impl EmbeddedLog {
         let open = storage_error("open");
         let log = db.open_tree(trees::LOG).map_err(&open)?;
         let dlq = db.open_tree(trees::DLQ).map_err(&open)?;
+        let redriven = db.open_tree(trees::REDRIVEN).map_err(&open)?;
         let meta = db.open_tree(trees::META).map_err(&open)?;
         let last = log.last().map_err(&open)?.and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
         let next_sequence = last.map_or(1, |s| s + 1);
@@ -129,6 +131,7 @@ impl EmbeddedLog {
                 db: db.clone(),
                 log,
                 dlq,
+                redriven,
                 meta,
                 next_sequence: Mutex::new(next_sequence),
                 cursor: Mutex::new(Cursor { next_unread: watermark, in_flight: BTreeMap::new(), watermark }),
@@ -192,19 +195,63 @@ impl EmbeddedLog {
         next.saturating_sub(self.consumed_watermark())
     }
 
+    /// Every dead letter with its body, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<(DeadLetterRecord, Bytes)>, SourceError> {
         let read = storage_error("read dead letters");
-        let mut out = Vec::new();
-        for item in self.inner.dlq.iter() {
-            let (_, value) = item.map_err(&read)?;
-            let header_len = value.get(..4).map_or(0, |b| u32::from_be_bytes(b.try_into().unwrap_or_default()) as usize);
-            let header = value.get(4..4 + header_len).unwrap_or_default();
-            let record: DeadLetterRecord =
-                serde_json::from_slice(header).map_err(|e| SourceError::corrupt("decoding a dead letter", e))?;
-            let body = Bytes::from_owner(value).slice(4 + header_len..);
-            out.push((record, body));
+        self.inner.dlq.iter().map(|item| decode_dead_letter(item.map_err(&read)?.1)).collect()
+    }
+
+    /// Log sequences whose events the store never applied as they stand: dead letters, and
+    /// dead letters redriven (those apply at the sequence they came back as). A fold of the
+    /// log skips them, as the pipeline did.
+    pub fn skipped_sequences(&self) -> Result<std::collections::HashSet<u64>, SourceError> {
+        let read = storage_error("read dead letters");
+        let mut out = std::collections::HashSet::new();
+        for tree in [&self.inner.dlq, &self.inner.redriven] {
+            for key in tree.iter().keys() {
+                out.extend(key.map_err(&read)?.as_ref().try_into().ok().map(u64::from_be_bytes));
+            }
         }
         Ok(out)
+    }
+
+    /// Moves dead letters back into the log as new entries, in the order given, each removed
+    /// from the DLQ in the same transaction that appends it; returns `(old, new)` sequences
+    /// of those that were there. Like SQS's redrive, an entry comes back as a new message: an
+    /// unversioned event is then ordered by when it came back.
+    pub async fn redrive(&self, sequences: &[u64]) -> Result<Vec<(u64, u64)>, SourceError> {
+        use sled::Transactional;
+        let write = storage_error("redrive");
+        let accepted_ms = millis_since_epoch(SystemTime::now());
+        let moved = {
+            let mut next = lock(&self.inner.next_sequence);
+            let inner = &self.inner;
+            let moved = (&inner.log, &inner.dlq, &inner.redriven)
+                .transaction(|(log, dlq, redriven)| {
+                    let mut moved = Vec::new();
+                    for &old in sequences {
+                        let Some(value) = dlq.remove(&old.to_be_bytes())? else { continue };
+                        let body = decode_dead_letter(value)
+                            .map(|(_, body)| body)
+                            .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                        let new = *next + moved.len() as u64;
+                        log.insert(&new.to_be_bytes(), encode_entry(accepted_ms, &body))?;
+                        redriven.insert(&old.to_be_bytes(), &new.to_be_bytes())?;
+                        moved.push((old, new));
+                    }
+                    Ok(moved)
+                })
+                .map_err(|e| match e {
+                    sled::transaction::TransactionError::Abort(e) => e,
+                    sled::transaction::TransactionError::Storage(e) => write(e),
+                })?;
+            *next += moved.len() as u64;
+            self.inner.dead_letters.fetch_sub(moved.len() as u64, Ordering::Relaxed);
+            moved
+        };
+        self.inner.arrived.notify_waiters();
+        self.inner.db.flush_async().await.map_err(storage_error("flush"))?;
+        Ok(moved)
     }
 
     pub fn dead_letter_count(&self) -> u64 {
@@ -306,6 +353,14 @@ impl EmbeddedLog {
         }
         Ok(())
     }
+}
+
+fn decode_dead_letter(value: sled::IVec) -> Result<(DeadLetterRecord, Bytes), SourceError> {
+    let header_len = value.get(..4).map_or(0, |b| u32::from_be_bytes(b.try_into().unwrap_or_default()) as usize);
+    let header = value.get(4..4 + header_len).unwrap_or_default();
+    let record: DeadLetterRecord =
+        serde_json::from_slice(header).map_err(|e| SourceError::corrupt("decoding a dead letter", e))?;
+    Ok((record, Bytes::from_owner(value).slice(4 + header_len..)))
 }
 
 fn message_id(sequence: u64) -> String {
@@ -455,6 +510,21 @@ mod tests {
         assert!(letters[0].0.message.contains("store down"), "{}", letters[0].0.message);
         assert_eq!(letters[0].1, Bytes::from_static(b"x"));
         assert_eq!(log.consumed_watermark(), 2);
+    }
+
+    #[tokio::test]
+    async fn redriven_dead_letters_come_back_once_as_new_entries() {
+        let (_dir, _db, log) = open(LogConfig { max_receive_count: 1, ..fast() });
+        log.append(&[Bytes::from_static(b"x"), Bytes::from_static(b"y")]).await.unwrap();
+        let got = log.receive(10).await.unwrap();
+        log.release(vec![got[0].receipt], "store down").await.unwrap();
+        log.ack(vec![got[1].receipt]).await.unwrap();
+        assert_eq!((log.dead_letter_count(), log.skipped_sequences().unwrap()), (1, [1].into()));
+        assert_eq!(log.redrive(&[1, 1, 7]).await.unwrap(), [(1, 3)], "unknown and repeated sequences are skipped");
+        assert_eq!((log.dead_letter_count(), log.dead_letters().unwrap().len()), (0, 0));
+        let again = log.receive(10).await.unwrap();
+        assert_eq!((again.len(), again[0].receipt, &again[0].body[..], again[0].receive_count), (1, 3, &b"x"[..], 1));
+        assert_eq!(log.skipped_sequences().unwrap(), [1].into(), "the original stays out of any fold");
     }
 
     #[tokio::test]

@@ -17,6 +17,8 @@ pub use store::EmbeddedStore;
 pub(crate) mod trees {
     pub const LOG: &str = "event_log";
     pub const DLQ: &str = "dead_letters";
+    /// Dead letters moved back into the log: original sequence → the sequence it came back as.
+    pub const REDRIVEN: &str = "redriven";
     pub const META: &str = "pipeline_meta";
     pub const STATE: &str = "product_state";
 }

@@ -24,6 +24,23 @@ impl EmbeddedStore {
         value.map(|v| decode(id.as_str(), &v)).transpose()
     }
 
+    /// Every product's state in id order: the replay tools' view of the store.
+    pub fn states(&self) -> impl Iterator<Item = Result<ProductState, StoreError>> + use<> {
+        self.state.iter().map(|item| {
+            let (key, value) = item.map_err(storage_error("store read"))?;
+            decode(&String::from_utf8_lossy(&key), &value)
+        })
+    }
+
+    /// Overwrites these states as they are (`replay reproject`, which has decided they are right).
+    pub fn put(&self, states: &[ProductState]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for state in states {
+            batch.insert(state.id.as_str(), encode(state));
+        }
+        self.state.apply_batch(batch).map_err(storage_error("store write"))
+    }
+
     fn write_blocking(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
         let mut touched: HashMap<&ProductId, (ProductState, bool)> = HashMap::new();
         let mut order = Vec::new();
