@@ -202,8 +202,95 @@ impl AwsArgs {
 
 #[derive(Subcommand)]
 pub enum ReplayCommand {
-    /// Rebuild the read model from the event log (stop `catalog serve` first).
+    /// Rebuild the read model from the event log (embedded; stop `catalog serve` first).
     Rebuild(DataArgs),
+    /// Compare the event log's projection, the store and the read model; print every drift,
+    /// exit 1 if there is any.
+    Verify(VerifyArgs),
+    /// Put the store's current state right from the event log's projection.
+    Reproject(ReprojectArgs),
+    /// Inspect the dead-letter queue, or move its messages back to be processed again.
+    Dlq(DlqArgs),
+}
+
+/// Messages `replay dlq` moves per second unless told otherwise.
+pub const DEFAULT_DLQ_RATE: u32 = 100;
+/// Products `replay reproject` writes per second unless told otherwise.
+pub const DEFAULT_REPROJECT_RATE: u32 = 500;
+
+/// Which deployment a replay command works on: the embedded data dir (stop `catalog serve`
+/// first: sled allows one process), or the AWS resources (safe beside running workers).
+#[derive(Args, Clone)]
+pub struct ReplayTarget {
+    /// The backend whose state the command reads and repairs.
+    #[arg(long, env = "CATALOG_BACKEND", value_enum, default_value_t = Backend::Embedded)]
+    pub backend: Backend,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    /// Segments of each DynamoDB parallel Scan (AWS).
+    #[arg(long, env = "CATALOG_SCAN_SEGMENTS", default_value_t = aws::DEFAULT_SCAN_SEGMENTS, value_parser = u32_in(1, 1_000_000))]
+    pub scan_segments: u32,
+}
+
+#[derive(Args, Clone)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub target: ReplayTarget,
+    /// Rewrite every drifted view and listing from the store (the read model in --data-dir;
+    /// on AWS, an API instance's, stopped).
+    #[arg(long)]
+    pub repair: bool,
+    /// Store items read per second (0: unlimited).
+    #[arg(long, env = "CATALOG_VERIFY_MAX_PER_SEC", default_value_t = 0)]
+    pub max_per_sec: u32,
+}
+
+#[derive(Args, Clone)]
+pub struct ReprojectArgs {
+    #[command(flatten)]
+    pub target: ReplayTarget,
+    /// Products written per second (0: unlimited), so a reprojection does not starve the pipeline.
+    #[arg(long, env = "CATALOG_REPROJECT_MAX_PER_SEC", default_value_t = DEFAULT_REPROJECT_RATE)]
+    pub max_per_sec: u32,
+    /// Where progress is saved, to resume an interrupted run (default: `reproject.checkpoint` in --data-dir).
+    #[arg(long, env = "CATALOG_REPROJECT_CHECKPOINT")]
+    pub checkpoint: Option<PathBuf>,
+    /// Ignore a saved checkpoint and start from the first product.
+    #[arg(long)]
+    pub restart: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct DlqArgs {
+    #[command(flatten)]
+    pub target: ReplayTarget,
+    /// List the dead letters (code, stage, receives, product, type, reason) and move nothing.
+    #[arg(long)]
+    pub inspect: bool,
+    /// Say what would be moved, and move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Look at no more than this many dead letters.
+    #[arg(long, value_parser = usize_in(1, usize::MAX))]
+    pub max: Option<usize>,
+    /// Only these products (repeat, or comma-separate).
+    #[arg(long = "product", value_delimiter = ',')]
+    pub products: Vec<String>,
+    /// Only these error codes, e.g. `max_receive_count_exceeded` (repeat, or comma-separate).
+    #[arg(long = "code", value_delimiter = ',')]
+    pub codes: Vec<String>,
+    /// Only these detail-types, e.g. `Price Update` (repeat, or comma-separate).
+    #[arg(long = "detail-type", value_delimiter = ',')]
+    pub detail_types: Vec<String>,
+    /// Move messages that still fail validation too (they will be dead-lettered again unless
+    /// the limits changed); without it they stay where they are.
+    #[arg(long)]
+    pub force: bool,
+    /// Messages moved per second (0: unlimited).
+    #[arg(long, env = "CATALOG_DLQ_MAX_PER_SEC", default_value_t = DEFAULT_DLQ_RATE)]
+    pub max_per_sec: u32,
 }
 
 #[derive(Args, Clone)]

@@ -26,12 +26,19 @@ fn main() -> std::process::ExitCode {
         cli::LogFormat::Json => logs.json().flatten_event(true).init(),
     }
     let result = match cli.command {
-        cli::Command::Serve(args) => serve::run(args),
-        cli::Command::Replay(cli::ReplayCommand::Rebuild(args)) => replay::rebuild(args),
-        cli::Command::Infra(cli::InfraCommand::Init(args)) => infra::init(args),
+        cli::Command::Serve(args) => serve::run(args).map(|()| replay::Verdict::Clean),
+        cli::Command::Replay(command) => match command {
+            cli::ReplayCommand::Rebuild(args) => replay::rebuild(args).map(|()| replay::Verdict::Clean),
+            cli::ReplayCommand::Verify(args) => replay::verify(args),
+            cli::ReplayCommand::Reproject(args) => replay::reproject(args),
+            cli::ReplayCommand::Dlq(args) => replay::dlq(args),
+        },
+        cli::Command::Infra(cli::InfraCommand::Init(args)) => infra::init(args).map(|()| replay::Verdict::Clean),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(replay::Verdict::Clean) => std::process::ExitCode::SUCCESS,
+        // The command said what is left; exit 1 like any check that did not pass.
+        Ok(replay::Verdict::Unfinished) => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, ReturnConsumedCapacity, ReturnValue, WriteRequest};
 use catalog_domain::state::ProductInfo;
 use catalog_domain::{CatalogEvent, Change, Currency, Facet, FacetVersions, Money, ProductId, ProductState, ProductStatus};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
+use catalog_pipeline::budget::Budget;
 use catalog_pipeline::{
     BackendError, BoxError, FailureClass, ProductChanged, ProductStore, SequencedEvent, StoreError, WriteOutcome,
 };
@@ -154,6 +155,37 @@ pub fn decode_segment(item: &Item) -> Result<Vec<serde_json::Value>, StoreError>
     text.lines().map(|l| serde_json::from_str(l).map_err(|e| corrupt(e.into()))).collect()
 }
 
+/// One event-log line read back: the event and, where the writer knew it, its position.
+pub fn decode_log_line(line: &serde_json::Value) -> Result<(Option<u64>, CatalogEvent), StoreError> {
+    let position = line.get(attr::LINE_POSITION).and_then(serde_json::Value::as_u64);
+    // Every line carries its `time`, so the fallback time is never used.
+    let event = CatalogEvent::from_value(line, std::time::SystemTime::UNIX_EPOCH)
+        .map_err(|e| StoreError::corrupt("an event-log line that no longer validates", e))?;
+    Ok((position, event))
+}
+
+/// A log segment read back: its key (which sorts by the time of its first event) and events.
+#[derive(Debug)]
+pub struct LogSegment {
+    pub key: String,
+    pub events: Vec<(Option<u64>, CatalogEvent)>,
+}
+
+/// Decodes a page of log-segment items.
+pub fn log_segments(items: &[Item]) -> Result<Vec<LogSegment>, StoreError> {
+    items
+        .iter()
+        .map(|item| {
+            let key = match item.get(attr::SEGMENT) {
+                Some(AttributeValue::S(k)) => k.clone(),
+                _ => return Err(StoreError::corrupt("event log", "a segment without a key")),
+            };
+            let events = decode_segment(item)?.iter().map(decode_log_line).collect::<Result<_, _>>()?;
+            Ok(LogSegment { key, events })
+        })
+        .collect()
+}
+
 /// Unique segment keys for one writer process.
 pub struct SegmentIds {
     writer: u64,
@@ -226,6 +258,41 @@ pub fn state_from_item(item: &Item) -> Result<ProductState, StoreError> {
         revision: unsigned(attr::REVISION).unwrap_or(0),
         updated_at_ms: unsigned(attr::UPDATED_AT).unwrap_or(0),
     })
+}
+
+/// A product's whole item, as [`state_from_item`] reads it back.
+pub fn item_from_state(state: &ProductState) -> Item {
+    let mut item = Item::new();
+    let mut put = |k: &str, v: Option<AttributeValue>| {
+        if let Some(v) = v {
+            item.insert(k.to_owned(), v);
+        }
+    };
+    put(attr::PRODUCT_ID, Some(s(state.id.as_str())));
+    if let Some(info) = &state.info {
+        put(attr::NAME, Some(s(info.name.clone())));
+        put(attr::DESCRIPTION, info.description.clone().map(s));
+        put(attr::CATEGORY, info.category.clone().map(s));
+        put(attr::LIST_PRICE_MINOR, info.list_price.map(|m| n(m.minor())));
+        put(attr::LIST_PRICE_CURRENCY, info.list_price.map(|m| s(m.currency().code())));
+    }
+    put(attr::DELETED, Some(AttributeValue::Bool(state.deleted)));
+    put(attr::PRICE_MINOR, state.price.map(|m| n(m.minor())));
+    put(attr::PRICE_CURRENCY, state.price.map(|m| s(m.currency().code())));
+    put(attr::QUANTITY, state.quantity.map(n));
+    for (facet, versions, attribute) in [
+        (Facet::Product, &state.versions, version_attr as fn(Facet) -> &'static str),
+        (Facet::Inventory, &state.versions, version_attr),
+        (Facet::Price, &state.versions, version_attr),
+        (Facet::Product, &state.positions, position_attr),
+        (Facet::Inventory, &state.positions, position_attr),
+        (Facet::Price, &state.positions, position_attr),
+    ] {
+        put(attribute(facet), versions.get(facet).map(n));
+    }
+    put(attr::REVISION, Some(n(state.revision)));
+    put(attr::UPDATED_AT, Some(n(state.updated_at_ms)));
+    item
 }
 
 /// The update expression that applies one event to its facet, guarded by its version.
@@ -499,29 +566,112 @@ impl DynamoStore {
         Ok(out.unprocessed_keys().and_then(|u| u.get(table)).map(|k| k.keys().to_vec()).unwrap_or_default())
     }
 
-    /// Every product, for rebuilding a read model from current state.
-    pub async fn scan_states(&self) -> Result<Vec<ProductState>, StoreError> {
-        let mut states = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            self.metrics.call("dynamodb", "Scan");
-            let out = self
-                .client
-                .scan()
-                .table_name(&self.settings.names.products_table)
-                .set_exclusive_start_key(start.take())
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(|e| classify(format!("DynamoDB Scan of {}", self.settings.names.products_table), e))?;
-            self.metrics.consumed(out.consumed_capacity(), false);
-            for item in out.items() {
-                states.push(state_from_item(item)?);
+    /// Reads a whole table by a parallel Scan of `segments` segments, each page handed to the
+    /// returned receiver as it arrives: memory holds a few pages, never the table. `budget`
+    /// paces the items read. The first error ends the scan and is the last thing received.
+    pub fn scan_pages(&self, table: &str, segments: u32, budget: Budget) -> mpsc::Receiver<Result<Vec<Item>, StoreError>> {
+        let segments = segments.max(1);
+        let (tx, rx) = mpsc::channel(2 * segments as usize);
+        for segment in 0..segments {
+            let (store, tx, budget, table) = (self.clone(), tx.clone(), budget.clone(), table.to_owned());
+            tokio::spawn(async move {
+                let mut start: Option<Item> = None;
+                loop {
+                    store.metrics.call("dynamodb", "Scan");
+                    let out = store
+                        .client
+                        .scan()
+                        .table_name(&table)
+                        .segment(segment as i32)
+                        .total_segments(segments as i32)
+                        .set_exclusive_start_key(start.take())
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                        .await
+                        .map_err(|e| classify(format!("DynamoDB Scan of {table} (segment {segment} of {segments})"), e));
+                    let out = match out {
+                        Ok(out) => out,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    store.metrics.consumed(out.consumed_capacity(), false);
+                    budget.take(out.items().len()).await;
+                    if tx.send(Ok(out.items().to_vec())).await.is_err() {
+                        return;
+                    }
+                    match out.last_evaluated_key() {
+                        Some(k) if !k.is_empty() => start = Some(k.clone()),
+                        _ => return,
+                    }
+                }
+            });
+        }
+        rx
+    }
+
+    /// Every product's state, page by page, to `sink` (a parallel Scan of the products table).
+    pub async fn scan_states(
+        &self,
+        segments: u32,
+        budget: Budget,
+        mut sink: impl FnMut(Vec<ProductState>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut pages = self.scan_pages(&self.settings.names.products_table, segments, budget);
+        while let Some(page) = pages.recv().await {
+            sink(page?.iter().map(state_from_item).collect::<Result<_, _>>()?)?;
+        }
+        Ok(())
+    }
+
+    /// The whole event log, segments in key order (a parallel Scan of the events table).
+    pub async fn scan_log(
+        &self,
+        segments: u32,
+        budget: Budget,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Vec<LogSegment>, StoreError> {
+        let mut pages = self.scan_pages(&self.settings.names.events_table, segments, budget);
+        let mut out = Vec::new();
+        let mut events = 0;
+        while let Some(page) = pages.recv().await {
+            let decoded = log_segments(&page?)?;
+            events += decoded.iter().map(|s| s.events.len() as u64).sum::<u64>();
+            out.extend(decoded);
+            progress(events);
+        }
+        out.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Writes a whole product item, only if the item's revision is still `expected` (`None`:
+    /// only if there is no item): `replay reproject`, racing a live pipeline safely. Returns
+    /// false when the item moved on meanwhile.
+    pub async fn put_state_if(&self, state: &ProductState, expected: Option<u64>) -> Result<bool, StoreError> {
+        let table = &self.settings.names.products_table;
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(table)
+            .set_item(Some(item_from_state(state)))
+            .expression_attribute_names("#id", attr::PRODUCT_ID)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+        request = match expected {
+            Some(revision) => request
+                .condition_expression("#rev = :rev")
+                .expression_attribute_names("#rev", attr::REVISION)
+                .expression_attribute_values(":rev", n(revision)),
+            None => request.condition_expression("attribute_not_exists(#id)"),
+        };
+        self.metrics.call("dynamodb", "PutItem");
+        match request.send().await {
+            Ok(out) => {
+                self.metrics.consumed(out.consumed_capacity(), true);
+                Ok(true)
             }
-            match out.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => return Ok(states),
-            }
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(classify(format!("DynamoDB PutItem of {} into {table}", state.id), e)),
         }
     }
 }
@@ -748,6 +898,7 @@ mod tests {
         item.insert(attr::REVISION.into(), n(7));
         let state = state_from_item(&item).unwrap();
         assert_eq!(state.positions.inventory, Some(11));
+        assert_eq!(state_from_item(&item_from_state(&state)).unwrap(), state, "an item written whole reads back the same");
         assert_eq!(state.effective_price().unwrap().display(), "$999.99");
         assert_eq!((state.quantity, state.versions.price, state.revision), (Some(5), Some(3), 7));
         assert!(state.is_listed());

@@ -16,6 +16,7 @@
 //! - `classify`: an SDK error sorted into the pipeline's failure classes.
 
 pub mod cost;
+pub mod dlq;
 pub mod dynamodb;
 pub mod eventbridge;
 pub mod infra;
@@ -80,6 +81,9 @@ pub const MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
 pub const MAX_RECEIVE_COUNT: u32 = 1_000;
 /// Concurrent SQS receive loops per worker: each returns at most 10 messages per call.
 pub const DEFAULT_POLLERS: usize = 4;
+/// Segments of a parallel Scan (read-model warm-up, replay tools): DynamoDB serves each
+/// segment's pages independently, so a whole-table read takes about 1/n of the time.
+pub const DEFAULT_SCAN_SEGMENTS: u32 = 4;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 3;
 pub const DEFAULT_BATCH_ATTEMPTS: u32 = 5;

@@ -18,7 +18,7 @@ use catalog_pipeline::{BackendError, DeadLetter, EventSource, FailureClass, Rece
 use crate::{AwsMetrics, AwsSettings, MAX_VISIBILITY_SECS, classify};
 
 /// SQS takes at most 10 entries per batch call.
-const SQS_BATCH: usize = 10;
+pub(crate) const SQS_BATCH: usize = 10;
 /// SQS caps a message attribute's useful size; reasons are cut to this many characters.
 const MAX_REASON_CHARS: usize = 1_000;
 /// SQS visibility is set in whole seconds: a released message waits at least this long, then
@@ -204,7 +204,7 @@ impl SqsSource {
     }
 }
 
-fn attribute(value: &str) -> Result<MessageAttributeValue, SourceError> {
+pub(crate) fn attribute(value: &str) -> Result<MessageAttributeValue, SourceError> {
     let text: String = value.chars().take(MAX_REASON_CHARS).collect();
     MessageAttributeValue::builder()
         .data_type("String")
@@ -311,6 +311,7 @@ impl EventSource for SqsSource {
                         .message_attributes("catalog.error.message", attribute(&letter.message)?)
                         .message_attributes("catalog.error.stage", attribute(letter.stage)?)
                         .message_attributes("catalog.source.message-id", attribute(&letter.message_id)?)
+                        .message_attributes(crate::dlq::RECEIVES_ATTRIBUTE, attribute(&letter.receipt.receive_count.to_string())?)
                         .build()
                         .map_err(|e| BackendError::rejected("SQS SendMessageBatch to the DLQ", e))?,
                 );

@@ -129,6 +129,9 @@ impl BreakerMetrics {
 pub struct Breaker {
     config: BreakerConfig,
     phase: Mutex<Phase>,
+    /// The write stage holds a batch that failed for the outage: it is the next trial, so
+    /// nothing new is received for one.
+    holding: std::sync::atomic::AtomicBool,
     state: watch::Sender<BreakerState>,
     metrics: BreakerMetrics,
 }
@@ -145,7 +148,7 @@ impl Breaker {
         let (state, _) = watch::channel(BreakerState::Closed);
         metrics.state.set(BreakerState::Closed.level());
         let phase = Mutex::new(Self::closed());
-        Self { config, phase, state, metrics }
+        Self { config, phase, holding: std::sync::atomic::AtomicBool::new(false), state, metrics }
     }
 
     fn closed() -> Phase {
@@ -174,13 +177,21 @@ impl Breaker {
     /// while a trial batch is free. `Err` says until when to wait at most before asking again.
     pub fn admits_receive(&self) -> Result<(), Instant> {
         let now = Instant::now();
+        let holding = self.holding.load(std::sync::atomic::Ordering::SeqCst);
         match *self.lock() {
             Phase::Closed { .. } => Ok(()),
+            // The held batch is the trial: receiving another would only add a delivery.
+            _ if holding => Err(now + HALF_OPEN_POLL),
             Phase::Open { until } if now >= until => Ok(()),
             Phase::Open { until } => Err(until),
             Phase::HalfOpen { in_flight, .. } if in_flight < self.config.trial_batches => Ok(()),
             Phase::HalfOpen { .. } => Err(now + HALF_OPEN_POLL),
         }
+    }
+
+    /// Whether the write stage is holding a batch through an outage (see `admits_receive`).
+    pub fn set_holding(&self, holding: bool) {
+        self.holding.store(holding, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Phase> {

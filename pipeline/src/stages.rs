@@ -14,9 +14,10 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{Breaker, Outcome};
+use crate::breaker::{Breaker, BreakerState, Outcome};
 use crate::config::PipelineConfig;
 use crate::error::chain;
+use crate::error::{BackendError, FailureClass};
 use crate::metrics::{CodeLabel, PipelineMetrics};
 use crate::ports::{DeadLetter, EventSource, Invalidation, InvalidationBus, ProductStore, Received, SequencedEvent};
 
@@ -68,7 +69,14 @@ pub async fn run<S, St, B>(
     drop(received_tx);
     tasks.spawn(validate(source.clone(), config.parse_limits, received_rx, accepted_tx, metrics.clone()));
     tasks.spawn(batch(accepted_rx, config.write_batch, config.write_batch_timeout, batch_tx));
-    tasks.spawn(write(source.clone(), store, batch_rx, written_tx, metrics.clone(), breaker));
+    tasks.spawn(write(
+        source.clone(),
+        store,
+        batch_rx,
+        written_tx,
+        metrics.clone(),
+        WriteGuard { breaker, retry_base: config.retry_base, shutdown: shutdown.clone() },
+    ));
     tasks.spawn(publish(source.clone(), bus, config.clone(), written_rx, published_tx, metrics.clone()));
     tasks.spawn(ack(source, published_rx, metrics.acked.clone()));
     while let Some(result) = tasks.join_next().await {
@@ -203,15 +211,29 @@ async fn batch<R: Send + 'static>(
     }
 }
 
+/// What decides when the write stage may write: the breaker, the retry schedule while it is
+/// closed, and shutdown.
+struct WriteGuard {
+    breaker: Arc<Breaker>,
+    retry_base: Duration,
+    shutdown: CancellationToken,
+}
+
 /// Writes each batch to the store; events it could not write are released for another try.
+///
+/// When the store is down and the breaker has opened, the events that failed are held here
+/// instead (the source's heartbeat keeps their messages invisible) and written again as the
+/// breaker's trial batch once the cool-down is over: an outage, however long, costs each
+/// message no more than the one delivery it was received with, so none is dead-lettered by it.
 async fn write<S: EventSource, St: ProductStore>(
     source: Arc<S>,
     store: Arc<St>,
     mut input: mpsc::Receiver<Vec<Accepted<S::Receipt>>>,
     out: mpsc::Sender<Written<S::Receipt>>,
     metrics: PipelineMetrics,
-    breaker: Arc<Breaker>,
+    guard: WriteGuard,
 ) {
+    let WriteGuard { breaker, retry_base, shutdown } = guard;
     while let Some(batch) = input.recv().await {
         let redelivered = batch.iter().any(|a| a.redelivered);
         let (receipts, events): (Vec<_>, Vec<_>) = batch.into_iter().map(|a| (a.receipt, a.event)).unzip();
@@ -229,51 +251,124 @@ async fn write<S: EventSource, St: ProductStore>(
             };
             continue;
         };
-        let result = store.write_batch(&events).await;
-        let verdict = match &result {
-            Ok(outcome) => outcome.failure.as_ref().map_or(Outcome::Success, |e| Outcome::Failure(e.class())),
-            Err(e) => Outcome::Failure(e.class()),
-        };
-        breaker.record(trial, verdict);
-        let outcome = match result {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::error!(error = %chain(&e), events = events.len(), "store write failed; releasing the batch");
-                metrics.write_failures.inc_by(events.len() as u64);
-                release(&*source, receipts, &chain(&e), &metrics).await;
-                continue;
+        let (mut receipts, mut events, mut trial) = (receipts, events, trial);
+        // While the breaker stays closed, held events are retried on the usual schedule.
+        let mut backoff = backon::BackoffBuilder::build(crate::config::backoff(retry_base, u32::MAX));
+        loop {
+            let result = store.write_batch(&events).await;
+            let failure = match &result {
+                Ok(outcome) => outcome.failure.as_ref().map(BackendError::class),
+                Err(e) => Some(e.class()),
+            };
+            breaker.record(trial, failure.map_or(Outcome::Success, Outcome::Failure));
+            // The store being down is nobody's message's fault: hold, never spend a delivery.
+            let hold = failure == Some(FailureClass::Unavailable);
+            let outcome = match result {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    metrics.write_failures.inc_by(events.len() as u64);
+                    if !hold {
+                        tracing::error!(error = %chain(&e), events = events.len(), "store write failed; releasing the batch");
+                        release(&*source, receipts, &chain(&e), &metrics).await;
+                        break;
+                    }
+                    tracing::warn!(error = %chain(&e), events = events.len(), "store down; holding the batch until the breaker lets a trial through");
+                    match hold_until_trial(&breaker, &shutdown, backoff.next()).await {
+                        Some(next) => trial = next,
+                        None => return defer_held(&*source, receipts, &breaker, &metrics).await,
+                    }
+                    continue;
+                }
+            };
+            metrics.write_batches.inc();
+            let failed = outcome.failed.len();
+            metrics.applied.inc_by((events.len() - outcome.unchanged - failed) as u64);
+            metrics.unchanged.inc_by(outcome.unchanged as u64);
+            let mut written = Vec::with_capacity(receipts.len());
+            let (mut retry, mut retry_events) = (Vec::new(), Vec::new());
+            let mut failed_idx = outcome.failed.iter().copied().peekable();
+            for (i, (receipt, event)) in receipts.into_iter().zip(std::mem::take(&mut events)).enumerate() {
+                if failed_idx.peek() == Some(&i) {
+                    failed_idx.next();
+                    retry.push(receipt);
+                    retry_events.push(event);
+                } else {
+                    written.push(receipt);
+                    events.push(event);
+                }
             }
-        };
-        metrics.write_batches.inc();
-        let failed = outcome.failed.len();
-        metrics.applied.inc_by((events.len() - outcome.unchanged - failed) as u64);
-        metrics.unchanged.inc_by(outcome.unchanged as u64);
-        let mut written = Vec::with_capacity(receipts.len());
-        let mut retry = Vec::new();
-        let mut failed_idx = outcome.failed.iter().copied().peekable();
-        for (i, receipt) in receipts.into_iter().enumerate() {
-            if failed_idx.peek() == Some(&i) {
-                failed_idx.next();
-                retry.push(receipt);
-            } else {
-                written.push(receipt);
+            if !retry.is_empty() {
+                metrics.write_failures.inc_by(retry.len() as u64);
+                if !hold {
+                    let reason =
+                        outcome.failure.as_ref().map_or_else(|| "the store did not accept these events".to_owned(), |e| chain(e));
+                    release(&*source, std::mem::take(&mut retry), &reason, &metrics).await;
+                }
             }
+            let mut products = outcome.changed;
+            if redelivered {
+                // A redelivery may follow a crash between write and publish: announce again.
+                products.extend(outcome.unchanged_products);
+            }
+            let log_sequence = events.iter().filter_map(|e| e.sequence).max();
+            let invalidation = Invalidation { products, log_sequence };
+            let anything = !written.is_empty() || invalidation.log_sequence.is_some() || !invalidation.products.is_empty();
+            if anything && out.send(Written { receipts: written, invalidation }).await.is_err() {
+                return;
+            }
+            if retry.is_empty() {
+                break;
+            }
+            tracing::warn!(
+                events = retry.len(),
+                "store down; holding the events it did not take until the breaker lets a trial through"
+            );
+            match hold_until_trial(&breaker, &shutdown, backoff.next()).await {
+                Some(next) => trial = next,
+                None => return defer_held(&*source, retry, &breaker, &metrics).await,
+            }
+            (receipts, events) = (retry, retry_events);
         }
-        if !retry.is_empty() {
-            metrics.write_failures.inc_by(retry.len() as u64);
-            let reason =
-                outcome.failure.as_ref().map_or_else(|| "the store did not accept these events".to_owned(), |e| chain(e));
-            release(&*source, retry, &reason, &metrics).await;
+        breaker.set_holding(false);
+    }
+}
+
+/// Waits, holding a batch, until it may be written again: after `backoff` while the breaker
+/// is closed, as its trial once the cool-down is over while it is open. `None` on shutdown.
+async fn hold_until_trial(
+    breaker: &Breaker,
+    shutdown: &CancellationToken,
+    backoff: Option<Duration>,
+) -> Option<crate::breaker::Trial> {
+    breaker.set_holding(true);
+    let mut wait = match breaker.state() {
+        BreakerState::Closed => backoff.unwrap_or(crate::config::MAX_RETRY_DELAY),
+        _ => breaker.retry_after(),
+    };
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(wait) => {}
         }
-        let mut products = outcome.changed;
-        if redelivered {
-            // A redelivery may follow a crash between write and publish: announce again.
-            products.extend(outcome.unchanged_products);
+        if let Some(trial) = breaker.try_acquire() {
+            return Some(trial);
         }
-        let log_sequence = events.iter().filter_map(|e| e.sequence).max();
-        let invalidation = Invalidation { products, log_sequence };
-        if out.send(Written { receipts: written, invalidation }).await.is_err() {
-            return;
+        wait = breaker.retry_after();
+    }
+}
+
+/// Shutting down while holding a batch: give it back untried, as the breaker's turned-away
+/// batches are, so the stop costs no delivery either.
+async fn defer_held<S: EventSource>(source: &S, receipts: Vec<S::Receipt>, breaker: &Breaker, metrics: &PipelineMetrics) {
+    breaker.set_holding(false);
+    let n = receipts.len() as u64;
+    match source.defer(receipts, Duration::ZERO).await {
+        Ok(()) => {
+            metrics.deferred.inc_by(n);
+        }
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "giving back held messages failed; they return after their visibility timeout")
         }
     }
 }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use catalog_domain::{ProductId, ProductState};
 use catalog_pipeline::breaker::{Breaker, BreakerConfig, BreakerMetrics, BreakerState};
 use catalog_pipeline::embedded::{EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
-use catalog_pipeline::{PipelineConfig, PipelineMetrics, ProductStore, SequencedEvent, StoreError, WriteOutcome};
+use catalog_pipeline::{FailureClass, PipelineConfig, PipelineMetrics, ProductStore, SequencedEvent, StoreError, WriteOutcome};
 use tokio_util::sync::CancellationToken;
 
 struct Harness {
@@ -109,18 +109,19 @@ async fn duplicates_change_nothing_and_announce_nothing() {
     }
 }
 
-/// A store that fails while `down` is set: proves release, retry and the DLQ after 3 attempts.
+/// A store that fails with `class` while `down` is set.
 struct FlakyStore {
     inner: EmbeddedStore,
     down: Arc<AtomicBool>,
     attempts: Arc<AtomicU32>,
+    class: FailureClass,
 }
 
 impl ProductStore for FlakyStore {
     async fn write_batch(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::unavailable(format!("writing {} events", events.len()), "injected outage"));
+            return Err(StoreError::new(self.class, format!("writing {} events", events.len()), "injected outage"));
         }
         self.inner.write_batch(events).await
     }
@@ -131,10 +132,10 @@ impl ProductStore for FlakyStore {
 }
 
 #[tokio::test]
-async fn a_store_outage_retries_then_dead_letters_and_recovery_resumes() {
+async fn a_store_that_rejects_writes_retries_then_dead_letters_and_recovery_resumes() {
     let down = Arc::new(AtomicBool::new(true));
     let flag = down.clone();
-    let h = start(move |inner| FlakyStore { inner, down: flag, attempts: Arc::default() });
+    let h = start(move |inner| FlakyStore { inner, down: flag, attempts: Arc::default(), class: FailureClass::Rejected });
     h.log.append(&[Bytes::from_static(br#"{"productId":"P3","quantity":1}"#)]).await.unwrap();
     until(|| h.log.dead_letter_count() == 1).await;
     let (record, _) = h.log.dead_letters().unwrap().remove(0);
@@ -160,7 +161,10 @@ async fn an_open_breaker_stops_writes_and_receives_until_the_store_is_back() {
     };
     let breaker = Arc::new(Breaker::new(config, BreakerMetrics::default()));
     let (flag, count) = (down.clone(), attempts.clone());
-    let h = start_with(move |inner| FlakyStore { inner, down: flag, attempts: count }, breaker.clone());
+    let h = start_with(
+        move |inner| FlakyStore { inner, down: flag, attempts: count, class: FailureClass::Unavailable },
+        breaker.clone(),
+    );
     h.log.append(&[Bytes::from_static(br#"{"productId":"P4","quantity":4}"#)]).await.unwrap();
     until(|| breaker.state() == BreakerState::Open).await;
     let seen = attempts.load(Ordering::SeqCst);
@@ -173,6 +177,35 @@ async fn an_open_breaker_stops_writes_and_receives_until_the_store_is_back() {
     until(|| h.store.get(&id("P4")).unwrap().is_some()).await;
     assert_eq!(breaker.state(), BreakerState::Closed, "a successful trial closed it");
     assert_eq!(h.log.dead_letter_count(), 0);
+    h.shutdown.cancel();
+    h.pipeline.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_every_delivery_dead_letters_nothing_and_loses_nothing() {
+    let down = Arc::new(AtomicBool::new(true));
+    let attempts = Arc::new(AtomicU32::new(0));
+    // The breaker stays closed through many failures, so the hold alone keeps deliveries
+    // down; visibility (200 ms) runs out many times over while the batch is held.
+    let config = BreakerConfig { consecutive_failures: 1_000, cool_down: Duration::from_millis(100), ..BreakerConfig::default() };
+    let breaker = Arc::new(Breaker::new(config, BreakerMetrics::default()));
+    let (flag, count) = (down.clone(), attempts.clone());
+    let h = start_with(move |inner| FlakyStore { inner, down: flag, attempts: count, class: FailureClass::Unavailable }, breaker);
+    let stop = CancellationToken::new();
+    let heartbeat = h.log.spawn_heartbeat(stop.clone());
+    let bodies: Vec<Bytes> = (0..50).map(|i| Bytes::from(format!(r#"{{"productId":"O{i}","quantity":{i}}}"#))).collect();
+    h.log.append(&bodies).await.unwrap();
+    until(|| attempts.load(Ordering::SeqCst) >= 5).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(h.log.dead_letter_count(), 0, "an outage is not the messages' fault");
+    down.store(false, Ordering::SeqCst);
+    until(|| h.log.consumed_watermark() == 51).await;
+    for i in 0..50 {
+        assert_eq!(h.store.get(&id(&format!("O{i}"))).unwrap().unwrap().quantity, Some(i));
+    }
+    assert_eq!(h.log.dead_letter_count(), 0);
+    stop.cancel();
+    heartbeat.await.unwrap();
     h.shutdown.cancel();
     h.pipeline.await.unwrap();
 }

@@ -12,6 +12,7 @@ use catalog_aws::readiness::AwsReadiness;
 use catalog_aws::sqs::SqsSource;
 use catalog_aws::{AwsClients, AwsMetrics};
 use catalog_pipeline::breaker::{Breaker, BreakerMetrics};
+use catalog_pipeline::budget::Budget;
 use catalog_pipeline::embedded::DEFAULT_SUBSCRIBER_CAPACITY;
 use catalog_pipeline::{PipelineMetrics, config};
 use catalog_readmodel::ReadModel;
@@ -64,9 +65,19 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
         .context("opening the read model")?;
     if matches!(args.role, Role::All | Role::Api) {
-        let states = store.scan_states().await.context("warming the read model from the products table")?;
-        let warmed = model.apply(&states)?;
-        tracing::info!(products = states.len(), views = warmed, "read model warmed from the store");
+        // Page by page as the parallel Scan delivers them: memory holds a few pages, not the table.
+        let started = std::time::Instant::now();
+        let (mut products, mut warmed) = (0, 0);
+        store
+            .scan_states(catalog_aws::DEFAULT_SCAN_SEGMENTS, Budget::unlimited(), |states| {
+                products += states.len();
+                warmed +=
+                    model.apply(&states).map_err(|e| catalog_pipeline::BackendError::unavailable("writing warmed views", e))?;
+                Ok(())
+            })
+            .await
+            .context("warming the read model from the products table")?;
+        tracing::info!(products, views = warmed, elapsed = ?started.elapsed(), "read model warmed from the store");
         let subscription = Arc::new(
             InvalidationSubscription::create(
                 clients.sqs.clone(),

@@ -64,6 +64,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         stop.clone(),
     ));
     let gauges = spawn_gauges(&mut registry, log.clone(), model.clone(), stop.clone());
+    let heartbeat = log.spawn_heartbeat(stop.clone());
     // Wakes a receive that is waiting for new entries, so the pipeline sees the stop at once.
     let closer = {
         let (log, stop) = (log.clone(), stop.clone());
@@ -79,7 +80,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         fill: Some(Arc::new(StoreFill::new(store, model.clone()))),
         readiness: Arc::new(EmbeddedReadiness { log, model, breaker }),
         registry,
-        tasks: vec![closer, pipeline, refresher, gauges],
+        tasks: vec![closer, pipeline, refresher, gauges, heartbeat],
         stop,
         finish: vec![
             Box::pin(async move { db.flush_async().await.map(drop).context("flushing the database") }),

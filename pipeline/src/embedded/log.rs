@@ -96,6 +96,9 @@ struct Cursor {
 
 struct Lease {
     visible_at: Instant,
+    /// Handed out and neither released nor deferred since: the pipeline is working on it, so
+    /// the heartbeat keeps it invisible (SQS's in-flight set, the same way).
+    in_pipeline: bool,
     receive_count: u32,
     last_error: Option<String>,
 }
@@ -163,6 +166,30 @@ impl EmbeddedLog {
         self.inner.arrived.notify_waiters();
         self.inner.db.flush_async().await.map_err(storage_error("flush"))?;
         Ok(first)
+    }
+
+    /// Keeps the messages the pipeline is working on invisible, however long that takes (a
+    /// batch held through a store outage): every third of the visibility timeout their
+    /// leases are renewed, as the SQS source's heartbeat renews its messages' visibility.
+    /// A message the pipeline releases or defers is left to its own delay.
+    pub fn spawn_heartbeat(&self, stop: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
+        let log = self.clone();
+        let every = (self.inner.config.visibility_timeout / 3).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => log.renew_leases(),
+                }
+            }
+        })
+    }
+
+    fn renew_leases(&self) {
+        let visible_at = Instant::now() + self.inner.config.visibility_timeout;
+        for lease in lock(&self.inner.cursor).in_flight.values_mut().filter(|l| l.in_pipeline) {
+            lease.visible_at = lease.visible_at.max(visible_at);
+        }
     }
 
     /// Makes every pending and future `receive` return at once.
@@ -277,6 +304,7 @@ impl EmbeddedLog {
                 continue;
             }
             lease.visible_at = now + inner.config.visibility_timeout;
+            lease.in_pipeline = true;
             if let Some(entry) = inner.log.get(sequence.to_be_bytes()).map_err(storage_error("read"))? {
                 out.extend(decode_entry(&sequence.to_be_bytes(), entry).map(|e| received(e, lease.receive_count)));
             }
@@ -297,7 +325,12 @@ impl EmbeddedLog {
                 cursor.next_unread = entry.sequence + 1;
                 cursor.in_flight.insert(
                     entry.sequence,
-                    Lease { visible_at: now + inner.config.visibility_timeout, receive_count: 1, last_error: None },
+                    Lease {
+                        visible_at: now + inner.config.visibility_timeout,
+                        in_pipeline: true,
+                        receive_count: 1,
+                        last_error: None,
+                    },
                 );
                 out.push(received(entry, 1));
             }
@@ -421,6 +454,7 @@ impl EventSource for EmbeddedLog {
         let mut exhausted = Vec::new();
         for sequence in receipts {
             let Some(lease) = cursor.in_flight.get_mut(&sequence) else { continue };
+            lease.in_pipeline = false;
             lease.last_error = Some(reason.to_owned());
             if lease.receive_count >= self.inner.config.max_receive_count {
                 exhausted.push(sequence);
@@ -442,6 +476,7 @@ impl EventSource for EmbeddedLog {
         let visible_at = Instant::now() + delay;
         for sequence in receipts {
             let Some(lease) = cursor.in_flight.get_mut(&sequence) else { continue };
+            lease.in_pipeline = false;
             // This delivery was never tried: it does not count.
             lease.receive_count = lease.receive_count.saturating_sub(1);
             lease.visible_at = visible_at;
@@ -539,6 +574,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(log.dead_letter_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_heartbeat_keeps_messages_in_the_pipeline_invisible_but_not_released_ones() {
+        let (_dir, _db, log) = open(fast());
+        log.append(&[Bytes::from_static(b"held"), Bytes::from_static(b"released")]).await.unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let heartbeat = log.spawn_heartbeat(stop.clone());
+        let got = log.receive(10).await.unwrap();
+        log.release(vec![got[1].receipt], "store down").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = log.receive(10).await.unwrap();
+        assert_eq!(
+            again.iter().map(|r| r.receipt).collect::<Vec<_>>(),
+            [2],
+            "three visibility timeouts later, only the released one"
+        );
+        stop.cancel();
+        heartbeat.await.unwrap();
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
-//! `catalog replay …`: the operator tools, run against a stopped instance's data dir.
+//! `catalog replay rebuild`: a stopped embedded instance's read model, rebuilt from its log.
 
 use anyhow::Context;
 use catalog_pipeline::embedded::EmbeddedLog;
 use catalog_readmodel::ReadModel;
 
+use super::progress::Progress;
 use crate::cli::DataArgs;
 use crate::datadir::DataDir;
 
@@ -25,16 +26,10 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
     let fresh = data.open_rebuild()?;
     let model = ReadModel::open(&fresh, args.view_settings(), None).context("opening the read model")?;
     let total = log.last_sequence();
-    let bar = indicatif::ProgressBar::new(total).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} rebuilding read model [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    let report = catalog_replay::rebuild(&log, &model, args.parse_limits(), |n| bar.set_position(n))
-        .context("rebuilding the read model")?;
-    bar.finish_and_clear();
+    let mut progress = Progress::new("rebuilding the read model", "log entries", Some(total));
+    let report =
+        catalog_replay::rebuild(&log, &model, args.parse_limits(), |n| progress.set(n)).context("rebuilding the read model")?;
+    progress.finish();
     fresh.flush().context("flushing the rebuilt read model to disk")?;
     drop(model);
     drop(fresh);

@@ -1,0 +1,207 @@
+//! `catalog replay reproject`: the store's current state put right from the event log's
+//! projection, product by product in id order, paced, resumable from a checkpoint file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use catalog_aws::dynamodb::DynamoStore;
+use catalog_aws::eventbridge::EventBridgeBus;
+use catalog_aws::{AwsClients, AwsMetrics};
+use catalog_domain::ProductState;
+use catalog_pipeline::budget::Budget;
+use catalog_pipeline::embedded::{EmbeddedLog, EmbeddedStore};
+use catalog_pipeline::{Invalidation, InvalidationBus, ProductChanged, ProductStore};
+use catalog_readmodel::ReadModel;
+
+use super::Verdict;
+use super::progress::{Progress, rate};
+use crate::cli::{Backend, ReprojectArgs};
+use crate::datadir::DataDir;
+
+/// Products compared and written per step; the checkpoint moves once per step.
+const STEP: usize = 100;
+/// Attempts to rewrite a product whose item a live pipeline keeps changing meanwhile.
+const RACE_ATTEMPTS: u32 = 3;
+const CHECKPOINT_FILE: &str = "reproject.checkpoint";
+
+#[derive(Default)]
+struct Tally {
+    rewritten: u64,
+    already_right: u64,
+    raced: u64,
+}
+
+pub fn reproject(args: ReprojectArgs) -> anyhow::Result<Verdict> {
+    let started = Instant::now();
+    let checkpoint = args.checkpoint.clone().unwrap_or_else(|| args.target.data.data_dir.join(CHECKPOINT_FILE));
+    let resume_after = if args.restart { None } else { read_checkpoint(&checkpoint)? };
+    if let Some(id) = &resume_after {
+        println!("resuming after product {id:?} (from {}; --restart starts over)", checkpoint.display());
+    }
+    let budget = Budget::per_second(args.max_per_sec);
+    let (tally, products, store_only) = match args.target.backend {
+        Backend::Embedded => embedded(&args, &checkpoint, resume_after.as_deref(), &budget)?,
+        Backend::Aws => super::runtime()?.block_on(aws(&args, &checkpoint, resume_after.as_deref(), &budget))?,
+    };
+    remove_checkpoint(&checkpoint)?;
+    let elapsed = started.elapsed();
+    println!(
+        "reprojected {products} products from the event log in {elapsed:.2?} ({}): {} rewritten, {} already right{}{}",
+        rate(products, elapsed),
+        tally.rewritten,
+        tally.already_right,
+        if store_only > 0 { format!(", {store_only} in the store only (kept)") } else { String::new() },
+        if tally.raced > 0 {
+            format!(", {} kept changing under a live pipeline (left as it is)", tally.raced)
+        } else {
+            String::new()
+        },
+    );
+    Ok(if tally.raced > 0 { Verdict::Unfinished } else { Verdict::Clean })
+}
+
+fn embedded(
+    args: &ReprojectArgs,
+    checkpoint: &Path,
+    resume_after: Option<&str>,
+    budget: &Budget,
+) -> anyhow::Result<(Tally, u64, u64)> {
+    let data = &args.target.data;
+    let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
+    let db = dir.open_main()?;
+    let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
+    let store = EmbeddedStore::open(&db).context("opening the store")?;
+    let views = dir.open_views()?;
+    let model = ReadModel::open(&views, data.view_settings(), None).context("opening the read model")?;
+    let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
+    let projection = catalog_replay::project_embedded(&log, data.parse_limits(), |n| progress.set(n))?;
+    progress.finish();
+    let store_only = store.states().filter(|s| s.as_ref().is_ok_and(|s| !projection.states.contains_key(&s.id))).count() as u64;
+    let states = remaining(projection.into_sorted(), resume_after);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    let mut tally = Tally::default();
+    let mut progress = Progress::new("reprojecting", "products", Some(states.len() as u64));
+    for step in states.chunks(STEP) {
+        let mut fixed = Vec::new();
+        for projected in step {
+            let current = store.get(&projected.id).context("reading the store")?;
+            match catalog_replay::reconcile(projected, current.as_ref()) {
+                Some(state) => fixed.push(state),
+                None => tally.already_right += 1,
+            }
+        }
+        runtime.block_on(budget.take(fixed.len()));
+        store.put(&fixed).context("writing the store")?;
+        model.apply(&fixed).context("writing the read model")?;
+        tally.rewritten += fixed.len() as u64;
+        db.flush().context("flushing the store")?;
+        write_checkpoint(checkpoint, step.last().map(|s| s.id.as_str()))?;
+        progress.inc(step.len() as u64);
+    }
+    views.flush().context("flushing the read model")?;
+    let (products, _) = progress.finish();
+    Ok((tally, products, store_only))
+}
+
+async fn aws(
+    args: &ReprojectArgs,
+    checkpoint: &Path,
+    resume_after: Option<&str>,
+    budget: &Budget,
+) -> anyhow::Result<(Tally, u64, u64)> {
+    let target = &args.target;
+    let clients = AwsClients::from_env().await?;
+    let settings = target.aws.settings();
+    let store = DynamoStore::new(clients.dynamodb.clone(), settings.clone(), AwsMetrics::default());
+    // API instances refresh the products that changed, as they would after any write.
+    let bus = EventBridgeBus::new(clients.eventbridge.clone(), settings, AwsMetrics::default());
+    let (projection, _) = super::verify::project_aws(&store, target.scan_segments, Budget::unlimited()).await?;
+    let states = remaining(projection.into_sorted(), resume_after);
+    let mut tally = Tally::default();
+    let mut progress = Progress::new("reprojecting", "products", Some(states.len() as u64));
+    for step in states.chunks(STEP) {
+        let mut pending: Vec<&ProductState> = step.iter().collect();
+        let mut changed = Vec::new();
+        for _ in 0..RACE_ATTEMPTS {
+            if pending.is_empty() {
+                break;
+            }
+            let ids: Vec<_> = pending.iter().map(|s| s.id.clone()).collect();
+            let current: HashMap<_, _> = store
+                .get_states(&ids)
+                .await
+                .context("reading the products table")?
+                .into_iter()
+                .map(|s| (s.id.clone(), s))
+                .collect();
+            let mut raced = Vec::new();
+            for projected in pending {
+                let now = current.get(&projected.id);
+                let Some(state) = catalog_replay::reconcile(projected, now) else {
+                    tally.already_right += 1;
+                    continue;
+                };
+                budget.take(1).await;
+                if store.put_state_if(&state, now.map(|s| s.revision)).await.context("writing the products table")? {
+                    changed.push(ProductChanged {
+                        product_id: state.id.clone(),
+                        revision: state.revision,
+                        versions: state.versions,
+                    });
+                    tally.rewritten += 1;
+                } else {
+                    raced.push(projected);
+                }
+            }
+            pending = raced;
+        }
+        tally.raced += pending.len() as u64;
+        if !changed.is_empty() {
+            bus.publish(Invalidation { products: changed, log_sequence: None })
+                .await
+                .context("announcing the rewritten products")?;
+        }
+        write_checkpoint(checkpoint, step.last().map(|s| s.id.as_str()))?;
+        progress.inc(step.len() as u64);
+    }
+    let (products, _) = progress.finish();
+    Ok((tally, products, 0))
+}
+
+/// The states after the checkpoint's product (ids sort the same way every run).
+fn remaining(states: Vec<ProductState>, resume_after: Option<&str>) -> Vec<ProductState> {
+    match resume_after {
+        Some(after) => states.into_iter().filter(|s| s.id.as_str() > after).collect(),
+        None => states,
+    }
+}
+
+fn read_checkpoint(path: &Path) -> anyhow::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text.trim().to_owned()).filter(|t| !t.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the checkpoint {}", path.display())),
+    }
+}
+
+/// Written beside and renamed over, so a crash leaves the old checkpoint or the new one.
+fn write_checkpoint(path: &Path, last: Option<&str>) -> anyhow::Result<()> {
+    let Some(last) = last else { return Ok(()) };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    std::fs::write(&tmp, last).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing the checkpoint {}", path.display()))
+}
+
+fn remove_checkpoint(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the finished checkpoint {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}

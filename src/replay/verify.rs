@@ -1,0 +1,133 @@
+//! `catalog replay verify`: the log's projection ⇄ the store ⇄ the read model, every drift
+//! printed; `--repair` rewrites drifted views and listings from the store.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use catalog_aws::dynamodb::DynamoStore;
+use catalog_aws::{AwsClients, AwsMetrics};
+use catalog_domain::ProductState;
+use catalog_pipeline::budget::Budget;
+use catalog_pipeline::embedded::{EmbeddedLog, EmbeddedStore};
+use catalog_readmodel::ReadModel;
+use catalog_replay::{Drift, DriftKind, FoldReport, Projection};
+
+use super::Verdict;
+use super::progress::{Progress, rate};
+use crate::cli::{Backend, VerifyArgs};
+use crate::datadir::DataDir;
+
+pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
+    let started = Instant::now();
+    let data = &args.target.data;
+    let (projection, states, views) = match args.target.backend {
+        Backend::Embedded => {
+            let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
+            let db = dir.open_main()?;
+            let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
+            let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
+            let projection = catalog_replay::project_embedded(&log, data.parse_limits(), |n| progress.set(n))?;
+            progress.finish();
+            let store = EmbeddedStore::open(&db).context("opening the store")?;
+            let states = store.states().collect::<Result<Vec<_>, _>>().context("reading the store")?;
+            let views = dir.open_views()?;
+            (projection, states, Some((db, views)))
+        }
+        Backend::Aws => {
+            let (projection, states) = super::runtime()?.block_on(read_aws(&args))?;
+            let dir = DataDir::new(&data.data_dir, data.cache_mb);
+            let views = if dir.views_path().exists() { Some(dir.open_views_alone()?) } else { None };
+            (projection, states, views.map(|v| (v.clone(), v)))
+        }
+    };
+    let mut drifts = catalog_replay::compare_store(&projection.states, &states);
+    let mut summary = describe_sources(&projection.report, states.len());
+    if let Some((_, views)) = &views {
+        let model = ReadModel::open(views, data.view_settings(), None).context("opening the read model")?;
+        let (view_drifts, report) = catalog_replay::compare_views(&model, &states)?;
+        summary.push_str(&format!(", read model {} views and {} listing entries", report.views, report.listings));
+        for d in &view_drifts {
+            println!("{d}");
+        }
+        if args.repair && !view_drifts.is_empty() {
+            let repaired = catalog_replay::repair_views(&model, &states, &view_drifts)?;
+            views.flush().context("flushing the repaired read model")?;
+            let (left, _) = catalog_replay::compare_views(&model, &states)?;
+            println!("repaired the views and listings of {repaired} products from the store");
+            drifts.extend(left);
+        } else {
+            drifts.extend(view_drifts);
+        }
+    } else {
+        summary.push_str(&format!(
+            ", no read model in {} (pass an API instance's --data-dir, stopped, to check its views)",
+            data.data_dir.display()
+        ));
+    }
+    for d in drifts.iter().filter(|d| d.kind == DriftKind::Store) {
+        println!("{d}");
+    }
+    let elapsed = started.elapsed();
+    if drifts.is_empty() {
+        println!("verified {summary}: no drift ({elapsed:.2?})");
+        return Ok(Verdict::Clean);
+    }
+    println!("verified {summary}: {} ({elapsed:.2?})", count(&drifts));
+    if drifts.iter().any(|d| d.kind == DriftKind::Store) {
+        println!("the store disagrees with the event log: `catalog replay reproject` puts the store right from the log");
+    }
+    if !args.repair && drifts.iter().any(|d| d.kind != DriftKind::Store) {
+        println!("the read model disagrees with the store: `catalog replay verify --repair` rewrites those views");
+    }
+    Ok(Verdict::Unfinished)
+}
+
+fn describe_sources(fold: &FoldReport, states: usize) -> String {
+    format!(
+        "the event log ({} entries, {} invalid and {} dead-lettered skipped), the store ({states} products)",
+        fold.entries_read, fold.invalid_skipped, fold.dead_lettered_skipped
+    )
+}
+
+fn count(drifts: &[Drift]) -> String {
+    let products: std::collections::HashSet<&str> = drifts.iter().map(|d| d.product.as_str()).collect();
+    format!("{} drifts in {} products", drifts.len(), products.len())
+}
+
+/// The events table folded in segment order, and every product of the products table.
+pub(super) async fn read_aws(args: &VerifyArgs) -> anyhow::Result<(Projection, Vec<ProductState>)> {
+    let target = &args.target;
+    let store = DynamoStore::new(AwsClients::from_env().await?.dynamodb, target.aws.settings(), AwsMetrics::default());
+    let budget = Budget::per_second(args.max_per_sec);
+    let (projection, _segments) = project_aws(&store, target.scan_segments, budget.clone()).await?;
+    let mut progress = Progress::new("reading the products table", "products", None);
+    let mut all = Vec::new();
+    store
+        .scan_states(target.scan_segments, budget, |page| {
+            progress.inc(page.len() as u64);
+            all.extend(page);
+            Ok(())
+        })
+        .await
+        .context("scanning the products table")?;
+    let (n, elapsed) = progress.finish();
+    tracing::info!(products = n, rate = %rate(n, elapsed), "products table read");
+    Ok((projection, all))
+}
+
+/// Folds the events table: segments in key order (the time of their first event), events
+/// within a segment in the order they were written.
+pub(super) async fn project_aws(store: &DynamoStore, segments: u32, budget: Budget) -> anyhow::Result<(Projection, u64)> {
+    let mut progress = Progress::new("reading the event log", "events", None);
+    let log = store.scan_log(segments, budget, |n| progress.set(n)).await.context("scanning the events table")?;
+    let (events, elapsed) = progress.finish();
+    tracing::info!(segments = log.len(), events, rate = %rate(events, elapsed), "event log read");
+    let mut projection = Projection::default();
+    for segment in &log {
+        for (position, event) in &segment.events {
+            projection.report.entries_read += 1;
+            projection.apply(event, *position);
+        }
+    }
+    Ok((projection, log.len() as u64))
+}
