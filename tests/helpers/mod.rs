@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[macro_use]
+pub mod aws;
 pub mod moto;
 
 pub struct TestApp {
