@@ -655,14 +655,13 @@ impl DynamoStore {
             .put_item()
             .table_name(table)
             .set_item(Some(item_from_state(state)))
-            .expression_attribute_names("#id", attr::PRODUCT_ID)
             .return_consumed_capacity(ReturnConsumedCapacity::Total);
         request = match expected {
             Some(revision) => request
                 .condition_expression("#rev = :rev")
                 .expression_attribute_names("#rev", attr::REVISION)
                 .expression_attribute_values(":rev", n(revision)),
-            None => request.condition_expression("attribute_not_exists(#id)"),
+            None => request.condition_expression("attribute_not_exists(#id)").expression_attribute_names("#id", attr::PRODUCT_ID),
         };
         self.metrics.call("dynamodb", "PutItem");
         match request.send().await {

@@ -44,6 +44,7 @@ impl AwsReadiness {
                 .get_queue_attributes()
                 .queue_url(url)
                 .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
                 .send()
                 .await
                 .map_err(|e| ServiceFault::from(e).to_string())
@@ -51,12 +52,15 @@ impl AwsReadiness {
         .await;
         match answer {
             Ok(Ok(out)) => {
-                let backlog = out
-                    .attributes()
-                    .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
-                    .cloned()
-                    .unwrap_or_default();
-                Check { name: "eventSource", ok: true, detail: format!("SQS {queue}, backlog {backlog}") }
+                let count = |name| out.attributes().and_then(|a| a.get(&name)).cloned().unwrap_or_else(|| "?".into());
+                let waiting = count(QueueAttributeName::ApproximateNumberOfMessages);
+                let in_flight = count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+                // "backlog 0 waiting, 0 in flight" is how an operator knows a recovery has drained.
+                Check {
+                    name: "eventSource",
+                    ok: true,
+                    detail: format!("SQS {queue}, backlog {waiting} waiting, {in_flight} in flight"),
+                }
             }
             Ok(Err(detail)) => Check { name: "eventSource", ok: false, detail },
             Err(_) => Check { name: "eventSource", ok: false, detail: format!("SQS did not answer within {CHECK_TIMEOUT:?}") },
