@@ -427,6 +427,21 @@ pub struct ServeArgs {
     /// Successful trial batches that close a half-open breaker.
     #[arg(long, env = "CATALOG_BREAKER_TRIAL_SUCCESSES", default_value_t = breaker::DEFAULT_TRIAL_SUCCESSES, value_parser = u32_in(1, 1000))]
     pub breaker_trial_successes: u32,
+    /// Requests per second one client may make to the product and ingest routes; over it the
+    /// answer is 429 with `Retry-After` (0: no limit). Probes and `/metrics` are never limited.
+    #[arg(long, env = "CATALOG_CLIENT_RATE_LIMIT", default_value_t = 0)]
+    pub client_rate_limit: u32,
+    /// Requests a client may make at once after a quiet spell (default: one second's worth).
+    #[arg(long, env = "CATALOG_CLIENT_BURST", value_parser = u32_in(1, u32::MAX))]
+    pub client_burst: Option<u32>,
+    /// Header whose first address names the client, as a trusted load balancer sets it
+    /// (e.g. `x-forwarded-for`); without it, the connection's peer address does.
+    #[arg(long, env = "CATALOG_CLIENT_KEY_HEADER")]
+    pub client_key_header: Option<String>,
+    /// Events per second the pipeline writes to the store at most (0: no limit), so that
+    /// draining a backlog after an outage does not stampede the store.
+    #[arg(long, env = "CATALOG_STORE_MAX_WRITES_PER_SEC", default_value_t = 0)]
+    pub store_max_writes_per_sec: u32,
     /// Longest a graceful shutdown waits for in-flight batches, in seconds.
     #[arg(long, env = "CATALOG_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
           value_parser = InRange::new(0, 3600))]
@@ -477,6 +492,7 @@ impl ServeArgs {
             write_batch: self.write_batch,
             write_batch_timeout: self.write_batch_timeout_ms.map_or(default_linger, Duration::from_millis),
             parse_limits: self.data.parse_limits(),
+            store_max_writes_per_sec: self.store_max_writes_per_sec,
             ..pipeline::PipelineConfig::default()
         }
     }
@@ -502,6 +518,21 @@ impl ServeArgs {
             body_timeout: Duration::from_secs(self.body_timeout_secs),
             max_connections,
         }
+    }
+
+    /// The per-client request limit, if one is set.
+    pub fn client_rate_limit(&self) -> anyhow::Result<Option<server::ClientRateLimit>> {
+        let Some(per_second) = std::num::NonZeroU32::new(self.client_rate_limit) else { return Ok(None) };
+        let burst = self.client_burst.and_then(std::num::NonZeroU32::new).unwrap_or(per_second);
+        let key_header = self
+            .client_key_header
+            .as_deref()
+            .map(|h| {
+                warp::http::header::HeaderName::try_from(h.trim())
+                    .map_err(|_| anyhow::anyhow!("--client-key-header (CATALOG_CLIENT_KEY_HEADER): {h:?} is not a header name"))
+            })
+            .transpose()?;
+        Ok(Some(server::ClientRateLimit { per_second, burst, key_header }))
     }
 
     pub fn breaker_config(&self) -> breaker::BreakerConfig {

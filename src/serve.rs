@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use catalog_api::server::ConnectionLimits;
+use catalog_api::server::{ClientRateLimit, ConnectionLimits};
 use catalog_api::{ApiConfig, ApiMetrics, AppState};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -19,6 +19,7 @@ use crate::cli::{Backend, ServeArgs};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let api = args.api_config()?;
+    let client_rate = args.client_rate_limit()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
         runtime.worker_threads(n);
@@ -35,7 +36,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             Backend::Embedded => "embedded",
             Backend::Aws => "aws",
         };
-        serve(listener, assembly, backend, api, args.connection_limits(), args.shutdown_timeout()).await
+        serve(listener, assembly, backend, api, (args.connection_limits(), client_rate), args.shutdown_timeout()).await
     })
 }
 
@@ -44,7 +45,7 @@ async fn serve(
     assembly: Assembly,
     backend: &'static str,
     api: ApiConfig,
-    limits: ConnectionLimits,
+    (limits, client_rate): (ConnectionLimits, Option<ClientRateLimit>),
     shutdown_timeout: Duration,
 ) -> anyhow::Result<()> {
     let Assembly { readmodel, ingest, fill, readiness, mut registry, mut tasks, stop, finish } = assembly;
@@ -65,7 +66,7 @@ async fn serve(
     let stop_http = CancellationToken::new();
     let local = listener.local_addr().context("reading the bound address")?;
     let routes = catalog_api::routes(Arc::new(state));
-    let server = tokio::spawn(catalog_api::server::serve(listener, routes, limits, metrics, stop_http.clone()));
+    let server = tokio::spawn(catalog_api::server::serve(listener, routes, limits, client_rate, metrics, stop_http.clone()));
     announce(local);
 
     shutdown_signal().await;

@@ -124,3 +124,28 @@ fn shutdown_does_not_wait_for_idle_or_half_sent_connections() {
     assert!(started.elapsed() < PATIENCE, "shutdown took {:?}", started.elapsed());
     assert_eq!(read_until_closed(&mut half).0, "");
 }
+
+#[tokio::test]
+async fn a_client_over_its_rate_gets_429_with_retry_after_and_others_and_probes_do_not() {
+    // One request a second after a burst of two: the third in a row is over the budget.
+    let app = spawn_with(Options {
+        args: ["--client-rate-limit", "1", "--client-burst", "2", "--client-key-header", "x-forwarded-for"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let get = |client: &'static str| app.client.get(app.url("/products/NOPE")).header("x-forwarded-for", client).send();
+    assert_eq!(get("203.0.113.7, 10.0.0.1").await.unwrap().status(), 404);
+    assert_eq!(get("203.0.113.7").await.unwrap().status(), 404);
+    let limited = get("203.0.113.7").await.unwrap();
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=1).contains(&retry_after), "retry after {retry_after} s");
+    let body: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert_eq!(get("198.51.100.2").await.unwrap().status(), 404, "another client has its own budget");
+    for _ in 0..5 {
+        assert_eq!(app.get("/healthz").await.status(), 200, "probes are never limited");
+    }
+    assert_eq!(app.metric("catalog_http_responses_total{status=\"429\"}").await, 1.0);
+}

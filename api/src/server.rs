@@ -5,6 +5,8 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -33,6 +35,67 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Descriptors kept free of client connections: sled's files, the log, outgoing AWS calls.
 pub const RESERVED_DESCRIPTORS: usize = 256;
+
+/// Requests per second one client may make, when limited: governor's GCRA per client key.
+#[derive(Debug, Clone)]
+pub struct ClientRateLimit {
+    pub per_second: NonZeroU32,
+    /// Requests a client may make at once after a quiet spell.
+    pub burst: NonZeroU32,
+    /// Where the client's key comes from: the first address in this header (set by a trusted
+    /// load balancer, e.g. `x-forwarded-for`), else the connection's peer address.
+    pub key_header: Option<header::HeaderName>,
+}
+
+/// Paths never limited: probes and scrapes must see the service as it is.
+const UNLIMITED_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
+/// How often keys not seen for a while are forgotten, so the table stays the size of the
+/// clients actually calling.
+const FORGET_EVERY: Duration = Duration::from_secs(60);
+
+type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+/// The per-client limiter the connections share.
+#[derive(Clone)]
+struct ClientLimiter {
+    limiter: Arc<KeyedLimiter>,
+    key_header: Option<header::HeaderName>,
+}
+
+impl ClientLimiter {
+    fn new(limit: &ClientRateLimit) -> Self {
+        let quota = governor::Quota::per_second(limit.per_second).allow_burst(limit.burst);
+        Self { limiter: Arc::new(governor::RateLimiter::keyed(quota)), key_header: limit.key_header.clone() }
+    }
+
+    /// `Err(wait)` when this request is over its client's budget.
+    fn check(&self, request: &Request<Incoming>, peer: IpAddr) -> Result<(), Duration> {
+        if UNLIMITED_PATHS.contains(&request.uri().path()) {
+            return Ok(());
+        }
+        let from_header = self.key_header.as_ref().and_then(|name| request.headers().get(name)).and_then(|v| v.to_str().ok());
+        let key = match from_header.and_then(|v| v.split(',').next()).map(str::trim).filter(|k| !k.is_empty()) {
+            Some(key) => key.to_owned(),
+            None => peer.to_string(),
+        };
+        self.limiter
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())))
+    }
+}
+
+fn too_many_requests(wait: Duration) -> warp::reply::Response {
+    // Whole seconds, rounded up: a client that waits that long is let through.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("over this client's request rate; retry in {secs} s"),
+    )
+    .into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+    response
+}
 
 /// What one client may hold and for how long.
 #[derive(Debug, Clone, Copy)]
@@ -144,14 +207,30 @@ pub async fn serve(
     listener: TcpListener,
     routes: BoxedFilter<(Box<dyn Reply>,)>,
     limits: ConnectionLimits,
+    client_rate: Option<ClientRateLimit>,
     metrics: ApiMetrics,
     stop: CancellationToken,
 ) {
     let service = warp::service(routes);
+    let limiter = client_rate.as_ref().map(ClientLimiter::new);
+    if let Some(limiter) = &limiter {
+        let (limiter, stop) = (limiter.limiter.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(FORGET_EVERY) => {
+                        limiter.retain_recent();
+                        limiter.shrink_to_fit();
+                    }
+                }
+            }
+        });
+    }
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut connections = JoinSet::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -172,9 +251,10 @@ pub async fn serve(
             continue;
         };
         let (service, metrics, stop) = (service.clone(), metrics.clone(), stop.clone());
+        let limiter = limiter.clone().map(|l| (l, peer.ip()));
         connections.spawn(async move {
             metrics.connections_open.inc();
-            serve_connection(stream, service, limits, &metrics, stop).await;
+            serve_connection(stream, service, limits, limiter, &metrics, stop).await;
             metrics.connections_open.dec();
             drop(permit);
         });
@@ -187,6 +267,7 @@ async fn serve_connection<S>(
     stream: TcpStream,
     service: S,
     limits: ConnectionLimits,
+    limiter: Option<(ClientLimiter, IpAddr)>,
     metrics: &ApiMetrics,
     stop: CancellationToken,
 ) where
@@ -196,7 +277,7 @@ async fn serve_connection<S>(
     let phase: SharedPhase = Arc::new(Mutex::new(Phase { in_request: false, head_started: None, idle_since: Instant::now() }));
     let io = TokioIo::new(Watched { stream, phase: phase.clone() });
     // One handle per connection: every request clones a single Arc, not each metric's.
-    let shared = Arc::new((phase.clone(), metrics.clone()));
+    let shared = Arc::new((phase.clone(), metrics.clone(), limiter));
     let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (mut service, shared) = (service.clone(), shared.clone());
         let logged =
@@ -204,7 +285,13 @@ async fn serve_connection<S>(
         // A request with no body (every GET) has nothing to time out on: no timer for it.
         let has_body = !hyper::body::Body::is_end_stream(request.body());
         async move {
-            let (phase, metrics) = &*shared;
+            let (phase, metrics, limiter) = &*shared;
+            if let Some((limiter, peer)) = limiter
+                && let Err(wait) = limiter.check(&request, *peer)
+            {
+                metrics.count_response(StatusCode::TOO_MANY_REQUESTS.as_u16());
+                return Ok::<_, Infallible>(too_many_requests(wait));
+            }
             {
                 let mut p = lock(phase);
                 p.in_request = true;

@@ -44,6 +44,9 @@ pub struct PipelineConfig {
     /// First retry delay; later ones back off exponentially with full jitter.
     pub retry_base: Duration,
     pub parse_limits: catalog_domain::ParseLimits,
+    /// Events written to the store per second at most (0: no limit): the write budget that
+    /// keeps a recovery from stampeding the store.
+    pub store_max_writes_per_sec: u32,
 }
 
 impl Default for PipelineConfig {
@@ -57,6 +60,7 @@ impl Default for PipelineConfig {
             publish_attempts: DEFAULT_PUBLISH_ATTEMPTS,
             retry_base: DEFAULT_RETRY_BASE,
             parse_limits: catalog_domain::ParseLimits::default(),
+            store_max_writes_per_sec: 0,
         }
     }
 }

@@ -75,7 +75,12 @@ pub async fn run<S, St, B>(
         batch_rx,
         written_tx,
         metrics.clone(),
-        WriteGuard { breaker, retry_base: config.retry_base, shutdown: shutdown.clone() },
+        WriteGuard {
+            breaker,
+            retry_base: config.retry_base,
+            budget: crate::budget::Budget::per_second(config.store_max_writes_per_sec),
+            shutdown: shutdown.clone(),
+        },
     ));
     tasks.spawn(publish(source.clone(), bus, config.clone(), written_rx, published_tx, metrics.clone()));
     tasks.spawn(ack(source, published_rx, metrics.acked.clone()));
@@ -216,6 +221,8 @@ async fn batch<R: Send + 'static>(
 struct WriteGuard {
     breaker: Arc<Breaker>,
     retry_base: Duration,
+    /// Events per second the store is written at most.
+    budget: crate::budget::Budget,
     shutdown: CancellationToken,
 }
 
@@ -233,7 +240,7 @@ async fn write<S: EventSource, St: ProductStore>(
     metrics: PipelineMetrics,
     guard: WriteGuard,
 ) {
-    let WriteGuard { breaker, retry_base, shutdown } = guard;
+    let WriteGuard { breaker, retry_base, budget, shutdown } = guard;
     while let Some(batch) = input.recv().await {
         let redelivered = batch.iter().any(|a| a.redelivered);
         let (receipts, events): (Vec<_>, Vec<_>) = batch.into_iter().map(|a| (a.receipt, a.event)).unzip();
@@ -255,6 +262,7 @@ async fn write<S: EventSource, St: ProductStore>(
         // While the breaker stays closed, held events are retried on the usual schedule.
         let mut backoff = backon::BackoffBuilder::build(crate::config::backoff(retry_base, u32::MAX));
         loop {
+            budget.take(events.len()).await;
             let result = store.write_batch(&events).await;
             let failure = match &result {
                 Ok(outcome) => outcome.failure.as_ref().map(BackendError::class),

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 struct Harness {
     _dir: tempfile::TempDir,
+    /// As `catalog serve` runs it: without it, a message the pipeline holds would come back.
+    _heartbeat: tokio::task::JoinHandle<()>,
     log: EmbeddedLog,
     store: EmbeddedStore,
     invalidations: tokio::sync::mpsc::Receiver<catalog_pipeline::Invalidation>,
@@ -34,6 +36,15 @@ fn start<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St) -> Harness {
 }
 
 fn start_with<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St, breaker: Arc<Breaker>) -> Harness {
+    let config = PipelineConfig { write_batch_timeout: Duration::from_millis(2), ..PipelineConfig::default() };
+    start_configured(wrap, breaker, config)
+}
+
+fn start_configured<St: ProductStore>(
+    wrap: impl FnOnce(EmbeddedStore) -> St,
+    breaker: Arc<Breaker>,
+    config: PipelineConfig,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path()).unwrap();
     let log = EmbeddedLog::open(&db, log_config()).unwrap();
@@ -41,7 +52,6 @@ fn start_with<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St, breaker:
     let bus = Arc::new(EmbeddedBus::new());
     let invalidations = bus.subscribe(1024);
     let shutdown = CancellationToken::new();
-    let config = PipelineConfig { write_batch_timeout: Duration::from_millis(2), ..PipelineConfig::default() };
     let pipeline = tokio::spawn(catalog_pipeline::stages::run(
         Arc::new(log.clone()),
         Arc::new(wrap(store.clone())),
@@ -51,7 +61,8 @@ fn start_with<St: ProductStore>(wrap: impl FnOnce(EmbeddedStore) -> St, breaker:
         breaker,
         shutdown.clone(),
     ));
-    Harness { _dir: dir, log, store, invalidations, shutdown, pipeline }
+    let _heartbeat = log.spawn_heartbeat(shutdown.clone());
+    Harness { _dir: dir, _heartbeat, log, store, invalidations, shutdown, pipeline }
 }
 
 async fn until(mut check: impl FnMut() -> bool) {
@@ -191,8 +202,6 @@ async fn an_outage_longer_than_every_delivery_dead_letters_nothing_and_loses_not
     let breaker = Arc::new(Breaker::new(config, BreakerMetrics::default()));
     let (flag, count) = (down.clone(), attempts.clone());
     let h = start_with(move |inner| FlakyStore { inner, down: flag, attempts: count, class: FailureClass::Unavailable }, breaker);
-    let stop = CancellationToken::new();
-    let heartbeat = h.log.spawn_heartbeat(stop.clone());
     let bodies: Vec<Bytes> = (0..50).map(|i| Bytes::from(format!(r#"{{"productId":"O{i}","quantity":{i}}}"#))).collect();
     h.log.append(&bodies).await.unwrap();
     until(|| attempts.load(Ordering::SeqCst) >= 5).await;
@@ -204,8 +213,21 @@ async fn an_outage_longer_than_every_delivery_dead_letters_nothing_and_loses_not
         assert_eq!(h.store.get(&id(&format!("O{i}"))).unwrap().unwrap().quantity, Some(i));
     }
     assert_eq!(h.log.dead_letter_count(), 0);
-    stop.cancel();
-    heartbeat.await.unwrap();
+    h.shutdown.cancel();
+    h.pipeline.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_store_write_budget_paces_a_backlog() {
+    let breaker = Arc::new(Breaker::new(BreakerConfig::default(), BreakerMetrics::default()));
+    let config = PipelineConfig { store_max_writes_per_sec: 100, ..PipelineConfig::default() };
+    let h = start_configured(|s| s, breaker, config);
+    let bodies: Vec<Bytes> = (0..200).map(|i| Bytes::from(format!(r#"{{"productId":"W{i}","quantity":{i}}}"#))).collect();
+    let started = std::time::Instant::now();
+    h.log.append(&bodies).await.unwrap();
+    until(|| h.log.consumed_watermark() == 201).await;
+    // A burst of one second's budget, then 100 a second: the second hundred waits about a second.
+    assert!(started.elapsed() >= Duration::from_millis(800), "200 events at 100/s took {:?}", started.elapsed());
     h.shutdown.cancel();
     h.pipeline.await.unwrap();
 }
