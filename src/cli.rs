@@ -438,6 +438,16 @@ pub struct ServeArgs {
     /// (e.g. `x-forwarded-for`); without it, the connection's peer address does.
     #[arg(long, env = "CATALOG_CLIENT_KEY_HEADER")]
     pub client_key_header: Option<String>,
+    /// Seconds an id the store does not know is answered 404 without asking the store again
+    /// (0: never remembered); a product created meanwhile shows as soon as its view is written.
+    #[arg(long, env = "CATALOG_NEGATIVE_CACHE_SECS", default_value_t = catalog_api::state::DEFAULT_NEGATIVE_TTL.as_secs(),
+          value_parser = InRange::new(0, 3600))]
+    pub negative_cache_secs: u64,
+    /// Milliseconds the first read-model miss waits for others to share its store read (0:
+    /// only those already waiting).
+    #[arg(long, env = "CATALOG_FILL_WINDOW_MS", default_value_t = catalog_api::state::DEFAULT_FILL_WINDOW.as_millis() as u64,
+          value_parser = InRange::new(0, 1000))]
+    pub fill_window_ms: u64,
     /// Events per second the pipeline writes to the store at most (0: no limit), so that
     /// draining a backlog after an outage does not stampede the store.
     #[arg(long, env = "CATALOG_STORE_MAX_WRITES_PER_SEC", default_value_t = 0)]
@@ -517,6 +527,14 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             body_timeout: Duration::from_secs(self.body_timeout_secs),
             max_connections,
+        }
+    }
+
+    pub fn fill_config(&self) -> catalog_api::state::FillConfig {
+        catalog_api::state::FillConfig {
+            negative_ttl: Duration::from_secs(self.negative_cache_secs),
+            window: Duration::from_millis(self.fill_window_ms),
+            ..catalog_api::state::FillConfig::default()
         }
     }
 

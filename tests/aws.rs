@@ -246,3 +246,46 @@ async fn superseded_versions_are_not_acked_when_the_winning_update_fails() {
     assert!(faulted.load(Ordering::SeqCst) >= 3);
     assert_eq!(app.metric("catalog_pipeline_messages_acked_total").await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_gets_for_missing_or_cold_products_costs_a_few_batch_gets() {
+    require_moto!();
+    let env = aws_env("storm");
+    infra_init(&env);
+    let api = serve(&env, "api");
+    let aws = clients().await;
+    // Cold: in the products table, never announced, so not in this instance's read model.
+    for i in 0..20 {
+        aws.dynamodb
+            .put_item()
+            .table_name(var(&env, "CATALOG_PRODUCTS_TABLE"))
+            .item("productId", aws_sdk_dynamodb::types::AttributeValue::S(format!("C{i}")))
+            .item("productName", aws_sdk_dynamodb::types::AttributeValue::S("Cold".into()))
+            .item("revision", aws_sdk_dynamodb::types::AttributeValue::N("1".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let batch_gets = "catalog_aws_calls_total{service=\"dynamodb\",operation=\"BatchGetItem\"}";
+    let before = api.metric(batch_gets).await;
+    let paths: Vec<String> =
+        (0..20).flat_map(|i| [format!("/products/C{i}"), format!("/products/C{i}"), format!("/products/M{i}")]).collect();
+    let answers = futures_util::future::join_all(paths.iter().map(|p| api.get_json(p))).await;
+    for (path, (status, _)) in paths.iter().zip(answers) {
+        assert_eq!(status, if path.contains("/C") { 200 } else { 404 }, "{path}");
+    }
+    let storm = api.metric(batch_gets).await - before;
+    assert!(storm <= 4.0, "60 concurrent misses took {storm} BatchGetItem calls");
+    assert!(api.metric("catalog_cache_coalesced_total").await > 0.0);
+    // Asked again at once, the missing ones are answered without DynamoDB.
+    for i in 0..20 {
+        assert_eq!(api.get_json(&format!("/products/M{i}")).await.0, 404);
+    }
+    assert_eq!(api.metric(batch_gets).await - before, storm);
+    assert_eq!(api.metric("catalog_cache_negative_hits_total").await, 20.0);
+    for i in 0..20 {
+        assert_eq!(api.get_json(&format!("/products/C{i}")).await.0, 200);
+    }
+    assert!(api.metric("catalog_cache_hits_total").await >= 20.0, "the cold ones are in the read model now");
+    assert_eq!(api.metric(batch_gets).await - before, storm);
+}

@@ -51,6 +51,10 @@ pub struct ApiMetrics {
     pub responses: Family<StatusLabel, Counter>,
     pub duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub cache_fills: Counter,
+    /// Product lookups the read model answered.
+    pub cache_hits: Counter,
+    /// Product lookups the read model had no view for (then filled, or answered missing).
+    pub cache_misses: Counter,
     pub connections_open: Gauge,
     pub connections_refused: Counter,
     pub connections_timed_out: Counter,
@@ -78,6 +82,8 @@ impl Default for ApiMetrics {
             responses,
             duration,
             cache_fills: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
             connections_open: Gauge::default(),
             connections_refused: Counter::default(),
             connections_timed_out: Counter::default(),
@@ -93,6 +99,10 @@ impl ApiMetrics {
         r.register("responses", "Every HTTP answer by status, routed or not", self.responses.clone());
         r.register("request_duration_seconds", "Server time per request, by route", self.duration.clone());
         r.register("cache_fills", "Read-model misses filled from the store (cache-aside)", self.cache_fills.clone());
+        let cache = registry.sub_registry_with_prefix("catalog_cache");
+        cache.register("hits", "Product lookups the read model answered", self.cache_hits.clone());
+        cache.register("misses", "Product lookups the read model had no view for", self.cache_misses.clone());
+        let r = registry.sub_registry_with_prefix("catalog_http");
         r.register("connections_open", "Client connections open now", self.connections_open.clone());
         r.register(
             "connections_refused",

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use catalog_api::StoreFill;
+use catalog_api::state::FillMetrics;
 use catalog_aws::dynamodb::DynamoStore;
 use catalog_aws::eventbridge::{EventBridgeBus, InvalidationSubscription};
 use catalog_aws::readiness::AwsReadiness;
@@ -100,10 +101,12 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     }
     finish.push(Box::pin(async move { db.flush_async().await.map(drop).context("flushing the read model") }));
 
+    let fill_metrics = FillMetrics::default();
+    fill_metrics.register(&mut registry);
     Ok(Assembly {
         readmodel: model.clone(),
         ingest: None,
-        fill: Some(Arc::new(StoreFill::new(store, model))),
+        fill: Some(Arc::new(StoreFill::new(store, model, args.fill_config(), fill_metrics))),
         readiness: Arc::new(AwsReadiness { clients, settings, breaker }),
         registry,
         tasks,

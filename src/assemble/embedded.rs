@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use catalog_api::StoreFill;
+use catalog_api::state::FillMetrics;
 use catalog_domain::{CatalogEvent, ParseLimits};
 use catalog_pipeline::breaker::{Breaker, BreakerMetrics};
 use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
@@ -74,10 +75,12 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         })
     };
 
+    let fill_metrics = FillMetrics::default();
+    fill_metrics.register(&mut registry);
     Ok(Assembly {
         readmodel: model.clone(),
         ingest: Some(Arc::new(log.clone())),
-        fill: Some(Arc::new(StoreFill::new(store, model.clone()))),
+        fill: Some(Arc::new(StoreFill::new(store, model.clone(), args.fill_config(), fill_metrics))),
         readiness: Arc::new(EmbeddedReadiness { log, model, breaker }),
         registry,
         tasks: vec![closer, pipeline, refresher, gauges, heartbeat],

@@ -51,10 +51,12 @@ async fn lookup(state: &AppState, id: &ProductId) -> Result<Option<StoredView>, 
         {
             fill.clone().refresh_later(id.clone());
         }
+        state.metrics.cache_hits.inc();
         return Ok(Some(view));
     }
+    state.metrics.cache_misses.inc();
     let Some(fill) = &state.fill else { return Ok(None) };
-    let view = fill.fill(id.clone()).await.map_err(unavailable)?;
+    let view = fill.clone().fill(id.clone()).await.map_err(unavailable)?;
     if view.is_some() {
         state.metrics.cache_fills.inc();
     }
@@ -224,8 +226,10 @@ async fn by_ids(ids: &str, variant: Variant, cond: &Conditional, state: &AppStat
     }
     let mut found = Vec::with_capacity(parsed.len());
     let mut missing = Vec::new();
-    for id in &parsed {
-        match lookup(state, id).await? {
+    // All at once: the misses among them share one store read.
+    let views = futures_util::future::join_all(parsed.iter().map(|id| lookup(state, id))).await;
+    for (id, view) in parsed.iter().zip(views) {
+        match view? {
             Some(view) if view.listed => found.push(view),
             _ => missing.push(id.as_str()),
         }
