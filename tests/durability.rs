@@ -83,24 +83,42 @@ async fn kill_9_right_after_202_loses_nothing() {
 }
 
 #[tokio::test]
-async fn kill_9_mid_pipeline_leaves_no_hole_in_category_listings() {
+async fn kill_9_mid_pipeline_loses_nothing_goes_back_nowhere_and_verifies_clean() {
     const ROUNDS: usize = 4;
     const PER_ROUND: usize = 400;
     let dir = tempfile::tempdir().unwrap();
     for round in 0..ROUNDS {
         let mut app = start_in(dir.path(), &Options::default());
-        let events: Vec<Value> = (0..PER_ROUND).map(|i| product(&format!("L{round}-{i:03}"), "Lamp", "Lights")).collect();
-        for chunk in events.chunks(100) {
+        let mut events: Vec<Value> = (0..PER_ROUND).map(|i| product(&format!("L{round}-{i:03}"), "Lamp", "Lights")).collect();
+        // Updates of the first products, versioned and not, interleaved with every crash.
+        events.extend((0..20).map(|i| price(&format!("L0-{i:03}"), &format!("{}.00", round + 1), "USD", round as u64 + 1)));
+        events.extend((0..20).map(|i| json!({"productId": format!("L0-{i:03}"), "quantity": round})));
+        for chunk in events.chunks(110) {
             app.ingest(&Value::Array(chunk.to_vec())).await;
         }
-        // The pipeline is still writing views and index entries when the process dies.
+        // The pipeline is still writing state, views and index entries when the process dies.
         app.kill9();
     }
-    let app = start_in(dir.path(), &Options::default());
-    app.caught_up((ROUNDS * PER_ROUND) as u64).await;
+    let mut app = start_in(dir.path(), &Options::default());
+    app.caught_up((ROUNDS * (PER_ROUND + 40)) as u64).await;
     let mut expected: Vec<String> = (0..ROUNDS).flat_map(|r| (0..PER_ROUND).map(move |i| format!("L{r}-{i:03}"))).collect();
     expected.sort();
     assert_eq!(app.listing("Lights", 100).await.0, expected, "every product served by id is in its listing");
+    for i in 0..20 {
+        let (_, view) = app.get_json(&format!("/products/L0-{i:03}")).await;
+        let last = ROUNDS - 1;
+        assert_eq!(
+            (view["displayPrice"].as_str(), view["stock"]["quantity"].as_u64()),
+            (Some(&*format!("${}.00", last + 1)), Some(last as u64))
+        );
+    }
+    app.stop();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["replay", "verify", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[tokio::test]

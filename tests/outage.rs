@@ -223,3 +223,55 @@ async fn a_dynamodb_outage_loses_nothing_keeps_reads_and_the_runbook_recovers_it
     assert_eq!(status, 200);
     assert_eq!(queue_depth(&aws, var(&env, "CATALOG_DLQ")).await, (1, 0), "only the invalid event is left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_worker_mid_batch_loses_nothing_and_verifies_clean() {
+    require_moto!();
+    const ROUNDS: u64 = 3;
+    let mut env = aws_env("kill9");
+    // Messages a killed worker had in flight come back after this.
+    env.push(("CATALOG_SQS_VISIBILITY_SECS".into(), "3".into()));
+    infra_init(&env);
+    let api = serve(&env, "api");
+    let aws = clients().await;
+    let bus = var(&env, "CATALOG_BUS").to_owned();
+    for round in 0..ROUNDS {
+        let mut worker = serve(&env, "worker");
+        for chunk in 0..3 {
+            let mut events: Vec<Value> = (0..8).map(|i| product(&format!("K{round}-{chunk}{i}"), "Kettle", "Kitchen")).collect();
+            events.push(price("K0-00", &format!("{}.00", round + 1), "USD", round + 1));
+            events.push(json!({"source": "inventory.service", "detail-type": "Inventory Update",
+                "detail": {"productId": "K0-00", "quantity": round}}));
+            aws.put_events(&bus, &events).await;
+        }
+        // Mid-batch: the worker is receiving and writing these when it dies.
+        tokio::time::sleep(Duration::from_millis(300 + 200 * round)).await;
+        worker.kill9();
+    }
+    let _worker = serve(&env, "worker");
+    let last = ROUNDS - 1;
+    api.eventually("/products/K0-00", |v| {
+        v["displayPrice"] == format!("${}.00", last + 1).as_str() && v["stock"]["quantity"] == last
+    })
+    .await;
+    let mut expected: Vec<String> =
+        (0..ROUNDS).flat_map(|r| (0..3).flat_map(move |c| (0..8).map(move |i| format!("K{r}-{c}{i}")))).collect();
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ids, _) = api.listing("Kitchen", 50).await;
+        if ids == expected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the listing never held every product: {} of {}", ids.len(), expected.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    until("the queue drains", Duration::from_secs(30), async || {
+        queue_depth(&aws, var(&env, "CATALOG_INGEST_QUEUE")).await == (0, 0)
+    })
+    .await;
+    assert_eq!(queue_depth(&aws, var(&env, "CATALOG_DLQ")).await, (0, 0), "a crash is not the messages' fault");
+    let none = tempfile::tempdir().unwrap();
+    let (ok, out) = catalog(&["replay", "verify", "--backend", "aws"], &env, none.path());
+    assert!(ok, "{out}");
+}

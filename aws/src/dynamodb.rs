@@ -5,7 +5,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, ReturnConsumedCapacity, ReturnValue, WriteRequest};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, PutRequest, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    WriteRequest,
+};
 use catalog_domain::state::ProductInfo;
 use catalog_domain::{CatalogEvent, Change, Currency, Facet, FacetVersions, Money, ProductId, ProductState, ProductStatus};
 use tokio::sync::{Semaphore, mpsc};
@@ -419,7 +422,9 @@ enum UpdateResult {
 /// What one facet update did.
 enum Applied {
     Changed(ProductChanged),
-    Stale,
+    /// The facet already held this or a newer change; the product as it stands, when known,
+    /// so a redelivery can announce it again (its first announcement may have been lost).
+    Stale(Option<ProductChanged>),
 }
 
 #[derive(Clone)]
@@ -520,6 +525,7 @@ impl DynamoStore {
             .set_expression_attribute_names(Some(update.names))
             .set_expression_attribute_values(Some(update.values))
             .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
@@ -537,7 +543,17 @@ impl DynamoStore {
             Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
                 // A failed condition still costs a write unit.
                 self.metrics.dynamodb_estimated_write_units.inc();
-                Ok(Applied::Stale)
+                let current = match e.as_service_error() {
+                    Some(aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c)) => {
+                        c.item().and_then(|item| state_from_item(item).ok())
+                    }
+                    _ => None,
+                };
+                Ok(Applied::Stale(current.map(|s| ProductChanged {
+                    product_id: s.id,
+                    revision: s.revision,
+                    versions: s.versions,
+                })))
             }
             Err(e) => Err(classify(format!("DynamoDB UpdateItem of {}", event.product_id), e)),
         }
@@ -721,6 +737,9 @@ impl ProductStore for DynamoStore {
         }
         let mut unchanged = 0;
         let mut changed: HashMap<ProductId, ProductChanged> = HashMap::new();
+        // Products a stale or duplicate event touched, as they stand: announced again on a
+        // redelivery, which may follow a crash between this write and its announcement.
+        let mut as_is: HashMap<ProductId, ProductChanged> = HashMap::new();
         while let Some(joined) = tasks.join_next().await {
             let facets = joined.map_err(|e| StoreError::unavailable("DynamoDB update task", e))?;
             for (work, results) in facets {
@@ -733,7 +752,15 @@ impl ProductStore for DynamoStore {
                                 *slot = c;
                             }
                         }
-                        UpdateResult::Applied(Applied::Stale) => unchanged += 1,
+                        UpdateResult::Applied(Applied::Stale(current)) => {
+                            unchanged += 1;
+                            if let Some(c) = current {
+                                let slot = as_is.entry(c.product_id.clone()).or_insert_with(|| c.clone());
+                                if c.revision > slot.revision {
+                                    *slot = c;
+                                }
+                            }
+                        }
                         UpdateResult::Failed(e) => {
                             tracing::warn!(error = %catalog_pipeline::error::chain(&e), product = %events[i].event.product_id, "UpdateItem failed");
                             failure = Some(e);
@@ -752,9 +779,10 @@ impl ProductStore for DynamoStore {
                 }
             }
         }
+        let unchanged_products = as_is.into_iter().filter(|(id, _)| !changed.contains_key(id)).map(|(_, c)| c).collect();
         Ok(WriteOutcome {
             changed: changed.into_values().collect(),
-            unchanged_products: Vec::new(),
+            unchanged_products,
             unchanged,
             failed: failed.into_iter().collect(),
             failure,
