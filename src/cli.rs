@@ -349,6 +349,9 @@ pub struct ServeArgs {
     /// Bearer token `POST /events` requires.
     #[arg(long, env = "CATALOG_INGEST_TOKEN", hide_env_values = true)]
     pub ingest_token: Option<String>,
+    /// Bearer token of the admin routes (`POST /admin/rebuild`); without it they answer 403.
+    #[arg(long, env = "CATALOG_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Serve `POST /events` on a non-loopback address without a token (not recommended).
     #[arg(long, env = "CATALOG_ALLOW_PUBLIC_INGEST")]
     pub allow_public_ingest: bool,
@@ -484,7 +487,17 @@ impl ServeArgs {
                 self.addr
             );
         }
+        let admin_token = match &self.admin_token {
+            Some(t) if t.trim().is_empty() => {
+                anyhow::bail!(
+                    "--admin-token (CATALOG_ADMIN_TOKEN) is empty: set a token, or unset the variable to turn admin routes off"
+                )
+            }
+            Some(t) => Some(api::IngestToken::new(t.clone())),
+            None => None,
+        };
         let mut config = api::ApiConfig::default();
+        config.admin_token = admin_token;
         config.cors_origins = self.cors_origins.clone();
         config.cache_control = self.cache_control.clone();
         config.ingest_token = token;

@@ -48,7 +48,7 @@ async fn serve(
     (limits, client_rate): (ConnectionLimits, Option<ClientRateLimit>),
     shutdown_timeout: Duration,
 ) -> anyhow::Result<()> {
-    let Assembly { readmodel, ingest, fill, readiness, mut registry, mut tasks, stop, finish } = assembly;
+    let Assembly { readmodel, ingest, fill, rebuilder, readiness, mut registry, mut tasks, stop, finish } = assembly;
     let metrics = ApiMetrics::default();
     metrics.register(&mut registry);
     catalog_api::metrics::register_process(&mut registry, env!("CARGO_PKG_VERSION"), backend);
@@ -57,6 +57,7 @@ async fn serve(
         readmodel,
         ingest,
         fill,
+        rebuilder,
         readiness,
         registry: Arc::new(registry),
         metrics: metrics.clone(),

@@ -170,3 +170,52 @@ fn replay_rebuild_refuses_a_data_dir_in_use() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_model_is_rebuilt_online_while_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { args: vec!["--admin-token".into(), "adm1n".into()], ..Default::default() };
+    let app = start_in(dir.path(), &options);
+    let events: Vec<Value> = (0..3000).map(|i| product(&format!("O{i:04}"), "Online", "Shelf")).collect();
+    for chunk in events.chunks(1000) {
+        app.ingest(&Value::Array(chunk.to_vec())).await;
+    }
+    app.caught_up(3000).await;
+    let post = |token: Option<&'static str>| {
+        let mut request = app.client.post(app.url("/admin/rebuild"));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send()
+    };
+    assert_eq!(post(None).await.unwrap().status(), 401);
+    assert_eq!(post(Some("wrong")).await.unwrap().status(), 401);
+
+    // Reads keep answering while the new generation is built and swapped in.
+    let reading = {
+        let (client, base) = (app.client.clone(), app.base.clone());
+        tokio::spawn(async move {
+            let mut answered = 0;
+            for i in 0..400 {
+                let status = client.get(format!("{base}/products/O{:04}", (i * 7) % 3000)).send().await.unwrap().status();
+                assert_eq!(status, 200, "a read failed during the rebuild");
+                answered += 1;
+            }
+            answered
+        })
+    };
+    let done: Value = post(Some("adm1n")).await.unwrap().json().await.unwrap();
+    assert_eq!((done["products"].as_u64(), done["generation"].as_u64()), (Some(3000), Some(1)), "{done}");
+    assert_eq!(reading.await.unwrap(), 400);
+    assert_eq!(app.listing("Shelf", 100).await.0.len(), 3000);
+    drop(app);
+
+    // The new generation is what a restart serves.
+    let app = start_in(dir.path(), &Options::default());
+    assert_eq!(app.listing("Shelf", 100).await.0.len(), 3000);
+    assert_eq!(
+        app.client.post(app.url("/admin/rebuild")).send().await.unwrap().status(),
+        403,
+        "no --admin-token: admin routes are off"
+    );
+}

@@ -74,6 +74,7 @@ fn main() {
         readmodel: model.clone(),
         ingest: None,
         fill: None,
+        rebuilder: None,
         readiness: Arc::new(AlwaysReady),
         registry: Arc::new(Default::default()),
         metrics: ApiMetrics::default(),

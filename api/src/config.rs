@@ -12,8 +12,8 @@ pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
 pub const DEFAULT_MAX_IDS: usize = 100;
 pub const DEFAULT_PAGE_SIZE: usize = 20;
 
-/// The bearer token `POST /events` requires; never printed, never logged. Only its SHA-256
-/// digest is kept.
+/// A bearer token (`POST /events`'s, or the admin routes'); never printed, never logged. Only
+/// its SHA-256 digest is kept.
 #[derive(Clone)]
 pub struct IngestToken([u8; 32]);
 
@@ -47,6 +47,8 @@ pub struct ApiConfig {
     /// `Cache-Control` of product answers, so a CDN can absorb spikes.
     pub cache_control: String,
     pub ingest_token: Option<IngestToken>,
+    /// Bearer token of the admin routes (`POST /admin/rebuild`); `None` turns them off.
+    pub admin_token: Option<IngestToken>,
     /// Largest `POST /events` body; larger ones get 413.
     pub max_request_bytes: u64,
     /// Most entries in one `POST /events`.
@@ -67,6 +69,7 @@ impl Default for ApiConfig {
             cors_origins: Vec::new(),
             cache_control: DEFAULT_CACHE_CONTROL.to_owned(),
             ingest_token: None,
+            admin_token: None,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_entries: DEFAULT_MAX_ENTRIES,
             max_ids: DEFAULT_MAX_IDS,

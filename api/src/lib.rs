@@ -21,4 +21,4 @@ pub mod state;
 pub use config::{ApiConfig, IngestToken};
 pub use metrics::ApiMetrics;
 pub use routes::routes;
-pub use state::{AppState, Check, Ingest, Readiness, StoreFill, ViewFill};
+pub use state::{AppState, Check, Ingest, Readiness, Rebuilder, StoreFill, ViewFill};

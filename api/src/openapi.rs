@@ -16,12 +16,13 @@ use catalog_domain::view::{MobileView, WebView};
 
 use crate::routes::{
     __path_get_product, __path_healthz, __path_list_products, __path_metrics, __path_openapi, __path_post_events, __path_readyz,
+    __path_rebuild,
 };
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Catalog BFF", description = "Product views for web and mobile frontends, and embedded event ingest."),
-    paths(get_product, list_products, post_events, healthz, readyz, metrics, openapi),
+    paths(get_product, list_products, post_events, rebuild, healthz, readyz, metrics, openapi),
     components(schemas(
         catalog_domain::view::WebView,
         catalog_domain::view::MobileView,
@@ -39,10 +40,24 @@ use crate::routes::{
         ViewParam,
         ListBody,
         EventEntry,
+        RebuildReport,
     )),
     modifiers(&BearerAuth),
 )]
 struct ApiDoc;
+
+/// What `POST /admin/rebuild` did.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildReport {
+    /// Products written into the new generation.
+    products: u64,
+    /// Products changed while it was built, written again after the swap.
+    caught_up: u64,
+    /// The generation now live.
+    generation: u64,
+    elapsed_ms: u64,
+}
 
 /// Every error: `{"error": {"code", "message"}}`.
 #[derive(Serialize, ToSchema)]

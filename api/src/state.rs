@@ -246,11 +246,18 @@ impl<St: ProductStore> ViewFill for StoreFill<St> {
     }
 }
 
+/// Rebuilds the read model online (`POST /admin/rebuild`), from whatever store this backend has.
+pub trait Rebuilder: Send + Sync + 'static {
+    fn rebuild(&self) -> BoxFuture<'_, Result<catalog_readmodel::OnlineRebuild, ReadModelError>>;
+}
+
 pub struct AppState {
     pub readmodel: ReadModel,
     /// `None` where this process does not ingest (an API-only instance).
     pub ingest: Option<Arc<dyn Ingest>>,
     pub fill: Option<Arc<dyn ViewFill>>,
+    /// `None` where this process serves no read model (a worker).
+    pub rebuilder: Option<Arc<dyn Rebuilder>>,
     pub readiness: Arc<dyn Readiness>,
     pub registry: Arc<Registry>,
     pub metrics: ApiMetrics,

@@ -5,11 +5,14 @@
 //! - `view`: the stored form of a view: bodies, gzip bodies and ETags, so a GET only slices bytes.
 //! - `model`: `ReadModel`, reads (by id, by category, many ids) and monotonic writes.
 //! - `refresh`: the task that turns invalidations into fresh views (refresh-ahead).
+//! - `online`: a rebuild beside the live model, swapped in while reads go on.
 
 mod model;
+mod online;
 mod refresh;
 mod view;
 
 pub use model::{DEFAULT_MAX_PAGE, DEFAULT_VIEW_TTL, Page, ReadModel, ReadModelError};
+pub use online::{OnlineRebuild, rebuild_online};
 pub use refresh::{catch_up, run_refresher};
 pub use view::{Effort, GZIP_MIN_BYTES, StoredView, Variant, etag, gzip};

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use catalog_api::StoreFill;
+use catalog_api::state::BoxFuture;
 use catalog_api::state::FillMetrics;
+use catalog_api::{Rebuilder, StoreFill};
 use catalog_aws::dynamodb::DynamoStore;
 use catalog_aws::eventbridge::{EventBridgeBus, InvalidationSubscription};
 use catalog_aws::readiness::AwsReadiness;
@@ -16,13 +17,53 @@ use catalog_pipeline::breaker::{Breaker, BreakerMetrics};
 use catalog_pipeline::budget::Budget;
 use catalog_pipeline::embedded::DEFAULT_SUBSCRIBER_CAPACITY;
 use catalog_pipeline::{PipelineMetrics, config};
-use catalog_readmodel::ReadModel;
+use catalog_readmodel::{OnlineRebuild, ReadModel, ReadModelError};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use super::{Assembly, FinishStep};
 use crate::cli::{Role, ServeArgs};
 use crate::datadir::DataDir;
+
+/// Writes every product of the products table into `model`, page by page as a parallel Scan
+/// delivers them: memory holds a few pages, never the table. Returns (products, views written).
+async fn fill_from_table(store: &DynamoStore, model: &ReadModel) -> Result<(u64, u64), ReadModelError> {
+    let (mut products, mut written) = (0, 0);
+    let mut failed = None;
+    let scanned = store
+        .scan_states(catalog_aws::DEFAULT_SCAN_SEGMENTS, Budget::unlimited(), |states| {
+            products += states.len() as u64;
+            match model.apply(&states) {
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    failed = Some(e);
+                    return Err(catalog_pipeline::BackendError::unavailable("writing views", "the read model failed"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    match (failed, scanned) {
+        (Some(e), _) => Err(e),
+        (None, Err(e)) => Err(ReadModelError::Store(e)),
+        (None, Ok(())) => Ok((products, written)),
+    }
+}
+
+/// `POST /admin/rebuild` on an API instance: a new read model from a parallel Scan.
+struct TableRebuilder {
+    store: Arc<DynamoStore>,
+    model: ReadModel,
+}
+
+impl Rebuilder for TableRebuilder {
+    fn rebuild(&self) -> BoxFuture<'_, Result<OnlineRebuild, ReadModelError>> {
+        let store = self.store.clone();
+        Box::pin(catalog_readmodel::rebuild_online(&self.model, &*self.store, move |fresh| async move {
+            fill_from_table(&store, &fresh).await.map(|(products, _)| products)
+        }))
+    }
+}
 
 pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let clients = AwsClients::from_env().await?;
@@ -66,18 +107,9 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
         .context("opening the read model")?;
     if matches!(args.role, Role::All | Role::Api) {
-        // Page by page as the parallel Scan delivers them: memory holds a few pages, not the table.
         let started = std::time::Instant::now();
-        let (mut products, mut warmed) = (0, 0);
-        store
-            .scan_states(catalog_aws::DEFAULT_SCAN_SEGMENTS, Budget::unlimited(), |states| {
-                products += states.len();
-                warmed +=
-                    model.apply(&states).map_err(|e| catalog_pipeline::BackendError::unavailable("writing warmed views", e))?;
-                Ok(())
-            })
-            .await
-            .context("warming the read model from the products table")?;
+        let (products, warmed) =
+            fill_from_table(&store, &model).await.context("warming the read model from the products table")?;
         tracing::info!(products, views = warmed, elapsed = ?started.elapsed(), "read model warmed from the store");
         let subscription = Arc::new(
             InvalidationSubscription::create(
@@ -106,6 +138,8 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     Ok(Assembly {
         readmodel: model.clone(),
         ingest: None,
+        rebuilder: matches!(args.role, Role::All | Role::Api)
+            .then(|| Arc::new(TableRebuilder { store: store.clone(), model: model.clone() }) as Arc<dyn Rebuilder>),
         fill: Some(Arc::new(StoreFill::new(store, model, args.fill_config(), fill_metrics))),
         readiness: Arc::new(AwsReadiness { clients, settings, breaker }),
         registry,

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use catalog_api::StoreFill;
 use catalog_api::state::FillMetrics;
+use catalog_api::{Rebuilder, StoreFill};
 use catalog_domain::{CatalogEvent, ParseLimits};
 use catalog_pipeline::breaker::{Breaker, BreakerMetrics};
 use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
 use catalog_pipeline::health::{BoxFuture, Check, Readiness};
 use catalog_pipeline::{PipelineMetrics, config};
-use catalog_readmodel::ReadModel;
+use catalog_readmodel::{OnlineRebuild, ReadModel, ReadModelError};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
@@ -80,6 +80,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     Ok(Assembly {
         readmodel: model.clone(),
         ingest: Some(Arc::new(log.clone())),
+        rebuilder: Some(Arc::new(StoreRebuilder { store: store.clone(), model: model.clone() })),
         fill: Some(Arc::new(StoreFill::new(store, model.clone(), args.fill_config(), fill_metrics))),
         readiness: Arc::new(EmbeddedReadiness { log, model, breaker }),
         registry,
@@ -90,6 +91,38 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
             Box::pin(async move { views_db.flush_async().await.map(drop).context("flushing the read model") }),
         ],
     })
+}
+
+/// `POST /admin/rebuild`: a new read model from the store's states, beside the live one.
+struct StoreRebuilder {
+    store: Arc<EmbeddedStore>,
+    model: ReadModel,
+}
+
+/// States written into the new generation per step.
+const REBUILD_STEP: usize = 1024;
+
+impl Rebuilder for StoreRebuilder {
+    fn rebuild(&self) -> BoxFuture<'_, Result<OnlineRebuild, ReadModelError>> {
+        let store = self.store.clone();
+        Box::pin(catalog_readmodel::rebuild_online(&self.model, &*self.store, move |fresh| async move {
+            // sled reads and writes block: off the threads that serve GETs.
+            tokio::task::spawn_blocking(move || {
+                let (mut products, mut step) = (0, Vec::with_capacity(REBUILD_STEP));
+                for state in store.states() {
+                    step.push(state?);
+                    if step.len() == REBUILD_STEP {
+                        fresh.apply(&step)?;
+                        products += step.len() as u64;
+                        step.clear();
+                    }
+                }
+                fresh.apply(&step)?;
+                Ok(products + step.len() as u64)
+            })
+            .await?
+        }))
+    }
 }
 
 /// Re-renders products whose views may be behind the store: after a crash between a store

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use catalog_api::{Ingest, Readiness, ViewFill};
+use catalog_api::{Ingest, Readiness, Rebuilder, ViewFill};
 use catalog_readmodel::ReadModel;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
@@ -30,6 +30,8 @@ pub struct Assembly {
     pub ingest: Option<Arc<dyn Ingest>>,
     /// Cache-aside fills from the store on a read-model miss.
     pub fill: Option<Arc<dyn ViewFill>>,
+    /// Online rebuilds of the read model (`POST /admin/rebuild`); `None` where none is served.
+    pub rebuilder: Option<Arc<dyn Rebuilder>>,
     pub readiness: Arc<dyn Readiness>,
     /// Every metric the backend registered; the BFF adds its own.
     pub registry: Registry,

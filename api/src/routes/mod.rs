@@ -1,5 +1,6 @@
 //! Route assembly: every route of docs/contract.md §2, CORS around them, JSON for every rejection.
 
+mod admin;
 mod events;
 mod ops;
 mod products;
@@ -14,6 +15,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::http::{ApiError, Conditional};
 use crate::state::AppState;
 
+pub(crate) use admin::__path_rebuild;
 pub(crate) use events::__path_post_events;
 pub(crate) use ops::{__path_healthz, __path_metrics, __path_openapi, __path_readyz};
 pub(crate) use products::{__path_get_product, __path_list_products};
@@ -48,6 +50,11 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
         .and(warp::body::bytes())
         .and(with_state.clone())
         .then(events::post_events);
+    let rebuild = warp::path!("admin" / "rebuild")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(with_state.clone())
+        .then(admin::rebuild);
     let healthz = warp::path!("healthz").and(read()).map(ops::healthz);
     let readyz = warp::path!("readyz").and(read()).and(with_state.clone()).then(ops::readyz);
     let metrics = warp::path!("metrics").and(read()).and(with_state.clone()).map(ops::metrics);
@@ -69,7 +76,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
 
     let ops = healthz.or(readyz).unify().or(metrics).unify().or(openapi).unify().boxed();
     let api = if state.config.product_routes {
-        get_product.or(list_products).unify().or(post_events).unify().or(ops).unify().boxed()
+        get_product.or(list_products).unify().or(post_events).unify().or(rebuild).unify().or(ops).unify().boxed()
     } else {
         ops
     };
@@ -105,7 +112,7 @@ fn allowed_methods(path: &str, product_routes: bool) -> Option<&'static str> {
     match path {
         "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => Some(READ),
         "/products" if product_routes => Some(READ),
-        "/events" if product_routes => Some("POST"),
+        "/events" | "/admin/rebuild" if product_routes => Some("POST"),
         _ if product_routes => {
             let id = path.strip_prefix("/products/")?;
             (!id.is_empty() && !id.contains('/')).then_some(READ)
