@@ -275,3 +275,38 @@ async fn kill_9_of_the_worker_mid_batch_loses_nothing_and_verifies_clean() {
     let (ok, out) = catalog(&["replay", "verify", "--backend", "aws"], &env, none.path());
     assert!(ok, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_table_slows_the_pipeline_down_but_loses_nothing_and_opens_nothing() {
+    require_moto!();
+    let mut env = aws_env("throttled");
+    infra_init(&env);
+    let (proxy, throttled) = dynamodb_proxy(Fault::Throttle).await;
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB".into(), proxy));
+    let app = serve(&env, "all");
+    let aws = clients().await;
+    let bus = var(&env, "CATALOG_BUS").to_owned();
+    for chunk in 0..3 {
+        let mut events: Vec<Value> = (0..8).map(|i| product(&format!("T{chunk}{i}"), "Throttled", "Slow")).collect();
+        events.push(price("T00", &format!("{}.00", chunk + 1), "USD", chunk + 1));
+        events.push(json!({"source": "inventory.service", "detail-type": "Inventory Update", "detail": {"productId": "T00", "quantity": chunk}}));
+        aws.put_events(&bus, &events).await;
+    }
+    // Slowly: the SDK backs off on each throttle, then the held batch does.
+    until("the last price and stock show", Duration::from_secs(120), async || {
+        let (_, v) = app.get_json("/products/T00").await;
+        v["displayPrice"] == "$3.00" && v["stock"]["quantity"] == 2
+    })
+    .await;
+    until("every product is listed", Duration::from_secs(60), async || app.listing("Slow", 50).await.0.len() == 24).await;
+    until("the queue drains", Duration::from_secs(30), async || {
+        queue_depth(&aws, var(&env, "CATALOG_INGEST_QUEUE")).await == (0, 0)
+    })
+    .await;
+    assert!(throttled.load(std::sync::atomic::Ordering::SeqCst) > 10, "the proxy throttled too little to prove anything");
+    assert_eq!(app.metric("catalog_breaker_transitions_total{to=\"open\"}").await, 0.0, "a throttle is not an outage");
+    assert_eq!(queue_depth(&aws, var(&env, "CATALOG_DLQ")).await, (0, 0), "a throttle is not the messages' fault");
+    let none = tempfile::tempdir().unwrap();
+    let (ok, out) = catalog(&["replay", "verify", "--backend", "aws"], &env, none.path());
+    assert!(ok, "{out}");
+}

@@ -228,10 +228,11 @@ struct WriteGuard {
 
 /// Writes each batch to the store; events it could not write are released for another try.
 ///
-/// When the store is down and the breaker has opened, the events that failed are held here
-/// instead (the source's heartbeat keeps their messages invisible) and written again as the
-/// breaker's trial batch once the cool-down is over: an outage, however long, costs each
-/// message no more than the one delivery it was received with, so none is dead-lettered by it.
+/// When the store is down or throttling, the events that failed are held here instead (the
+/// source's heartbeat keeps their messages invisible) and written again with backoff, or as
+/// the breaker's trial batch once it has opened: an outage or a throttle, however long, costs
+/// each message no more than the one delivery it was received with, so none is dead-lettered
+/// by it. Refused writes are released, and reach the DLQ after the source's receive limit.
 async fn write<S: EventSource, St: ProductStore>(
     source: Arc<S>,
     store: Arc<St>,
@@ -269,8 +270,9 @@ async fn write<S: EventSource, St: ProductStore>(
                 Err(e) => Some(e.class()),
             };
             breaker.record(trial, failure.map_or(Outcome::Success, Outcome::Failure));
-            // The store being down is nobody's message's fault: hold, never spend a delivery.
-            let hold = failure == Some(FailureClass::Unavailable);
+            // The store being down or slowing us down is nobody's message's fault: hold, never
+            // spend a delivery on it.
+            let hold = matches!(failure, Some(FailureClass::Unavailable | FailureClass::Throttled));
             let outcome = match result {
                 Ok(outcome) => outcome,
                 Err(e) => {
@@ -280,7 +282,7 @@ async fn write<S: EventSource, St: ProductStore>(
                         release(&*source, receipts, &chain(&e), &metrics).await;
                         break;
                     }
-                    tracing::warn!(error = %chain(&e), events = events.len(), "store down; holding the batch until the breaker lets a trial through");
+                    tracing::warn!(error = %chain(&e), events = events.len(), "store unavailable or throttling; holding the batch to write it again");
                     match hold_until_trial(&breaker, &shutdown, backoff.next()).await {
                         Some(next) => trial = next,
                         None => return defer_held(&*source, receipts, &breaker, &metrics).await,
@@ -329,7 +331,7 @@ async fn write<S: EventSource, St: ProductStore>(
             }
             tracing::warn!(
                 events = retry.len(),
-                "store down; holding the events it did not take until the breaker lets a trial through"
+                "store unavailable or throttling; holding the events it did not take to write them again"
             );
             match hold_until_trial(&breaker, &shutdown, backoff.next()).await {
                 Some(next) => trial = next,

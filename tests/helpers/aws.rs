@@ -107,6 +107,9 @@ impl Aws {
 /// Faults a proxy in front of moto's DynamoDB injects.
 #[derive(Clone, Copy)]
 pub enum Fault {
+    /// Two of every three `UpdateItem` and `BatchWriteItem` calls are refused as a throttled
+    /// table refuses them: `ProvisionedThroughputExceededException` and `ThrottlingException`.
+    Throttle,
     /// Each `BatchWriteItem` writes only its first item and hands the rest back as
     /// `UnprocessedItems`, as a throttled table does (moto itself never returns any).
     UnprocessedWrites,
@@ -133,6 +136,19 @@ pub async fn dynamodb_proxy(fault: Fault) -> (String, std::sync::Arc<AtomicU32>)
                 let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
                 let mut body = body.to_vec();
                 let mut unprocessed = serde_json::Map::new();
+                let writes = target.ends_with(".UpdateItem") || target.ends_with(".BatchWriteItem");
+                if matches!(fault, Fault::Throttle) && writes {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    if n % 3 != 2 {
+                        let code = if n % 2 == 0 { "ProvisionedThroughputExceededException" } else { "ThrottlingException" };
+                        let error = json!({"__type": format!("com.amazonaws.dynamodb.v20120810#{code}"), "message": "injected throttle"});
+                        return warp::http::Response::builder()
+                            .status(400)
+                            .header("content-type", "application/x-amz-json-1.0")
+                            .body(serde_json::to_vec(&error).unwrap())
+                            .unwrap();
+                    }
+                }
                 if let Fault::FailUpdatesOf(id) = fault {
                     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                     if target.ends_with(".UpdateItem") && request["Key"]["productId"]["S"] == id {
