@@ -202,8 +202,9 @@ impl AwsArgs {
 
 #[derive(Subcommand)]
 pub enum ReplayCommand {
-    /// Rebuild the read model from the event log (embedded; stop `catalog serve` first).
-    Rebuild(DataArgs),
+    /// Rebuild a stopped instance's read model: embedded from the event log, AWS (an API
+    /// instance's data dir) from the products table. Online: `POST /admin/rebuild`.
+    Rebuild(RebuildArgs),
     /// Compare the event log's projection, the store and the read model; print every drift,
     /// exit 1 if there is any.
     Verify(VerifyArgs),
@@ -232,6 +233,15 @@ pub struct ReplayTarget {
     /// Segments of each DynamoDB parallel Scan (AWS).
     #[arg(long, env = "CATALOG_SCAN_SEGMENTS", default_value_t = aws::DEFAULT_SCAN_SEGMENTS, value_parser = u32_in(1, 1_000_000))]
     pub scan_segments: u32,
+}
+
+#[derive(Args, Clone)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub target: ReplayTarget,
+    /// Products table items read per second (AWS; 0: unlimited).
+    #[arg(long, env = "CATALOG_REBUILD_MAX_PER_SEC", default_value_t = 0)]
+    pub max_per_sec: u32,
 }
 
 #[derive(Args, Clone)]

@@ -146,6 +146,13 @@ async fn replay_verify_reproject_and_dlq_work_on_aws() {
     .await;
     let (ok, out) = catalog(&["replay", "verify", "--backend", "aws"], &env, none.path());
     assert!(ok, "{out}");
+
+    // A stopped API instance's read model, rebuilt from the products table, agrees too.
+    let api_dir = tempfile::tempdir().unwrap();
+    let (ok, out) = catalog(&["replay", "rebuild", "--backend", "aws"], &env, api_dir.path());
+    assert!(ok && out.contains("rebuilt 6 views of 6 products from the products table"), "{out}");
+    let (ok, out) = catalog(&["replay", "verify", "--backend", "aws"], &env, api_dir.path());
+    assert!(ok && out.contains("read model 6 views and 6 listing entries"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

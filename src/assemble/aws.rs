@@ -28,11 +28,23 @@ use crate::datadir::DataDir;
 /// Writes every product of the products table into `model`, page by page as a parallel Scan
 /// delivers them: memory holds a few pages, never the table. Returns (products, views written).
 async fn fill_from_table(store: &DynamoStore, model: &ReadModel) -> Result<(u64, u64), ReadModelError> {
+    fill_from_table_with(store, model, catalog_aws::DEFAULT_SCAN_SEGMENTS, Budget::unlimited(), |_| {}).await
+}
+
+/// [`fill_from_table`] with the Scan's segments and pace, and `progress` told the products so far.
+pub(crate) async fn fill_from_table_with(
+    store: &DynamoStore,
+    model: &ReadModel,
+    segments: u32,
+    budget: Budget,
+    mut progress: impl FnMut(u64),
+) -> Result<(u64, u64), ReadModelError> {
     let (mut products, mut written) = (0, 0);
     let mut failed = None;
     let scanned = store
-        .scan_states(catalog_aws::DEFAULT_SCAN_SEGMENTS, Budget::unlimited(), |states| {
+        .scan_states(segments, budget, |states| {
             products += states.len() as u64;
+            progress(products);
             match model.apply(&states) {
                 Ok(n) => written += n as u64,
                 Err(e) => {

@@ -1,18 +1,73 @@
-//! `catalog replay rebuild`: a stopped embedded instance's read model, rebuilt from its log.
+//! `catalog replay rebuild`: a stopped instance's read model, rebuilt beside the old one and
+//! swapped in: embedded from the event log, AWS from the products table.
 
 use anyhow::Context;
 use catalog_pipeline::embedded::EmbeddedLog;
 use catalog_readmodel::ReadModel;
 
 use super::progress::Progress;
-use crate::cli::DataArgs;
+use crate::cli::{Backend, DataArgs, RebuildArgs};
 use crate::datadir::DataDir;
 
 /// Builds the read model into a fresh database beside the live one and swaps it in: nothing
 /// is deleted key by key (sled 0.34 clears a tree one key at a time, which took longer than
 /// writing it), and a crash part way leaves either the old views or none, which the next
 /// `serve` re-renders from the store.
-pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
+pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
+    match args.target.backend {
+        Backend::Embedded => embedded(args.target.data),
+        Backend::Aws => aws(&args),
+    }
+}
+
+/// An API instance's read model from the products table, page by page (a parallel Scan).
+fn aws(args: &RebuildArgs) -> anyhow::Result<()> {
+    let data = &args.target.data;
+    let dir = DataDir::new(&data.data_dir, data.cache_mb);
+    let (live, fresh_path, old_path) = (dir.views_path(), dir.rebuild_path(), dir.replaced_path());
+    // Opened only to prove no instance is running on this data dir.
+    drop(dir.open_views_alone()?);
+    for leftover in [&fresh_path, &old_path] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).with_context(|| format!("removing {}", leftover.display()))?;
+        }
+    }
+    let started = std::time::Instant::now();
+    let fresh = dir.open_rebuild()?;
+    let model = ReadModel::open(&fresh, data.view_settings(), None).context("opening the read model")?;
+    let runtime = super::runtime()?;
+    let (products, written) = runtime.block_on(async {
+        let clients = catalog_aws::AwsClients::from_env().await?;
+        let store = catalog_aws::dynamodb::DynamoStore::new(clients.dynamodb, args.target.aws.settings(), Default::default());
+        let mut progress = Progress::new("rebuilding the read model from the products table", "products", None);
+        let budget = catalog_pipeline::budget::Budget::per_second(args.max_per_sec);
+        let filled =
+            crate::assemble::aws::fill_from_table_with(&store, &model, args.target.scan_segments, budget, |n| progress.set(n))
+                .await
+                .context("reading the products table");
+        progress.finish();
+        filled
+    })?;
+    fresh.flush().context("flushing the rebuilt read model to disk")?;
+    drop(model);
+    drop(fresh);
+    swap_directories(&live, &fresh_path, &old_path)?;
+    println!("rebuilt {written} views of {products} products from the products table in {:.2?}", started.elapsed());
+    Ok(())
+}
+
+/// The fresh directory becomes the live one; the old one is removed.
+fn swap_directories(live: &std::path::Path, fresh: &std::path::Path, old: &std::path::Path) -> anyhow::Result<()> {
+    if live.exists() {
+        std::fs::rename(live, old).with_context(|| format!("moving {} aside", live.display()))?;
+    }
+    std::fs::rename(fresh, live).with_context(|| format!("moving the rebuilt read model to {}", live.display()))?;
+    std::fs::remove_dir_all(old)
+        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        .with_context(|| format!("removing the old read model {}", old.display()))
+}
+
+fn embedded(args: DataArgs) -> anyhow::Result<()> {
     let data = DataDir::existing(&args.data_dir, args.cache_mb)?;
     // Held until the swap: no `serve` can be running on this data dir meanwhile.
     let db = data.open_main()?;
@@ -33,13 +88,7 @@ pub fn rebuild(args: DataArgs) -> anyhow::Result<()> {
     fresh.flush().context("flushing the rebuilt read model to disk")?;
     drop(model);
     drop(fresh);
-    if live.exists() {
-        std::fs::rename(&live, &old_path).with_context(|| format!("moving {} aside", live.display()))?;
-    }
-    std::fs::rename(&fresh_path, &live).with_context(|| format!("moving the rebuilt read model to {}", live.display()))?;
-    std::fs::remove_dir_all(&old_path)
-        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-        .with_context(|| format!("removing the old read model {}", old_path.display()))?;
+    swap_directories(&live, &fresh_path, &old_path)?;
     drop(db);
     println!(
         "rebuilt {} views of {} products from {} log entries in {:.2?} (fold {:.2?}, clear {:.2?}, write {:.2?}; {} invalid and {} dead-lettered entries skipped; checkpoint {})",
