@@ -252,7 +252,7 @@ pub struct VerifyArgs {
     /// on AWS, an API instance's, stopped).
     #[arg(long)]
     pub repair: bool,
-    /// Store items read per second (0: unlimited).
+    /// DynamoDB items read per second (AWS; 0: unlimited). The embedded tools read local files unpaced.
     #[arg(long, env = "CATALOG_VERIFY_MAX_PER_SEC", default_value_t = 0)]
     pub max_per_sec: u32,
 }
