@@ -3,7 +3,11 @@
 //! latency at half that rate. Prints its figures.
 //!
 //! cargo bench --bench ingest            (CATALOG_BENCH_EVENTS to change the count,
-//!                                        CATALOG_BENCH_LATENCY_SECS the paced phase's length)
+//!                                        CATALOG_BENCH_LATENCY_SECS the paced phase's length,
+//!                                        CATALOG_BENCH_MIX=distinct for one Product Update
+//!                                        per product, the PostgreSQL peer's workload;
+//!                                        CATALOG_BENCH_DUMP=FILE writes the events as JSON
+//!                                        lines and exits, for scripts/bench-peer)
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -20,7 +24,21 @@ const DEFAULT_LATENCY_SECS: u64 = 10;
 /// How often a probe's product is re-read while waiting for it to show the probe.
 const PROBE_POLL: Duration = Duration::from_micros(250);
 
+/// One Product Update for each of `total` distinct products: what scripts/bench-peer gives
+/// PostgreSQL too.
+fn distinct_events(total: usize) -> Vec<Value> {
+    (0..total)
+        .map(|p| {
+            json!({"source":"product.service","detail-type":"Product Update","detail":{"productId":format!("P{p:07}"),
+                "name":format!("Product {p}"),"category":format!("C{}", p % 100),"status":"created","version":1}})
+        })
+        .collect()
+}
+
 fn events(total: usize) -> Vec<Value> {
+    if std::env::var("CATALOG_BENCH_MIX").is_ok_and(|m| m == "distinct") {
+        return distinct_events(total);
+    }
     let products = total / 4;
     let mut out = Vec::with_capacity(total);
     for round in 0..4 {
@@ -110,6 +128,11 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
 
 fn main() {
     let total: usize = std::env::var("CATALOG_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_EVENTS);
+    if let Ok(path) = std::env::var("CATALOG_BENCH_DUMP") {
+        let lines: Vec<String> = events(total).iter().map(Value::to_string).collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     // CATALOG_BENCH_URL targets a server started by hand (e.g. under a profiler).
     let external = std::env::var("CATALOG_BENCH_URL").ok();
@@ -176,9 +199,10 @@ fn main() {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .fold(0.0, |a, b| a + b)
         };
+        let distinct = std::env::var("CATALOG_BENCH_MIX").is_ok_and(|m| m == "distinct");
         println!(
             "embedded pipeline, {total} events ({} products, {:.0} B/event), {POSTERS} posters × {BATCH}-event POSTs",
-            total / 4,
+            if distinct { total } else { total / 4 },
             bytes as f64 / total as f64
         );
         println!("  accepted (durable, 202)   {:>9.0} events/s   ({accepted:.2?})", total as f64 / accepted.as_secs_f64());
