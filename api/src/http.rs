@@ -109,6 +109,15 @@ pub fn dynamic_json(cond: &Conditional, body: Vec<u8>, cache_control: &HeaderVal
     cached_json(cond, etag, Bytes::from(body), gz, cache_control)
 }
 
+/// The credentials of an `Authorization: Bearer …` header; RFC 9110 §11.1: the scheme is
+/// case-insensitive.
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization
+        .and_then(|h| h.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim())
+}
+
 pub fn json_status(status: StatusCode, value: &serde_json::Value) -> Reply {
     Response::builder()
         .status(status)

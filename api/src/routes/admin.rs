@@ -8,7 +8,7 @@ use catalog_readmodel::ReadModelError;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use crate::http::{ApiError, json_status};
+use crate::http::{ApiError, bearer, json_status};
 use crate::openapi::{ErrorBody, RebuildReport};
 use crate::state::AppState;
 
@@ -42,11 +42,7 @@ async fn run(authorization: Option<&str>, state: &AppState) -> Result<Response, 
             "admin routes are off: start the catalog with --admin-token (CATALOG_ADMIN_TOKEN)",
         ));
     };
-    let presented = authorization
-        .and_then(|h| h.trim_start().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, credentials)| credentials.trim());
-    if !presented.is_some_and(|p| token.matches(p)) {
+    if !bearer(authorization).is_some_and(|p| token.matches(p)) {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <CATALOG_ADMIN_TOKEN>"));
     }
     let Some(rebuilder) = &state.rebuilder else {

@@ -11,7 +11,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::http::{ApiError, json_status};
+use crate::http::{ApiError, bearer, json_status};
 use crate::openapi::{Accepted, ErrorBody};
 use crate::state::AppState;
 
@@ -69,19 +69,10 @@ pub(crate) fn gate(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Re
 }
 
 fn check_headers(state: &AppState, authorization: Option<&str>, content_type: Option<&str>) -> Result<(), ApiError> {
-    if let Some(token) = &state.config.ingest_token {
-        // RFC 9110 §11.1: the scheme is case-insensitive.
-        let presented = authorization
-            .and_then(|h| h.trim_start().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, credentials)| credentials.trim());
-        if !presented.is_some_and(|p| token.matches(p)) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send Authorization: Bearer <CATALOG_INGEST_TOKEN>",
-            ));
-        }
+    if let Some(token) = &state.config.ingest_token
+        && !bearer(authorization).is_some_and(|p| token.matches(p))
+    {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <CATALOG_INGEST_TOKEN>"));
     }
     let media_type = content_type.and_then(|v| v.split(';').next()).map(str::trim);
     if !media_type.is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
