@@ -20,7 +20,8 @@ use crate::datadir::DataDir;
 pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
     let started = Instant::now();
     let data = &args.target.data;
-    let (projection, states, views) = match args.target.backend {
+    // `_main` holds the embedded data dir's lock until the end: no `serve` may start meanwhile.
+    let (projection, states, views, _main) = match args.target.backend {
         Backend::Embedded => {
             let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
             let db = dir.open_main()?;
@@ -31,18 +32,18 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
             let store = EmbeddedStore::open(&db).context("opening the store")?;
             let states = store.states().collect::<Result<Vec<_>, _>>().context("reading the store")?;
             let views = dir.open_views()?;
-            (projection, states, Some((db, views)))
+            (projection, states, Some(views), Some(db))
         }
         Backend::Aws => {
             let (projection, states) = super::runtime()?.block_on(read_aws(&args))?;
             let dir = DataDir::new(&data.data_dir, data.cache_mb);
             let views = if dir.views_path().exists() { Some(dir.open_views_alone()?) } else { None };
-            (projection, states, views.map(|v| (v.clone(), v)))
+            (projection, states, views, None)
         }
     };
     let mut drifts = catalog_replay::compare_store(&projection.states, &states);
     let mut summary = describe_sources(&projection.report, states.len());
-    if let Some((_, views)) = &views {
+    if let Some(views) = &views {
         let model = ReadModel::open(views, data.view_settings(), None).context("opening the read model")?;
         let (view_drifts, report) = catalog_replay::compare_views(&model, &states)?;
         summary.push_str(&format!(", read model {} views and {} listing entries", report.views, report.listings));
