@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
-    SendMessageBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName, SendMessageBatchRequestEntry,
 };
 use catalog_pipeline::BackendError;
 
-use crate::sqs::{SQS_BATCH, lookup_queue_url};
+use crate::sqs::{SQS_BATCH, change_visibility, lookup_queue_url};
 use crate::{AwsMetrics, AwsNames, classify};
 
 pub const CODE_ATTRIBUTE: &str = "catalog.error.code";
@@ -116,26 +115,7 @@ impl SqsDeadLetters {
     /// Makes walked messages visible again at once, untouched.
     pub async fn release(&self, messages: &[&DeadLetterMessage]) -> Result<(), BackendError> {
         for chunk in messages.chunks(SQS_BATCH) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&m.handle)
-                        .visibility_timeout(0)
-                        .build()
-                        .map_err(|e| BackendError::rejected("SQS ChangeMessageVisibilityBatch", e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            self.metrics.sqs_call("ChangeMessageVisibilityBatch", 0);
-            self.client
-                .change_message_visibility_batch()
-                .queue_url(&self.dlq_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| classify("SQS ChangeMessageVisibilityBatch on the DLQ", e))?;
+            change_visibility(&self.client, &self.metrics, &self.dlq_url, chunk.iter().map(|m| m.handle.as_str()), 0).await?;
         }
         Ok(())
     }

@@ -85,6 +85,44 @@ pub(crate) async fn lookup_queue_url(client: &aws_sdk_sqs::Client, name: &str) -
         .ok_or_else(|| BackendError::rejected(format!("SQS GetQueueUrl {name:?}"), "the answer holds no queue URL"))
 }
 
+/// One `ChangeMessageVisibilityBatch` call (at most [`SQS_BATCH`] handles) on `queue_url`.
+pub(crate) async fn change_visibility(
+    client: &aws_sdk_sqs::Client,
+    metrics: &AwsMetrics,
+    queue_url: &str,
+    handles: impl Iterator<Item = &str>,
+    seconds: i32,
+) -> Result<(), BackendError> {
+    let entries = handles
+        .enumerate()
+        .map(|(i, h)| {
+            ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(h)
+                .visibility_timeout(seconds)
+                .build()
+                .map_err(|e| BackendError::rejected("SQS ChangeMessageVisibilityBatch", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    metrics.sqs_call("ChangeMessageVisibilityBatch", 0);
+    let out = client
+        .change_message_visibility_batch()
+        .queue_url(queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .map_err(|e| classify("SQS ChangeMessageVisibilityBatch", e))?;
+    for failed in out.failed() {
+        // A message acked while its renewal was on the way no longer exists: expected.
+        if failed.code() == "ReceiptHandleIsInvalid" {
+            tracing::debug!(message = failed.message(), "visibility change for a message already deleted");
+        } else {
+            tracing::warn!(code = failed.code(), message = failed.message(), "changing visibility failed for a message");
+        }
+    }
+    Ok(())
+}
+
 impl SqsSource {
     pub async fn connect(client: aws_sdk_sqs::Client, settings: AwsSettings, metrics: AwsMetrics) -> Result<Self, SourceError> {
         let queue_url = lookup_queue_url(&client, &settings.names.ingest_queue).await?;
@@ -139,37 +177,8 @@ impl SqsSource {
     }
 
     async fn change_visibility(&self, handles: &[Arc<str>], seconds: i32) -> Result<(), SourceError> {
-        let entries = handles
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                ChangeMessageVisibilityBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(h.as_ref())
-                    .visibility_timeout(seconds)
-                    .build()
-                    .map_err(|e| BackendError::rejected("SQS ChangeMessageVisibilityBatch", e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.inner.metrics.sqs_call("ChangeMessageVisibilityBatch", 0);
-        let out = self
-            .inner
-            .client
-            .change_message_visibility_batch()
-            .queue_url(&self.inner.queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .map_err(|e| classify("SQS ChangeMessageVisibilityBatch", e))?;
-        for failed in out.failed() {
-            // A message acked while its renewal was on the way no longer exists: expected.
-            if failed.code() == "ReceiptHandleIsInvalid" {
-                tracing::debug!(message = failed.message(), "visibility change for a message already deleted");
-            } else {
-                tracing::warn!(code = failed.code(), message = failed.message(), "changing visibility failed for a message");
-            }
-        }
-        Ok(())
+        let inner = &self.inner;
+        change_visibility(&inner.client, &inner.metrics, &inner.queue_url, handles.iter().map(AsRef::as_ref), seconds).await
     }
 
     async fn delete(&self, handles: Vec<Arc<str>>) -> Result<(), SourceError> {
