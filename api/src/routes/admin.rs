@@ -21,6 +21,7 @@ use crate::state::AppState;
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
         (status = 403, description = "Admin routes are off: start the catalog with --admin-token", body = ErrorBody),
         (status = 405, description = "Only POST", body = ErrorBody),
+        (status = 429, description = "Over this client's request rate (`--client-rate-limit`); `Retry-After` says when to try again", body = ErrorBody),
         (status = 409, description = "A rebuild is already running", body = ErrorBody),
         (status = 503, description = "This instance cannot rebuild, or the store failed", body = ErrorBody),
     ),

@@ -25,6 +25,7 @@ use crate::state::AppState;
         (status = 400, description = "Not JSON, or entries that are not events, with per-entry errors", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 405, description = "Only POST", body = ErrorBody),
+        (status = 429, description = "Over this client's request rate (`--client-rate-limit`); `Retry-After` says when to try again", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 411, description = "No Content-Length", body = ErrorBody),
         (status = 413, description = "Body or entry count over the configured limit", body = ErrorBody),

@@ -78,6 +78,7 @@ async fn lookup(state: &AppState, id: &ProductId) -> Result<Option<StoredView>, 
         (status = 400, description = "Invalid id or view", body = ErrorBody),
         (status = 404, description = "Unknown or deleted product", body = ErrorBody),
         (status = 405, description = "Only GET and HEAD", body = ErrorBody),
+        (status = 429, description = "Over this client's request rate (`--client-rate-limit`); `Retry-After` says when to try again", body = ErrorBody),
         (status = 503, description = "The read model or the store cannot answer", body = ErrorBody),
     ),
     tag = "products"
@@ -125,6 +126,7 @@ async fn product_response(
         (status = 304, description = "Not modified"),
         (status = 400, description = "Invalid or missing parameters", body = ErrorBody),
         (status = 405, description = "Only GET and HEAD", body = ErrorBody),
+        (status = 429, description = "Over this client's request rate (`--client-rate-limit`); `Retry-After` says when to try again", body = ErrorBody),
         (status = 503, description = "The read model or the store cannot answer", body = ErrorBody),
     ),
     tag = "products"
