@@ -5,12 +5,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName, SendMessageBatchRequestEntry,
-};
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, SendMessageBatchRequestEntry};
 use catalog_pipeline::BackendError;
 
-use crate::sqs::{SQS_BATCH, change_visibility, lookup_queue_url};
+use crate::sqs::{SQS_BATCH, change_visibility, delete, lookup_queue_url};
 use crate::{AwsMetrics, AwsNames, classify};
 
 pub const CODE_ATTRIBUTE: &str = "catalog.error.code";
@@ -158,30 +156,16 @@ impl SqsDeadLetters {
                     *slot = Moved::Failed(format!("send: {} {}", failed.code(), failed.message().unwrap_or_default()));
                 }
             }
-            let delete: Vec<DeleteMessageBatchRequestEntry> = sent
-                .successful()
-                .iter()
-                .filter_map(|ok| ok.id().parse::<usize>().ok())
-                .filter_map(|i| {
-                    outcome[i] = Moved::Moved;
-                    DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(&chunk[i].handle).build().ok()
-                })
-                .collect();
-            if !delete.is_empty() {
-                self.metrics.sqs_call("DeleteMessageBatch", 0);
-                let deleted = self
-                    .client
-                    .delete_message_batch()
-                    .queue_url(&self.dlq_url)
-                    .set_entries(Some(delete))
-                    .send()
-                    .await
-                    .map_err(|e| classify("SQS DeleteMessageBatch on the DLQ", e))?;
-                for failed in deleted.failed() {
-                    if let Some(slot) = failed.id().parse::<usize>().ok().and_then(|i| outcome.get_mut(i)) {
-                        // The copy is on its way; the original stays and would be moved again.
-                        *slot = Moved::Failed(format!("sent, but not deleted from the DLQ: {}", failed.code()));
-                    }
+            let sent_ids: Vec<usize> =
+                sent.successful().iter().filter_map(|ok| ok.id().parse().ok()).filter(|&i| i < chunk.len()).collect();
+            for &i in &sent_ids {
+                outcome[i] = Moved::Moved;
+            }
+            let handles = sent_ids.iter().map(|&i| (i, chunk[i].handle.as_str()));
+            for (i, code) in delete(&self.client, &self.metrics, &self.dlq_url, handles).await? {
+                if let Some(slot) = outcome.get_mut(i) {
+                    // The copy is on its way; the original stays and would be moved again.
+                    *slot = Moved::Failed(format!("sent, but not deleted from the DLQ: {code}"));
                 }
             }
             results.extend(outcome);

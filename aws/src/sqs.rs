@@ -182,35 +182,48 @@ impl SqsSource {
     }
 
     async fn delete(&self, handles: Vec<Arc<str>>) -> Result<(), SourceError> {
+        let inner = &self.inner;
         for chunk in handles.chunks(SQS_BATCH) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(h.as_ref())
-                        .build()
-                        .map_err(|e| BackendError::rejected("SQS DeleteMessageBatch", e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            self.inner.metrics.sqs_call("DeleteMessageBatch", 0);
-            let out = self
-                .inner
-                .client
-                .delete_message_batch()
-                .queue_url(&self.inner.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| classify("SQS DeleteMessageBatch", e))?;
+            let failed =
+                delete(&inner.client, &inner.metrics, &inner.queue_url, chunk.iter().map(AsRef::as_ref).enumerate()).await?;
             // A message that could not be deleted comes back and is re-applied idempotently.
-            for failed in out.failed() {
-                tracing::warn!(code = failed.code(), message = failed.message(), "deleting a processed message failed");
+            for (_, code) in failed {
+                tracing::warn!(code, "deleting a processed message failed");
             }
         }
         Ok(())
     }
+}
+
+/// One `DeleteMessageBatch` call (at most [`SQS_BATCH`] handles, each with the id its caller
+/// knows it by) on `queue_url`; returns the ids that could not be deleted, with SQS's code.
+pub(crate) async fn delete<'a>(
+    client: &aws_sdk_sqs::Client,
+    metrics: &AwsMetrics,
+    queue_url: &str,
+    handles: impl Iterator<Item = (usize, &'a str)>,
+) -> Result<Vec<(usize, String)>, BackendError> {
+    let entries = handles
+        .map(|(id, h)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(id.to_string())
+                .receipt_handle(h)
+                .build()
+                .map_err(|e| BackendError::rejected("SQS DeleteMessageBatch", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    metrics.sqs_call("DeleteMessageBatch", 0);
+    let out = client
+        .delete_message_batch()
+        .queue_url(queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .map_err(|e| classify("SQS DeleteMessageBatch", e))?;
+    Ok(out.failed().iter().filter_map(|f| Some((f.id().parse().ok()?, f.code().to_owned()))).collect())
 }
 
 pub(crate) fn attribute(value: &str) -> Result<MessageAttributeValue, SourceError> {
