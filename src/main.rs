@@ -9,24 +9,22 @@ mod demo;
 mod infra;
 mod replay;
 mod serve;
+mod telemetry;
 
 use clap::Parser;
-
-/// sled's info lines are noise to an operator; so are the AWS SDK's warnings that the EC2
-/// metadata service cannot be reached, on any machine that is not an EC2 instance.
-const DEFAULT_LOG_FILTER: &str = "info,sled=warn,aws_config::imds=error";
 
 fn main() -> std::process::ExitCode {
     alloc::tune();
     let cli = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CATALOG_LOG").unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
-    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
-    match cli.log_format {
-        cli::LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        cli::LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+    let telemetry = match telemetry::init(cli.log_format, env!("CARGO_PKG_VERSION")) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
-        cli::Command::Serve(args) => serve::run(args).map(|()| replay::Verdict::Clean),
+        cli::Command::Serve(args) => serve::run(args, &telemetry).map(|()| replay::Verdict::Clean),
         cli::Command::Replay(command) => match command {
             cli::ReplayCommand::Rebuild(args) => replay::rebuild(args).map(|()| replay::Verdict::Clean),
             cli::ReplayCommand::Verify(args) => replay::verify(args),
@@ -35,6 +33,7 @@ fn main() -> std::process::ExitCode {
         },
         cli::Command::Infra(cli::InfraCommand::Init(args)) => infra::init(args).map(|()| replay::Verdict::Clean),
     };
+    telemetry.shutdown();
     match result {
         Ok(replay::Verdict::Clean) => std::process::ExitCode::SUCCESS,
         // The command said what is left; exit 1 like any check that did not pass.

@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{self, Assembly};
 use crate::cli::{Backend, ServeArgs};
+use crate::telemetry::Telemetry;
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub fn run(args: ServeArgs, telemetry: &Telemetry) -> anyhow::Result<()> {
     let api = args.api_config()?;
     let client_rate = args.client_rate_limit()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -36,14 +37,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             Backend::Embedded => "embedded",
             Backend::Aws => "aws",
         };
-        serve(listener, assembly, backend, api, (args.connection_limits(), client_rate), args.shutdown_timeout()).await
+        let limits = (args.connection_limits(), client_rate);
+        serve(listener, assembly, (backend, telemetry), api, limits, args.shutdown_timeout()).await
     })
 }
 
 async fn serve(
     listener: TcpListener,
     assembly: Assembly,
-    backend: &'static str,
+    (backend, telemetry): (&'static str, &Telemetry),
     api: ApiConfig,
     (limits, client_rate): (ConnectionLimits, Option<ClientRateLimit>),
     shutdown_timeout: Duration,
@@ -53,13 +55,16 @@ async fn serve(
     metrics.register(&mut registry);
     catalog_api::metrics::register_process(&mut registry, env!("CARGO_PKG_VERSION"), backend);
     let draining = Arc::new(AtomicBool::new(false));
+    let registry = Arc::new(registry);
+    let stop_export = CancellationToken::new();
+    let exporter = telemetry.export_metrics(registry.clone(), stop_export.clone());
     let state = AppState {
         readmodel,
         ingest,
         fill,
         rebuilder,
         readiness,
-        registry: Arc::new(registry),
+        registry,
         metrics: metrics.clone(),
         config: api,
         draining: draining.clone(),
@@ -79,6 +84,11 @@ async fn serve(
     drain(shutdown_timeout, tasks).await;
     for step in finish {
         step.await?;
+    }
+    // The last figures, after the drain: what the stop itself did is counted too.
+    stop_export.cancel();
+    if let Some(exporter) = exporter {
+        let _ = tokio::task::spawn_blocking(move || exporter.join()).await;
     }
     tracing::info!("stopped");
     Ok(())

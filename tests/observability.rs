@@ -119,3 +119,25 @@ fn requests_are_logged_at_debug() {
     });
     assert!(lines.iter().any(|l| l.contains("request") && l.contains("/healthz") && l.contains("status=200")), "{lines:#?}");
 }
+
+#[test]
+fn json_logs_carry_the_trace_and_a_missing_collector_stops_nothing() {
+    // Nothing listens on port 9 of the loopback: every export fails, the service goes on.
+    let envs = [
+        ("CATALOG_LOG", "info"),
+        ("CATALOG_LOG_FORMAT", "json"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let lines = serve_logging(&envs, post_and_wait_for_dead_letter);
+    let parsed: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
+    let dead = parsed.iter().find(|v| v["message"] == "message dead-lettered").expect("the dead letter's line");
+    let trace_id = dead["trace_id"].as_str().unwrap_or_else(|| panic!("no trace_id: {dead}"));
+    assert!(trace_id.len() == 32 && trace_id.chars().all(|c| c.is_ascii_hexdigit()), "{dead}");
+    assert_eq!(dead["span_id"].as_str().map(str::len), Some(16), "{dead}");
+    assert!(
+        parsed.iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains("OTLP metrics export failed"))),
+        "the failing export is said once: {lines:#?}"
+    );
+}

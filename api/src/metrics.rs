@@ -18,11 +18,6 @@ pub struct StatusLabel {
     pub status: u16,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabel {
-    pub route: &'static str,
-}
-
 /// Microsecond-scale buckets: the read path's budget is far below a millisecond.
 const SECONDS_BUCKETS: [f64; 12] = [5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 2e-2, 1e-1, 1.0];
 
@@ -37,7 +32,9 @@ struct HotSeries {
     product_ok: Counter,
     product_not_modified: Counter,
     product_not_found: Counter,
-    product_duration: Histogram,
+    product_duration_ok: Histogram,
+    product_duration_not_modified: Histogram,
+    product_duration_not_found: Histogram,
     responses_ok: Counter,
     responses_not_modified: Counter,
     responses_not_found: Counter,
@@ -49,7 +46,7 @@ pub struct ApiMetrics {
     /// Every answer the server sent, matched route or not (unknown paths, 405s, timeouts,
     /// malformed requests hyper refused).
     pub responses: Family<StatusLabel, Counter>,
-    pub duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub duration: Family<RouteStatus, Histogram, fn() -> Histogram>,
     pub cache_fills: Counter,
     /// Product lookups the read model answered.
     pub cache_hits: Counter,
@@ -64,7 +61,8 @@ pub struct ApiMetrics {
 impl Default for ApiMetrics {
     fn default() -> Self {
         let requests: Family<RouteStatus, Counter> = Family::default();
-        let duration: Family<RouteLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(new_histogram);
+        let duration: Family<RouteStatus, Histogram, fn() -> Histogram> = Family::new_with_constructor(new_histogram);
+        let timer = |status| duration.get_or_create(&RouteStatus { route: "get_product", status }).clone();
         let counter = |status| requests.get_or_create(&RouteStatus { route: "get_product", status }).clone();
         let responses: Family<StatusLabel, Counter> = Family::default();
         let response = |status| responses.get_or_create(&StatusLabel { status }).clone();
@@ -72,7 +70,9 @@ impl Default for ApiMetrics {
             product_ok: counter(200),
             product_not_modified: counter(304),
             product_not_found: counter(404),
-            product_duration: duration.get_or_create(&RouteLabel { route: "get_product" }).clone(),
+            product_duration_ok: timer(200),
+            product_duration_not_modified: timer(304),
+            product_duration_not_found: timer(404),
             responses_ok: response(200),
             responses_not_modified: response(304),
             responses_not_found: response(404),
@@ -97,7 +97,7 @@ impl ApiMetrics {
         let r = registry.sub_registry_with_prefix("catalog_http");
         r.register("requests", "HTTP requests by route and status", self.requests.clone());
         r.register("responses", "Every HTTP answer by status, routed or not", self.responses.clone());
-        r.register("request_duration_seconds", "Server time per request, by route", self.duration.clone());
+        r.register("request_duration_seconds", "Server time per request, by route and status", self.duration.clone());
         r.register("cache_fills", "Read-model misses filled from the store (cache-aside)", self.cache_fills.clone());
         let cache = registry.sub_registry_with_prefix("catalog_cache");
         cache.register("hits", "Product lookups the read model answered", self.cache_hits.clone());
@@ -129,25 +129,20 @@ impl ApiMetrics {
     pub fn observe(&self, route: &'static str, status: u16, started: std::time::Instant) {
         let seconds = started.elapsed().as_secs_f64();
         if route == "get_product" {
-            let counter = match status {
-                200 => Some(&self.hot.product_ok),
-                304 => Some(&self.hot.product_not_modified),
-                404 => Some(&self.hot.product_not_found),
+            let hot = match status {
+                200 => Some((&self.hot.product_ok, &self.hot.product_duration_ok)),
+                304 => Some((&self.hot.product_not_modified, &self.hot.product_duration_not_modified)),
+                404 => Some((&self.hot.product_not_found, &self.hot.product_duration_not_found)),
                 _ => None,
             };
-            match counter {
-                Some(c) => {
-                    c.inc();
-                }
-                None => {
-                    self.requests.get_or_create(&RouteStatus { route, status }).inc();
-                }
+            if let Some((counter, timer)) = hot {
+                counter.inc();
+                timer.observe(seconds);
+                return;
             }
-            self.hot.product_duration.observe(seconds);
-            return;
         }
         self.requests.get_or_create(&RouteStatus { route, status }).inc();
-        self.duration.get_or_create(&RouteLabel { route }).observe(seconds);
+        self.duration.get_or_create(&RouteStatus { route, status }).observe(seconds);
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use catalog_pipeline::trace::SPAN_TARGET;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -22,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
+use tracing::Instrument;
 use warp::Reply;
 use warp::filters::BoxedFilter;
 use warp::http::{Request, StatusCode, header};
@@ -284,7 +286,9 @@ async fn serve_connection<S>(
             tracing::enabled!(tracing::Level::DEBUG).then(|| (request.method().clone(), request.uri().clone(), Instant::now()));
         // A request with no body (every GET) has nothing to time out on: no timer for it.
         let has_body = !hyper::body::Body::is_end_stream(request.body());
-        async move {
+        let span = server_span(&request);
+        let traced = span.clone();
+        let answer = async move {
             let (phase, metrics, limiter) = &*shared;
             if let Some((limiter, peer)) = limiter
                 && let Err(wait) = limiter.check(&request, *peer)
@@ -318,8 +322,16 @@ async fn serve_connection<S>(
             if let Some((method, uri, started)) = logged {
                 tracing::debug!(%method, %uri, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
             }
+            if !traced.is_disabled() {
+                let status = response.status();
+                traced.record("http.response.status_code", status.as_u16());
+                if status.is_server_error() {
+                    traced.record("otel.status_code", "ERROR");
+                }
+            }
             Ok::<_, Infallible>(response)
-        }
+        };
+        answer.instrument(span)
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The watchdog below owns every timeout: hyper's header timer would also count idle time.
@@ -363,6 +375,61 @@ async fn serve_connection<S>(
     }
 }
 
+/// The server span of one request (HTTP semantic conventions), continuing the caller's trace
+/// when it sent a `traceparent`. Disabled, and free, unless traces are exported.
+fn server_span(request: &Request<Incoming>) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "HTTP request",
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = request.method().as_str(),
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        url.path = request.uri().path(),
+        url.query = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    let route = route_template(request.uri().path());
+    match route {
+        Some(route) => {
+            span.record("http.route", route);
+            span.record("otel.name", format!("{} {route}", request.method()));
+        }
+        None => {
+            span.record("otel.name", request.method().as_str());
+        }
+    }
+    if let Some(query) = request.uri().query() {
+        span.record("url.query", query);
+    }
+    let parent = request
+        .headers()
+        .get(catalog_pipeline::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(catalog_pipeline::trace::parse_traceparent);
+    catalog_pipeline::trace::follow(&span, parent.as_ref());
+    span
+}
+
+/// The route a path matched, as its template (`http.route`); `None` for unknown paths.
+fn route_template(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/products" => "/products",
+        "/events" => "/events",
+        "/admin/rebuild" => "/admin/rebuild",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/openapi.json" => "/openapi.json",
+        p if p.strip_prefix("/products/").is_some_and(|id| !id.is_empty() && !id.contains('/')) => "/products/{id}",
+        _ => return None,
+    })
+}
+
 /// The status hyper sent for a request it refused before our service saw it.
 fn refused_by_hyper(e: &hyper::Error) -> Option<u16> {
     if e.is_parse_too_large() {
@@ -399,6 +466,15 @@ mod tests {
         assert_eq!(half_sent.deadline(&limits), Some(now + limits.header_read_timeout));
         let busy = Phase { in_request: true, head_started: None, idle_since: now };
         assert_eq!(busy.deadline(&limits), None);
+    }
+
+    #[test]
+    fn routes_are_named_by_their_template() {
+        assert_eq!(route_template("/products/P123"), Some("/products/{id}"));
+        assert_eq!(route_template("/products"), Some("/products"));
+        assert_eq!(route_template("/products/"), None);
+        assert_eq!(route_template("/products/a/b"), None);
+        assert_eq!(route_template("/nope"), None);
     }
 
     #[test]

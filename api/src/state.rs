@@ -12,6 +12,7 @@ use catalog_pipeline::error::chain;
 pub use catalog_pipeline::health::{BoxFuture, Check, Readiness};
 use catalog_pipeline::{ProductStore, SourceError, StoreError};
 use catalog_readmodel::{ReadModel, ReadModelError, StoredView, catch_up};
+use opentelemetry::trace::SpanContext;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -21,13 +22,14 @@ use crate::metrics::ApiMetrics;
 
 /// Accepts raw event messages durably (`POST /events`).
 pub trait Ingest: Send + Sync + 'static {
-    /// Resolves once every message is durable.
-    fn accept(&self, messages: Vec<Bytes>) -> BoxFuture<'_, Result<(), SourceError>>;
+    /// Resolves once every message is durable. `trace` is the request's trace context, which
+    /// every message carries on through the pipeline.
+    fn accept(&self, messages: Vec<Bytes>, trace: Option<SpanContext>) -> BoxFuture<'_, Result<(), SourceError>>;
 }
 
 impl Ingest for EmbeddedLog {
-    fn accept(&self, messages: Vec<Bytes>) -> BoxFuture<'_, Result<(), SourceError>> {
-        Box::pin(async move { self.append(&messages).await.map(|_| ()) })
+    fn accept(&self, messages: Vec<Bytes>, trace: Option<SpanContext>) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move { self.append_traced(&messages, trace.as_ref()).await.map(|_| ()) })
     }
 }
 

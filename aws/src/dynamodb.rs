@@ -817,7 +817,16 @@ mod tests {
     }
 
     fn batch(bodies: &[&str]) -> Vec<SequencedEvent> {
-        bodies.iter().map(|b| SequencedEvent { sequence: None, position: None, event: event(b) }).collect()
+        bodies
+            .iter()
+            .map(|b| SequencedEvent {
+                sequence: None,
+                position: None,
+                event: event(b),
+                trace: None,
+                accepted_at: std::time::SystemTime::UNIX_EPOCH,
+            })
+            .collect()
     }
 
     #[test]

@@ -9,7 +9,8 @@ use catalog_domain::{FacetVersions, ProductId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use catalog_pipeline::{BackendError, Invalidation, InvalidationBus, ProductChanged, PublishError};
+use catalog_domain::event::{millis_since_epoch, time_from_millis};
+use catalog_pipeline::{BackendError, Invalidation, InvalidationBus, Origin, ProductChanged, PublishError};
 
 use crate::retry::until_processed;
 use crate::{AwsMetrics, AwsNames, AwsSettings, INVALIDATION_DETAIL_TYPE, INVALIDATION_SOURCE, ServiceFault, classify};
@@ -30,6 +31,13 @@ struct ChangedProduct {
     revision: u64,
     #[serde(default)]
     versions: FacetVersions,
+    /// When the newest event behind this change was accepted (ms since 1970): the API
+    /// instances measure event → visible lag from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accepted_at_ms: Option<u64>,
+    /// That event's trace, so the API instance's view update joins it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
 }
 
 /// The detail of a `Product Changed` event: the products one write batch changed.
@@ -76,16 +84,23 @@ impl EventBridgeBus {
 
 impl InvalidationBus for EventBridgeBus {
     async fn publish(&self, invalidation: Invalidation) -> Result<(), PublishError> {
+        let origins: std::collections::HashMap<&str, &Origin> =
+            invalidation.origins.iter().map(|o| (o.product_id.as_str(), o)).collect();
         let entries: Vec<PutEventsRequestEntry> = invalidation
             .products
             .chunks(PRODUCTS_PER_ENTRY)
             .map(|chunk| {
                 let products = chunk
                     .iter()
-                    .map(|p| ChangedProduct {
-                        product_id: p.product_id.to_string(),
-                        revision: p.revision,
-                        versions: p.versions.clone(),
+                    .map(|p| {
+                        let origin = origins.get(p.product_id.as_str());
+                        ChangedProduct {
+                            product_id: p.product_id.to_string(),
+                            revision: p.revision,
+                            versions: p.versions.clone(),
+                            accepted_at_ms: origin.map(|o| millis_since_epoch(o.accepted_at)),
+                            traceparent: origin.and_then(|o| o.trace.as_ref()).map(catalog_pipeline::trace::to_traceparent),
+                        }
                     })
                     .collect();
                 let detail = ChangedDetail { products };
@@ -196,10 +211,12 @@ impl InvalidationSubscription {
                 continue;
             }
             let mut products = Vec::new();
+            let mut origins = Vec::new();
             let mut entries = Vec::new();
             for (i, m) in out.messages().iter().enumerate() {
-                if let Some(changed) = m.body().and_then(parse_changed) {
+                if let Some((changed, from)) = m.body().and_then(parse_changed) {
                     products.extend(changed);
+                    origins.extend(from);
                 } else {
                     tracing::warn!(body = m.body(), "ignoring a message that is not a Product Changed event");
                 }
@@ -208,7 +225,7 @@ impl InvalidationSubscription {
                         .extend(DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(handle).build().ok());
                 }
             }
-            if !products.is_empty() && feed.send(Invalidation { products, log_sequence: None }).await.is_err() {
+            if !products.is_empty() && feed.send(Invalidation { products, log_sequence: None, origins }).await.is_err() {
                 return;
             }
             self.metrics.sqs_call("DeleteMessageBatch", 0);
@@ -235,19 +252,20 @@ impl InvalidationSubscription {
 
 /// Reads a `Product Changed` event as EventBridge delivers it to SQS (the full envelope);
 /// announcements with an invalid id are skipped.
-fn parse_changed(body: &str) -> Option<Vec<ProductChanged>> {
+fn parse_changed(body: &str) -> Option<(Vec<ProductChanged>, Vec<Origin>)> {
     let envelope: serde_json::Value = serde_json::from_str(body).ok()?;
     let detail: ChangedDetail = serde_json::from_value(envelope.get("detail")?.clone()).ok()?;
-    Some(
-        detail
-            .products
-            .into_iter()
-            .filter_map(|p| {
-                let product_id = ProductId::parse(&p.product_id).ok()?;
-                Some(ProductChanged { product_id, revision: p.revision, versions: p.versions })
-            })
-            .collect(),
-    )
+    let mut changed = Vec::with_capacity(detail.products.len());
+    let mut origins = Vec::new();
+    for p in detail.products {
+        let Ok(product_id) = ProductId::parse(&p.product_id) else { continue };
+        if let Some(ms) = p.accepted_at_ms {
+            let trace = p.traceparent.as_deref().and_then(catalog_pipeline::trace::parse_traceparent);
+            origins.push(Origin { product_id: product_id.clone(), accepted_at: time_from_millis(ms), trace });
+        }
+        changed.push(ProductChanged { product_id, revision: p.revision, versions: p.versions });
+    }
+    Some((changed, origins))
 }
 
 #[cfg(test)]
@@ -257,10 +275,23 @@ mod tests {
     #[test]
     fn reads_the_envelope_eventbridge_delivers() {
         let body = r#"{"version":"0","id":"1","detail-type":"Product Changed","source":"catalog.pipeline","account":"1","time":"2026-01-01T00:00:00Z","region":"us-east-1","resources":[],"detail":{"products":[{"productId":"P1","revision":4,"versions":{"price":2}},{"productId":"bad id","revision":1},{"productId":"P2","revision":1}]}}"#;
-        let changed = parse_changed(body).unwrap();
+        let (changed, origins) = parse_changed(body).unwrap();
+        assert!(origins.is_empty(), "announcements from before origins were sent still read");
         assert_eq!(changed.len(), 2, "the invalid id is skipped");
         assert_eq!((changed[0].product_id.as_str(), changed[0].revision, changed[0].versions.price), ("P1", 4, Some(2)));
         assert_eq!(changed[1].product_id.as_str(), "P2");
         assert!(parse_changed("nope").is_none());
+    }
+
+    #[test]
+    fn origins_carry_the_acceptance_time_and_trace() {
+        let body = r#"{"detail":{"products":[{"productId":"P1","revision":4,"acceptedAtMs":1700000000000,"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}]}}"#;
+        let (_, origins) = parse_changed(body).unwrap();
+        assert_eq!(origins.len(), 1);
+        assert_eq!(catalog_domain::event::millis_since_epoch(origins[0].accepted_at), 1_700_000_000_000);
+        assert_eq!(
+            origins[0].trace.as_ref().map(|t| t.trace_id().to_string()).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
     }
 }

@@ -249,6 +249,7 @@ impl EventSource for SqsSource {
             .visibility_timeout(inner.settings.visibility_timeout.as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_attribute_names(catalog_pipeline::trace::TRACEPARENT)
             .send()
             .await
             .map_err(|e| classify("SQS ReceiveMessage", e))?;
@@ -274,6 +275,12 @@ impl EventSource for SqsSource {
                 receive_count,
                 sequence: None,
                 position: (sent_ms > 0).then(|| position(sent_ms, id)),
+                // A producer's trace: the `traceparent` message attribute (W3C Trace Context).
+                trace: m
+                    .message_attributes()
+                    .and_then(|a| a.get(catalog_pipeline::trace::TRACEPARENT))
+                    .and_then(|v| v.string_value())
+                    .and_then(catalog_pipeline::trace::parse_traceparent),
             });
         }
         Ok(received)

@@ -14,7 +14,10 @@
 //! - `breaker`: the circuit breaker around the store; the write stage asks it, the ingest stage
 //!   pauses while it is open, readiness shows it.
 //! - `config`: every limit of the pipeline, named, with its default.
-//! - `metrics`: counters that drive `/metrics` and the benchmarks' per-event figures.
+//! - `metrics`: counters and histograms that drive `/metrics`, its OTLP twin and the
+//!   benchmarks' per-event figures.
+//! - `trace`: the W3C trace context that travels with each message, so a stage continues the
+//!   trace of the request that sent its events.
 
 pub mod breaker;
 pub mod budget;
@@ -25,11 +28,12 @@ pub mod health;
 pub mod metrics;
 pub mod ports;
 pub mod stages;
+pub mod trace;
 
 pub use config::PipelineConfig;
 pub use error::{BackendError, BoxError, FailureClass};
 pub use metrics::PipelineMetrics;
 pub use ports::{
-    DeadLetter, EventSource, Invalidation, InvalidationBus, ProductChanged, ProductStore, PublishError, Received, SequencedEvent,
-    SourceError, StoreError, WriteOutcome,
+    DeadLetter, EventSource, Invalidation, InvalidationBus, Origin, ProductChanged, ProductStore, PublishError, Received,
+    SequencedEvent, SourceError, StoreError, WriteOutcome,
 };

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use catalog_domain::{CatalogEvent, FacetVersions, ProductId, ProductState};
+use opentelemetry::trace::SpanContext;
 
 use crate::error::BackendError;
 
@@ -24,6 +25,8 @@ pub struct Received<R> {
     /// Where the message stands in the order the log and the store agree on: the implicit
     /// version of an unversioned event (see `ProductState::apply_at`).
     pub position: Option<u64>,
+    /// The trace of the request or producer that sent it (`traceparent`), when it had one.
+    pub trace: Option<SpanContext>,
 }
 
 /// A message that must not be retried, with the reason operators will read.
@@ -70,6 +73,10 @@ pub struct SequencedEvent {
     /// The event's place in the order the log and the store agree on ([`Received::position`]).
     pub position: Option<u64>,
     pub event: CatalogEvent,
+    /// The trace the message carried ([`Received::trace`]).
+    pub trace: Option<SpanContext>,
+    /// When the source accepted it: where the event → visible lag starts.
+    pub accepted_at: SystemTime,
 }
 
 /// One product's new state, as invalidations announce it. `revision` lets every reader
@@ -114,6 +121,17 @@ pub struct Invalidation {
     pub products: Vec<ProductChanged>,
     /// The highest log sequence whose effects this announcement covers, when known.
     pub log_sequence: Option<u64>,
+    /// Where each changed product's newest event came from, for the read model's lag figure
+    /// and to end that event's trace at its view.
+    pub origins: Vec<Origin>,
+}
+
+/// The newest event behind one product's change.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub product_id: ProductId,
+    pub accepted_at: SystemTime,
+    pub trace: Option<SpanContext>,
 }
 
 /// A failed publish ([`BackendError`], classified).

@@ -6,20 +6,22 @@
 //! stage ends when its input closes, which drains in-flight batches in order.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use catalog_domain::CatalogEvent;
-use prometheus_client::metrics::counter::Counter;
+use opentelemetry::trace::SpanContext;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::breaker::{Breaker, BreakerState, Outcome};
 use crate::config::PipelineConfig;
 use crate::error::chain;
 use crate::error::{BackendError, FailureClass};
 use crate::metrics::{CodeLabel, PipelineMetrics};
-use crate::ports::{DeadLetter, EventSource, Invalidation, InvalidationBus, ProductStore, Received, SequencedEvent};
+use crate::ports::{DeadLetter, EventSource, Invalidation, InvalidationBus, Origin, ProductStore, Received, SequencedEvent};
+use crate::trace::SPAN_TARGET;
 
 /// A valid event still tied to the message that carried it.
 struct Accepted<R> {
@@ -32,6 +34,28 @@ struct Accepted<R> {
 struct Written<R> {
     receipts: Vec<R>,
     invalidation: Invalidation,
+    traces: Vec<SpanContext>,
+}
+
+/// Messages to acknowledge, with the traces they carried.
+struct Published<R> {
+    receipts: Vec<R>,
+    traces: Vec<SpanContext>,
+}
+
+/// A span for one stage's work on one batch, continuing the traces its messages carried.
+fn stage_span<'a>(stage: &'static str, events: usize, traces: impl IntoIterator<Item = &'a SpanContext>) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "pipeline stage",
+        otel.name = stage,
+        otel.kind = "consumer",
+        messaging.operation.type = "process",
+        messaging.batch.message_count = events,
+        catalog.stage = stage,
+    );
+    crate::trace::follow(&span, traces);
+    span
 }
 
 /// Runs the pipeline until `shutdown` fires and everything received has been drained.
@@ -61,7 +85,7 @@ pub async fn run<S, St, B>(
             source.clone(),
             config.receive_batch,
             received_tx.clone(),
-            metrics.received.clone(),
+            metrics.clone(),
             breaker.clone(),
             shutdown.clone(),
         ));
@@ -83,7 +107,7 @@ pub async fn run<S, St, B>(
         },
     ));
     tasks.spawn(publish(source.clone(), bus, config.clone(), written_rx, published_tx, metrics.clone()));
-    tasks.spawn(ack(source, published_rx, metrics.acked.clone()));
+    tasks.spawn(ack(source, published_rx, metrics.clone()));
     while let Some(result) = tasks.join_next().await {
         if let Err(e) = result {
             tracing::error!(error = %e, "pipeline stage panicked");
@@ -96,7 +120,7 @@ async fn ingest<S: EventSource>(
     source: Arc<S>,
     max: usize,
     out: mpsc::Sender<Vec<Received<S::Receipt>>>,
-    received: Counter,
+    metrics: PipelineMetrics,
     breaker: Arc<Breaker>,
     shutdown: CancellationToken,
 ) {
@@ -116,7 +140,8 @@ async fn ingest<S: EventSource>(
         match batch {
             Ok(batch) if batch.is_empty() => {}
             Ok(batch) => {
-                received.inc_by(batch.len() as u64);
+                metrics.received.inc_by(batch.len() as u64);
+                metrics.in_flight.inc_by(batch.len() as i64);
                 if out.send(batch).await.is_err() {
                     return;
                 }
@@ -140,41 +165,67 @@ async fn validate<S: EventSource>(
     out: mpsc::Sender<Vec<Accepted<S::Receipt>>>,
     metrics: PipelineMetrics,
 ) {
+    let timer = metrics.stage("validate");
     while let Some(batch) = input.recv().await {
-        let mut letters = Vec::new();
-        let mut accepted = Vec::with_capacity(batch.len());
-        for message in batch {
-            match CatalogEvent::parse(&message.body, message.accepted_at, limits) {
-                Ok(event) => accepted.push(Accepted {
-                    receipt: message.receipt,
-                    redelivered: message.receive_count > 1,
-                    event: SequencedEvent { sequence: message.sequence, position: message.position, event },
-                }),
-                Err(e) => {
-                    // The one line per dead letter, whichever source keeps it.
-                    tracing::warn!(message_id = %message.message_id, code = e.code(), error = %e, stage = "validate", "message dead-lettered");
-                    metrics.dead_lettered.get_or_create(&CodeLabel { code: e.code().to_owned() }).inc();
-                    letters.push(DeadLetter {
-                        receipt: message.receipt,
-                        message_id: message.message_id,
-                        body: message.body,
-                        code: e.code().to_owned(),
-                        message: e.to_string(),
-                        stage: "validate",
-                    });
+        let started = Instant::now();
+        let span = stage_span("validate", batch.len(), batch.iter().filter_map(|m| m.trace.as_ref()));
+        // Inside the span: a dead letter's log line carries its trace.
+        let (accepted, letters) = span.in_scope(|| sort_messages(batch, limits, &metrics));
+        metrics.validated.inc_by(accepted.len() as u64);
+        if !letters.is_empty() {
+            let n = letters.len() as i64;
+            match source.dead_letter(letters).instrument(span).await {
+                Ok(()) => {
+                    metrics.in_flight.dec_by(n);
                 }
+                // Not acked either: the source hands them out again and we retry the move.
+                Err(e) => tracing::error!(error = %chain(&e), "moving invalid messages to the DLQ failed"),
             }
         }
-        if !letters.is_empty()
-            && let Err(e) = source.dead_letter(letters).await
-        {
-            // Not acked either: the source hands them out again and we retry the move.
-            tracing::error!(error = %chain(&e), "moving invalid messages to the DLQ failed");
-        }
+        timer.observe(started.elapsed().as_secs_f64());
         if !accepted.is_empty() && out.send(accepted).await.is_err() {
             return;
         }
     }
+}
+
+/// Parses each message of a batch: valid events to write, invalid ones to dead-letter.
+fn sort_messages<R>(
+    batch: Vec<Received<R>>,
+    limits: catalog_domain::ParseLimits,
+    metrics: &PipelineMetrics,
+) -> (Vec<Accepted<R>>, Vec<DeadLetter<R>>) {
+    let mut letters = Vec::new();
+    let mut accepted = Vec::with_capacity(batch.len());
+    for message in batch {
+        match CatalogEvent::parse(&message.body, message.accepted_at, limits) {
+            Ok(event) => accepted.push(Accepted {
+                receipt: message.receipt,
+                redelivered: message.receive_count > 1,
+                event: SequencedEvent {
+                    sequence: message.sequence,
+                    position: message.position,
+                    event,
+                    trace: message.trace,
+                    accepted_at: message.accepted_at,
+                },
+            }),
+            Err(e) => {
+                // The one line per dead letter, whichever source keeps it.
+                tracing::warn!(message_id = %message.message_id, code = e.code(), error = %e, stage = "validate", "message dead-lettered");
+                metrics.dead_lettered.get_or_create(&CodeLabel { code: e.code().to_owned() }).inc();
+                letters.push(DeadLetter {
+                    receipt: message.receipt,
+                    message_id: message.message_id,
+                    body: message.body,
+                    code: e.code().to_owned(),
+                    message: e.to_string(),
+                    stage: "validate",
+                });
+            }
+        }
+    }
+    (accepted, letters)
 }
 
 /// Regroups valid events into write batches of at most `size`, whatever receive batches they
@@ -242,8 +293,10 @@ async fn write<S: EventSource, St: ProductStore>(
     guard: WriteGuard,
 ) {
     let WriteGuard { breaker, retry_base, budget, shutdown } = guard;
+    let timer = metrics.stage("write");
     while let Some(batch) = input.recv().await {
         let redelivered = batch.iter().any(|a| a.redelivered);
+        let span = stage_span("write", batch.len(), batch.iter().filter_map(|a| a.event.trace.as_ref()));
         let (receipts, events): (Vec<_>, Vec<_>) = batch.into_iter().map(|a| (a.receipt, a.event)).unzip();
         let Some(trial) = breaker.try_acquire() else {
             // Not a failure of these messages: they come back after the cool-down, and where the
@@ -252,6 +305,7 @@ async fn write<S: EventSource, St: ProductStore>(
             match source.defer(receipts, breaker.retry_after()).await {
                 Ok(()) => {
                     metrics.deferred.inc_by(n);
+                    metrics.in_flight.dec_by(n as i64);
                 }
                 Err(e) => {
                     tracing::error!(error = %chain(&e), "deferring messages failed; they return after their visibility timeout")
@@ -262,9 +316,17 @@ async fn write<S: EventSource, St: ProductStore>(
         let (mut receipts, mut events, mut trial) = (receipts, events, trial);
         // While the breaker stays closed, held events are retried on the usual schedule.
         let mut backoff = backon::BackoffBuilder::build(crate::config::backoff(retry_base, u32::MAX));
+        let mut attempt = 0u32;
         loop {
             budget.take(events.len()).await;
-            let result = store.write_batch(&events).await;
+            if attempt > 0 {
+                metrics.write_retries.inc();
+            }
+            attempt += 1;
+            metrics.batch_size.observe(events.len() as f64);
+            let started = Instant::now();
+            let result = store.write_batch(&events).instrument(span.clone()).await;
+            timer.observe(started.elapsed().as_secs_f64());
             let failure = match &result {
                 Ok(outcome) => outcome.failure.as_ref().map(BackendError::class),
                 Err(e) => Some(e.class()),
@@ -321,9 +383,11 @@ async fn write<S: EventSource, St: ProductStore>(
                 products.extend(outcome.unchanged_products);
             }
             let log_sequence = events.iter().filter_map(|e| e.sequence).max();
-            let invalidation = Invalidation { products, log_sequence };
+            let origins = origins(&events, &products);
+            let traces = events.iter().filter_map(|e| e.trace.clone()).collect();
+            let invalidation = Invalidation { products, log_sequence, origins };
             let anything = !written.is_empty() || invalidation.log_sequence.is_some() || !invalidation.products.is_empty();
-            if anything && out.send(Written { receipts: written, invalidation }).await.is_err() {
+            if anything && out.send(Written { receipts: written, invalidation, traces }).await.is_err() {
                 return;
             }
             if retry.is_empty() {
@@ -376,6 +440,7 @@ async fn defer_held<S: EventSource>(source: &S, receipts: Vec<S::Receipt>, break
     match source.defer(receipts, Duration::ZERO).await {
         Ok(()) => {
             metrics.deferred.inc_by(n);
+            metrics.in_flight.dec_by(n as i64);
         }
         Err(e) => {
             tracing::error!(error = %chain(&e), "giving back held messages failed; they return after their visibility timeout")
@@ -390,14 +455,17 @@ async fn publish<S: EventSource, B: InvalidationBus>(
     bus: Arc<B>,
     config: PipelineConfig,
     mut input: mpsc::Receiver<Written<S::Receipt>>,
-    out: mpsc::Sender<Vec<S::Receipt>>,
+    out: mpsc::Sender<Published<S::Receipt>>,
     metrics: PipelineMetrics,
 ) {
     let backoff = crate::config::backoff(config.retry_base, config.publish_attempts);
+    let timer = metrics.stage("publish");
     while let Some(written) = input.recv().await {
         let count = written.invalidation.products.len() as u64;
         if count > 0 || written.invalidation.log_sequence.is_some() {
-            let attempt = || bus.publish(written.invalidation.clone());
+            let started = Instant::now();
+            let span = stage_span("publish", written.receipts.len(), &written.traces);
+            let attempt = || bus.publish(written.invalidation.clone()).instrument(span.clone());
             let result = attempt
                 .retry(backoff)
                 .notify(|e, _| {
@@ -405,25 +473,32 @@ async fn publish<S: EventSource, B: InvalidationBus>(
                     tracing::warn!(error = %chain(e), "publishing invalidations failed; retrying");
                 })
                 .await;
+            timer.observe(started.elapsed().as_secs_f64());
             if let Err(e) = result {
                 release(&*source, written.receipts, &chain(&e), &metrics).await;
                 continue;
             }
             metrics.invalidations.inc_by(count);
         }
-        if out.send(written.receipts).await.is_err() {
+        if out.send(Published { receipts: written.receipts, traces: written.traces }).await.is_err() {
             return;
         }
     }
 }
 
 /// Acknowledges messages whose effects are durable and announced.
-async fn ack<S: EventSource>(source: Arc<S>, mut input: mpsc::Receiver<Vec<S::Receipt>>, acked: Counter) {
-    while let Some(receipts) = input.recv().await {
+async fn ack<S: EventSource>(source: Arc<S>, mut input: mpsc::Receiver<Published<S::Receipt>>, metrics: PipelineMetrics) {
+    let timer = metrics.stage("ack");
+    while let Some(Published { receipts, traces }) = input.recv().await {
         let n = receipts.len() as u64;
-        match source.ack(receipts).await {
+        let started = Instant::now();
+        let span = stage_span("ack", receipts.len(), &traces);
+        let result = source.ack(receipts).instrument(span).await;
+        timer.observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(()) => {
-                acked.inc_by(n);
+                metrics.acked.inc_by(n);
+                metrics.in_flight.dec_by(n as i64);
             }
             // They come back after their visibility timeout; every write is idempotent.
             Err(e) => tracing::error!(error = %chain(&e), "ack failed; messages will be redelivered"),
@@ -436,9 +511,23 @@ async fn release<S: EventSource>(source: &S, receipts: Vec<S::Receipt>, reason: 
     match source.release(receipts, reason).await {
         Ok(()) => {
             metrics.released.inc_by(n);
+            metrics.in_flight.dec_by(n as i64);
         }
         Err(e) => tracing::error!(error = %chain(&e), "release failed; messages return after their visibility timeout"),
     }
+}
+
+/// The newest event of each changed product in a written batch (events are in log order).
+fn origins(events: &[SequencedEvent], changed: &[crate::ports::ProductChanged]) -> Vec<Origin> {
+    let mut newest: std::collections::HashMap<&str, &SequencedEvent> = std::collections::HashMap::with_capacity(changed.len());
+    for e in events {
+        newest.insert(e.event.product_id.as_str(), e);
+    }
+    changed
+        .iter()
+        .filter_map(|c| newest.get(c.product_id.as_str()))
+        .map(|e| Origin { product_id: e.event.product_id.clone(), accepted_at: e.accepted_at, trace: e.trace.clone() })
+        .collect()
 }
 
 #[cfg(test)]
@@ -449,7 +538,9 @@ mod tests {
     fn accepted(n: u64) -> Accepted<u64> {
         let body = format!(r#"{{"productId":"P{n}","quantity":{n}}}"#);
         let event = CatalogEvent::parse(body.as_bytes(), SystemTime::UNIX_EPOCH, catalog_domain::ParseLimits::default()).unwrap();
-        Accepted { receipt: n, redelivered: false, event: SequencedEvent { sequence: Some(n), position: Some(n), event } }
+        let event =
+            SequencedEvent { sequence: Some(n), position: Some(n), event, trace: None, accepted_at: SystemTime::UNIX_EPOCH };
+        Accepted { receipt: n, redelivered: false, event }
     }
 
     fn receipts(batch: &[Accepted<u64>]) -> Vec<u64> {

@@ -14,5 +14,5 @@ mod view;
 
 pub use model::{DEFAULT_MAX_PAGE, DEFAULT_VIEW_TTL, Page, ReadModel, ReadModelError};
 pub use online::{OnlineRebuild, rebuild_online};
-pub use refresh::{catch_up, run_refresher};
+pub use refresh::{RefreshMetrics, catch_up, run_refresher};
 pub use view::{Effort, GZIP_MIN_BYTES, StoredView, Variant, etag, gzip};

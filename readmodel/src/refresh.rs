@@ -6,8 +6,14 @@ use std::time::Duration;
 use backon::Retryable;
 use catalog_domain::ProductId;
 use catalog_pipeline::error::chain;
-use catalog_pipeline::{Invalidation, ProductStore};
+use catalog_pipeline::trace::SPAN_TARGET;
+use catalog_pipeline::{Invalidation, Origin, ProductStore};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::SystemTime;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::model::{ReadModel, ReadModelError};
 
@@ -16,17 +22,60 @@ const MAX_COALESCED_PRODUCTS: usize = 4096;
 const REFRESH_ATTEMPTS: u32 = 5;
 const REFRESH_RETRY_BASE: Duration = Duration::from_millis(100);
 
+/// Event → visible lag buckets: from a millisecond (embedded, idle) to a minute (a backlog).
+const LAG_BUCKETS: [f64; 13] = [1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0];
+
+/// What the refresher measures: how long after its event was accepted a change is served.
+#[derive(Debug, Clone)]
+pub struct RefreshMetrics {
+    pub lag: Histogram,
+    pub views_refreshed: Counter,
+}
+
+impl Default for RefreshMetrics {
+    fn default() -> Self {
+        Self { lag: Histogram::new(LAG_BUCKETS), views_refreshed: Counter::default() }
+    }
+}
+
+impl RefreshMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("catalog_readmodel");
+        r.register(
+            "event_visible_lag_seconds",
+            "From an event's acceptance to its product's view being served",
+            self.lag.clone(),
+        );
+        r.register("views_refreshed", "Views rewritten from invalidations", self.views_refreshed.clone());
+    }
+}
+
 /// Refreshes views until the invalidation feed closes. Consecutive queued invalidations are
 /// merged, so a burst costs one store read and one view write per product, not per event.
-pub async fn run_refresher<St: ProductStore>(model: ReadModel, store: Arc<St>, mut feed: mpsc::Receiver<Invalidation>) {
+pub async fn run_refresher<St: ProductStore>(
+    model: ReadModel,
+    store: Arc<St>,
+    mut feed: mpsc::Receiver<Invalidation>,
+    metrics: RefreshMetrics,
+) {
     while let Some(first) = feed.recv().await {
         let mut products = first.products;
         let mut sequence = first.log_sequence;
+        let mut origins = first.origins;
         while products.len() < MAX_COALESCED_PRODUCTS {
             let Ok(more) = feed.try_recv() else { break };
             products.extend(more.products);
+            origins.extend(more.origins);
             sequence = sequence.max(more.log_sequence);
         }
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "refresh views",
+            otel.name = "readmodel refresh",
+            otel.kind = "consumer",
+            messaging.batch.message_count = products.len(),
+        );
+        catalog_pipeline::trace::follow(&span, origins.iter().filter_map(|o| o.trace.as_ref()));
         let mut ids = Vec::with_capacity(products.len());
         for changed in products {
             let fresh = model.revision_of(changed.product_id.as_str()).ok().flatten().is_some_and(|r| r >= changed.revision);
@@ -38,11 +87,45 @@ pub async fn run_refresher<St: ProductStore>(model: ReadModel, store: Arc<St>, m
         ids.dedup();
         let backoff = catalog_pipeline::config::backoff(REFRESH_RETRY_BASE, REFRESH_ATTEMPTS);
         let attempt = || refresh(&model, &*store, ids.clone(), sequence);
-        let result =
-            attempt.retry(backoff).notify(|e, _| tracing::warn!(error = %chain(e), "view refresh failed; retrying")).await;
-        // The checkpoint stays behind, so the next start catches these products up.
-        if let Err(e) = result {
-            tracing::error!(error = %chain(&e), products = ids.len(), "view refresh failed; views stay stale until catch-up");
+        let result = attempt
+            .retry(backoff)
+            .notify(|e, _| tracing::warn!(error = %chain(e), "view refresh failed; retrying"))
+            .instrument(span.clone())
+            .await;
+        match result {
+            Ok(written) => {
+                metrics.views_refreshed.inc_by(written as u64);
+                visible(&origins, &metrics, &span);
+            }
+            // The checkpoint stays behind, so the next start catches these products up.
+            Err(e) => {
+                tracing::error!(error = %chain(&e), products = ids.len(), "view refresh failed; views stay stale until catch-up")
+            }
+        }
+    }
+}
+
+/// The changes are served now: their lag is measured, and each traced event's trace ends with
+/// a span saying its product's view is visible.
+fn visible(origins: &[Origin], metrics: &RefreshMetrics, refresh: &tracing::Span) {
+    let now = SystemTime::now();
+    for origin in origins {
+        let lag = now.duration_since(origin.accepted_at).unwrap_or_default();
+        metrics.lag.observe(lag.as_secs_f64());
+        if let Some(trace) = &origin.trace
+            && !refresh.is_disabled()
+        {
+            let span = tracing::info_span!(
+                target: SPAN_TARGET,
+                "view visible",
+                otel.name = "readmodel view visible",
+                otel.kind = "internal",
+                catalog.product_id = origin.product_id.as_str(),
+                catalog.lag_ms = lag.as_millis() as u64,
+            );
+            catalog_pipeline::trace::follow(&span, [trace]);
+            span.follows_from(refresh);
+            drop(span);
         }
     }
 }

@@ -75,7 +75,13 @@ mod tests {
             .filter_map(|e| {
                 let e = e.unwrap();
                 let event = catalog_domain::CatalogEvent::parse(&e.body, e.accepted_at, ParseLimits::default()).ok()?;
-                Some(catalog_pipeline::SequencedEvent { sequence: Some(e.sequence), position: Some(e.sequence), event })
+                Some(catalog_pipeline::SequencedEvent {
+                    sequence: Some(e.sequence),
+                    position: Some(e.sequence),
+                    event,
+                    trace: None,
+                    accepted_at: e.accepted_at,
+                })
             })
             .collect();
         store.write_batch(&events).await.unwrap();

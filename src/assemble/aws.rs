@@ -135,7 +135,9 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
             .context("subscribing to invalidations")?,
         );
         let (feed, invalidations) = tokio::sync::mpsc::channel(DEFAULT_SUBSCRIBER_CAPACITY);
-        tasks.push(tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), invalidations)));
+        let refresh_metrics = catalog_readmodel::RefreshMetrics::default();
+        refresh_metrics.register(&mut registry);
+        tasks.push(tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), invalidations, refresh_metrics)));
         let (poller, wait, stop) = (subscription.clone(), settings.wait_time, stop.clone());
         tasks.push(tokio::spawn(async move { poller.run(feed, wait, stop).await }));
         finish.push(Box::pin(async move {

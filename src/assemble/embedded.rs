@@ -53,8 +53,14 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     breaker_metrics.register(&mut registry);
     let breaker = Arc::new(Breaker::new(args.breaker_config(), breaker_metrics));
     let bus = Arc::new(EmbeddedBus::new());
-    let refresher =
-        tokio::spawn(catalog_readmodel::run_refresher(model.clone(), store.clone(), bus.subscribe(DEFAULT_SUBSCRIBER_CAPACITY)));
+    let refresh_metrics = catalog_readmodel::RefreshMetrics::default();
+    refresh_metrics.register(&mut registry);
+    let refresher = tokio::spawn(catalog_readmodel::run_refresher(
+        model.clone(),
+        store.clone(),
+        bus.subscribe(DEFAULT_SUBSCRIBER_CAPACITY),
+        refresh_metrics,
+    ));
     let pipeline = tokio::spawn(catalog_pipeline::stages::run(
         Arc::new(log.clone()),
         store.clone(),

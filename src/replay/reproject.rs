@@ -159,7 +159,7 @@ async fn aws(
         }
         tally.raced += pending.len() as u64;
         if !changed.is_empty() {
-            bus.publish(Invalidation { products: changed, log_sequence: None })
+            bus.publish(Invalidation { products: changed, log_sequence: None, origins: Vec::new() })
                 .await
                 .context("announcing the rewritten products")?;
         }

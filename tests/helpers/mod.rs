@@ -12,6 +12,7 @@ use serde_json::Value;
 #[macro_use]
 pub mod aws;
 pub mod moto;
+pub mod otlp;
 
 pub struct TestApp {
     pub base: String,

@@ -5,8 +5,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use catalog_pipeline::error::chain;
+use catalog_pipeline::trace::SPAN_TARGET;
 use serde_json::Value;
 use serde_json::value::RawValue;
+use tracing::Instrument;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
@@ -93,8 +95,19 @@ async fn accept(body: &[u8], state: &AppState) -> Result<usize, ApiError> {
     let messages = split_entries(body, state.config.max_entries)?;
     let n = messages.len();
     if n > 0 {
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "append to the event log",
+            otel.name = "event_log send",
+            otel.kind = "producer",
+            messaging.operation.type = "send",
+            messaging.batch.message_count = n,
+        );
+        // The messages carry the send span's context: the pipeline's spans follow from it.
+        let trace = span.in_scope(catalog_pipeline::trace::current);
         ingest
-            .accept(messages)
+            .accept(messages, trace)
+            .instrument(span)
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", chain(&e)))?;
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use catalog_domain::event::{millis_since_epoch, time_from_millis};
+use opentelemetry::trace::SpanContext;
 use tokio::sync::Notify;
 
 use super::{storage_error, trees};
@@ -48,6 +49,8 @@ pub struct LogEntry {
     pub sequence: u64,
     pub accepted_at: SystemTime,
     pub body: Bytes,
+    /// The trace of the request that appended it, when it was traced.
+    pub trace: Option<SpanContext>,
 }
 
 /// What the DLQ keeps besides the body: enough for an operator to decide, and to redrive.
@@ -103,18 +106,40 @@ struct Lease {
     last_error: Option<String>,
 }
 
-fn encode_entry(accepted_at_ms: u64, body: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + body.len());
-    value.extend_from_slice(&accepted_at_ms.to_be_bytes());
+/// Set in an entry's time field when a trace context follows it. Milliseconds since 1970 stay
+/// far below 2⁶³, and entries written before traces existed never have it, so they still read.
+const TRACED: u64 = 1 << 63;
+
+/// An entry: the acceptance time (ms, big-endian; the top bit flags a trace), the trace context
+/// if flagged ([`crate::trace::ENCODED_LEN`] bytes), then the body exactly as received.
+fn encode_entry(accepted_at_ms: u64, trace: Option<&SpanContext>, body: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + crate::trace::ENCODED_LEN + body.len());
+    match trace {
+        Some(sc) => {
+            value.extend_from_slice(&(accepted_at_ms | TRACED).to_be_bytes());
+            value.extend_from_slice(&crate::trace::encode(sc));
+        }
+        None => value.extend_from_slice(&accepted_at_ms.to_be_bytes()),
+    }
     value.extend_from_slice(body);
     value
 }
 
+/// Where the body starts in an entry, and the acceptance time and trace before it.
+fn entry_header(value: &[u8]) -> Option<(u64, Option<SpanContext>, usize)> {
+    let stamp = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    if stamp & TRACED == 0 {
+        return Some((stamp, None, 8));
+    }
+    let end = 8 + crate::trace::ENCODED_LEN;
+    Some((stamp & !TRACED, crate::trace::decode(value.get(8..end)?), end))
+}
+
 fn decode_entry(key: &[u8], value: sled::IVec) -> Option<LogEntry> {
     let sequence = u64::from_be_bytes(key.try_into().ok()?);
-    let accepted_ms = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let (accepted_ms, trace, start) = entry_header(&value)?;
     let bytes = Bytes::from_owner(value);
-    Some(LogEntry { sequence, accepted_at: time_from_millis(accepted_ms), body: bytes.slice(8..) })
+    Some(LogEntry { sequence, accepted_at: time_from_millis(accepted_ms), body: bytes.slice(start..), trace })
 }
 
 impl EmbeddedLog {
@@ -149,13 +174,19 @@ impl EmbeddedLog {
     /// Appends messages and returns once they are on disk: a 202 after this survives kill -9.
     /// Returns the first assigned sequence.
     pub async fn append(&self, bodies: &[Bytes]) -> Result<u64, SourceError> {
+        self.append_traced(bodies, None).await
+    }
+
+    /// [`Self::append`], keeping `trace` (the context of the request that sent them) with each
+    /// entry, so the pipeline continues that trace.
+    pub async fn append_traced(&self, bodies: &[Bytes], trace: Option<&SpanContext>) -> Result<u64, SourceError> {
         let accepted_ms = millis_since_epoch(SystemTime::now());
         let first = {
             let mut next = lock(&self.inner.next_sequence);
             let first = *next;
             let mut batch = sled::Batch::default();
             for (i, body) in bodies.iter().enumerate() {
-                batch.insert(&(first + i as u64).to_be_bytes(), encode_entry(accepted_ms, body));
+                batch.insert(&(first + i as u64).to_be_bytes(), encode_entry(accepted_ms, trace, body));
             }
             self.inner.log.apply_batch(batch).map_err(storage_error("append"))?;
             *next += bodies.len() as u64;
@@ -262,7 +293,7 @@ impl EmbeddedLog {
                             .map(|(_, body)| body)
                             .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                         let new = *next + moved.len() as u64;
-                        log.insert(&new.to_be_bytes(), encode_entry(accepted_ms, &body))?;
+                        log.insert(&new.to_be_bytes(), encode_entry(accepted_ms, None, &body))?;
                         redriven.insert(&old.to_be_bytes(), &new.to_be_bytes())?;
                         moved.push((old, new));
                     }
@@ -355,7 +386,7 @@ impl EmbeddedLog {
             Some(b) => b,
             None => {
                 stored_body = self.inner.log.get(sequence.to_be_bytes()).map_err(&write)?;
-                stored_body.as_deref().map_or(&[][..], |v| v.get(8..).unwrap_or_default())
+                stored_body.as_deref().map_or(&[][..], |v| entry_header(v).and_then(|(_, _, at)| v.get(at..)).unwrap_or_default())
             }
         };
         let record = DeadLetterRecord {
@@ -409,6 +440,7 @@ fn received(entry: LogEntry, receive_count: u32) -> Received<u64> {
         receive_count,
         sequence: Some(entry.sequence),
         position: Some(entry.sequence),
+        trace: entry.trace,
     }
 }
 
