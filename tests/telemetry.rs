@@ -2,6 +2,7 @@
 //! one trace follows an event from `POST /events` through every stage to its view; the
 //! figures `/metrics` serves arrive over OTLP too.
 
+#[macro_use]
 mod helpers;
 
 use std::collections::HashMap;
@@ -121,4 +122,63 @@ async fn the_figures_of_metrics_arrive_over_otlp() {
         .await;
     receiver.metric_until("catalog_event_log_backlog", |_, v| v == 0.0).await;
     receiver.metric_until("process_resident_memory_bytes", at_least(1.0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_aws_the_trace_crosses_sqs_dynamodb_and_eventbridge() {
+    require_moto!();
+    let receiver = otlp::start().await;
+    let mut env = helpers::aws::aws_env("otel");
+    helpers::aws::infra_init(&env);
+    env.extend(exporting_to(&receiver).envs);
+    let app = helpers::aws::serve(&env, "all");
+    // A producer sends straight to the queue with its trace in the `traceparent` attribute.
+    let aws = helpers::aws::clients().await;
+    let queue = aws.queue_url(helpers::aws::var(&env, "CATALOG_INGEST_QUEUE")).await;
+    let attribute = aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+        .build()
+        .unwrap();
+    aws.sqs
+        .send_message()
+        .queue_url(&queue)
+        .message_body(product("A1", "Across", "Cloud").to_string())
+        .message_attributes("traceparent", attribute)
+        .send()
+        .await
+        .unwrap();
+    app.eventually("/products/A1", |v| v["product"]["name"] == "Across").await;
+
+    let spans = receiver
+        .spans_until("the API instance's view span in the producer's trace", |spans| {
+            spans.iter().any(|(_, s)| s.name == "readmodel view visible" && hex(&s.trace_id) == TRACE_ID)
+        })
+        .await;
+    let trace: Vec<_> = spans.iter().map(|(_, s)| s).filter(|s| hex(&s.trace_id) == TRACE_ID).collect();
+    let names: Vec<&str> = trace.iter().map(|s| s.name.as_str()).collect();
+    let named = |name: &str| *trace.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no {name:?} in {names:?}"));
+    let validate = named("validate");
+    assert_eq!(hex(&validate.parent_span_id), CALLER_SPAN, "the pipeline continues the producer's span");
+    let write = named("write");
+    let dynamodb: Vec<_> = trace.iter().filter(|s| s.name.starts_with("DynamoDB.")).collect();
+    assert!(!dynamodb.is_empty(), "no DynamoDB client span in {names:?}");
+    for call in &dynamodb {
+        assert_eq!(call.kind, SpanKind::Client as i32, "{}", call.name);
+        assert_eq!(attr(call, "db.system").as_deref(), Some("dynamodb"), "{}", call.name);
+    }
+    assert!(dynamodb.iter().any(|c| c.parent_span_id == write.span_id), "the write stage's own calls: {names:?}");
+    let read_back = named("DynamoDB.BatchGetItem");
+    assert_eq!(read_back.parent_span_id, named("readmodel refresh").span_id, "the API instance reads the new state for the view");
+    let put = named("EventBridge.PutEvents");
+    assert_eq!(put.kind, SpanKind::Client as i32);
+    assert_eq!(attr(put, "messaging.system").as_deref(), Some("aws_eventbridge"));
+    assert_eq!(put.parent_span_id, named("publish").span_id);
+    let delete = named("SQS.DeleteMessageBatch");
+    assert_eq!(attr(delete, "messaging.system").as_deref(), Some("aws_sqs"));
+    assert_eq!(delete.parent_span_id, named("ack").span_id);
+    assert!(
+        spans.iter().all(|(_, s)| !(s.name.starts_with("SQS.") && s.parent_span_id.is_empty())),
+        "untraced polls are not exported"
+    );
 }

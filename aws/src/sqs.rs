@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
-    SendMessageBatchRequestEntry,
+    QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use bytes::Bytes;
 use catalog_domain::event::time_from_millis;
@@ -141,6 +141,29 @@ impl SqsSource {
         for r in receipts {
             in_flight.remove(&r.handle);
         }
+    }
+
+    /// Messages in the ingest queue (waiting and in flight) and in its dead-letter queue, as
+    /// SQS approximates them: the `catalog_event_log_backlog` and `catalog_dead_letters` gauges.
+    pub async fn depths(&self) -> Result<(u64, u64), SourceError> {
+        let inner = &self.inner;
+        let mut depths = [0u64; 2];
+        for (depth, url) in depths.iter_mut().zip([&inner.queue_url, &inner.dlq_url]) {
+            inner.metrics.sqs_call("GetQueueAttributes", 0);
+            let out = inner
+                .client
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .send()
+                .await
+                .map_err(|e| classify("SQS GetQueueAttributes", e))?;
+            let count = |name| out.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            *depth = count(QueueAttributeName::ApproximateNumberOfMessages)
+                + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        }
+        Ok((depths[0], depths[1]))
     }
 
     /// Renews the visibility of messages still being processed, every third of the timeout,

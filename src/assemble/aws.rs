@@ -18,6 +18,7 @@ use catalog_pipeline::budget::Budget;
 use catalog_pipeline::embedded::DEFAULT_SUBSCRIBER_CAPACITY;
 use catalog_pipeline::{PipelineMetrics, config};
 use catalog_readmodel::{OnlineRebuild, ReadModel, ReadModelError};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +96,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
             .await
             .context("connecting to the ingest queue")?;
         tasks.push(source.spawn_heartbeat(stop.clone()));
+        tasks.push(spawn_queue_gauges(&mut registry, source.clone(), stop.clone()));
         let pipeline_metrics = PipelineMetrics::default();
         pipeline_metrics.register(&mut registry);
         let breaker_metrics = BreakerMetrics::default();
@@ -116,6 +118,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     // Every role keeps a read model; only the api role fills and serves it. It is the only
     // database in AWS mode, so it has all of `--cache-mb`.
     let db = DataDir::new(&args.data.data_dir, args.data.cache_mb).open_views_alone()?;
+    super::register_disk_size(&mut registry, db.clone());
     let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
         .context("opening the read model")?;
     if matches!(args.role, Role::All | Role::Api) {
@@ -160,6 +163,37 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         tasks,
         stop,
         finish,
+    })
+}
+
+/// How often the worker asks SQS how deep its queues are: two cheap calls, priced like any other.
+const QUEUE_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The same backlog and dead-letter gauges the embedded log keeps, from SQS's approximations,
+/// so one dashboard serves both backends.
+fn spawn_queue_gauges(registry: &mut Registry, source: SqsSource, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let backlog = Gauge::<i64>::default();
+    let dead_letters = Gauge::<i64>::default();
+    registry.register(
+        "catalog_event_log_backlog",
+        "Accepted messages not yet processed (SQS: waiting and in flight)",
+        backlog.clone(),
+    );
+    registry.register("catalog_dead_letters", "Messages in the dead-letter queue", dead_letters.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(QUEUE_GAUGE_INTERVAL);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => match source.depths().await {
+                    Ok((waiting, dead)) => {
+                        backlog.set(i64::try_from(waiting).unwrap_or(i64::MAX));
+                        dead_letters.set(i64::try_from(dead).unwrap_or(i64::MAX));
+                    }
+                    Err(e) => tracing::debug!(error = %catalog_pipeline::error::chain(&e), "reading the queue depths failed"),
+                },
+            }
+        }
     })
 }
 

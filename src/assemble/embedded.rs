@@ -47,6 +47,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
 
     let stop = CancellationToken::new();
     let mut registry = Registry::default();
+    super::register_disk_size(&mut registry, db.clone());
     let pipeline_metrics = PipelineMetrics::default();
     pipeline_metrics.register(&mut registry);
     let breaker_metrics = BreakerMetrics::default();

@@ -43,3 +43,22 @@ pub struct Assembly {
     /// Run in order once the tasks have drained.
     pub finish: Vec<FinishStep>,
 }
+
+/// `catalog_storage_disk_bytes`: what the process's sled database takes on disk (embedded: log,
+/// state and views; AWS: the read model), read at each scrape.
+fn register_disk_size(registry: &mut Registry, db: sled::Db) {
+    registry.register_collector(Box::new(DiskSize(db)));
+}
+
+#[derive(Debug)]
+struct DiskSize(sled::Db);
+
+impl prometheus_client::collector::Collector for DiskSize {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Ok(bytes) = self.0.size_on_disk() else { return Ok(()) };
+        let metric = prometheus_client::metrics::gauge::ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
+        let help = "Bytes the sled database takes on disk (embedded: log, state and views; AWS: the read model)";
+        metric.encode(encoder.encode_descriptor("catalog_storage_disk_bytes", help, None, metric.metric_type())?)
+    }
+}

@@ -91,7 +91,8 @@ pub fn init(format: LogFormat, service_version: &'static str) -> anyhow::Result<
     let otel = tracer.as_ref().map(|provider| {
         let spans = tracing_subscriber::filter::filter_fn(|meta| {
             if meta.is_span() {
-                meta.target() == SPAN_TARGET || AWS_SDK_TARGETS.contains(&meta.target())
+                let crate_name = meta.target().split("::").next().unwrap_or_default();
+                meta.target() == SPAN_TARGET || AWS_SDK_TARGETS.contains(&crate_name)
             } else {
                 // Warnings and errors become events of the span they happened in.
                 *meta.level() <= tracing::Level::WARN
@@ -143,6 +144,11 @@ impl<P: SpanProcessor> SpanProcessor for AwsClientSpans<P> {
         if let Some((service, operation)) = span.name.split_once('.')
             && span.attributes.iter().any(|kv| kv.key.as_str() == "rpc.system")
         {
+            // Calls outside any traced work (long polls, heartbeats, queue gauges) would each
+            // be a trace of their own, several a second: they are counted in the metrics instead.
+            if span.parent_span_id == opentelemetry::trace::SpanId::INVALID {
+                return;
+            }
             let extra = aws_semantics(service, operation);
             if !extra.is_empty() {
                 span.span_kind = SpanKind::Client;
