@@ -181,4 +181,23 @@ async fn on_aws_the_trace_crosses_sqs_dynamodb_and_eventbridge() {
         spans.iter().all(|(_, s)| !(s.name.starts_with("SQS.") && s.parent_span_id.is_empty())),
         "untraced polls are not exported"
     );
+
+    // A producer with no trace (PutEvents, through the rule): its batch's stages and its view
+    // still make one trace, rooted at the validate span.
+    aws.put_events(helpers::aws::var(&env, "CATALOG_BUS"), &[product("A2", "Untraced", "Cloud")]).await;
+    app.eventually("/products/A2", |v| v["product"]["name"] == "Untraced").await;
+    let spans = receiver
+        .spans_until("A2's view span", |spans| {
+            spans
+                .iter()
+                .any(|(_, s)| s.name == "readmodel view visible" && attr(s, "catalog.product_id").as_deref() == Some("A2"))
+        })
+        .await;
+    let (_, view) = spans.iter().find(|(_, s)| attr(s, "catalog.product_id").as_deref() == Some("A2")).unwrap();
+    let root =
+        spans.iter().map(|(_, s)| s).find(|s| s.trace_id == view.trace_id && s.parent_span_id.is_empty()).expect("a root span");
+    assert_eq!(root.name, "validate");
+    for stage in ["write", "publish", "ack"] {
+        assert!(spans.iter().any(|(_, s)| s.trace_id == view.trace_id && s.name == stage), "{stage} in A2's trace");
+    }
 }

@@ -169,8 +169,9 @@ async fn validate<S: EventSource>(
     while let Some(batch) = input.recv().await {
         let started = Instant::now();
         let span = stage_span("validate", batch.len(), batch.iter().filter_map(|m| m.trace.as_ref()));
-        // Inside the span: a dead letter's log line carries its trace.
-        let (accepted, letters) = span.in_scope(|| sort_messages(batch, limits, &metrics));
+        // Inside the span: a dead letter's log line carries its trace, and an event that came
+        // with none joins the batch's, so its later stages and its view stay in one trace.
+        let (accepted, letters) = span.in_scope(|| sort_messages(batch, limits, crate::trace::current(), &metrics));
         metrics.validated.inc_by(accepted.len() as u64);
         if !letters.is_empty() {
             let n = letters.len() as i64;
@@ -193,6 +194,7 @@ async fn validate<S: EventSource>(
 fn sort_messages<R>(
     batch: Vec<Received<R>>,
     limits: catalog_domain::ParseLimits,
+    batch_trace: Option<SpanContext>,
     metrics: &PipelineMetrics,
 ) -> (Vec<Accepted<R>>, Vec<DeadLetter<R>>) {
     let mut letters = Vec::new();
@@ -206,7 +208,7 @@ fn sort_messages<R>(
                     sequence: message.sequence,
                     position: message.position,
                     event,
-                    trace: message.trace,
+                    trace: message.trace.or_else(|| batch_trace.clone()),
                     accepted_at: message.accepted_at,
                 },
             }),
