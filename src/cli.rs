@@ -396,6 +396,19 @@ pub struct ServeArgs {
     #[arg(long, env = "CATALOG_MAX_RECEIVE_COUNT", default_value_t = embedded::DEFAULT_MAX_RECEIVE_COUNT,
           value_parser = u32_in(1, SQS_MAX_RECEIVE_COUNT))]
     pub max_receive_count: u32,
+    /// Seconds an acknowledged event stays in the embedded log before compaction folds it into
+    /// the snapshot and removes it; 0 keeps events for ever (unless `--log-retention-mb` bounds them).
+    #[arg(long, env = "CATALOG_LOG_RETENTION_SECS", default_value_t = embedded::DEFAULT_RETENTION.as_secs(),
+          value_parser = InRange::new(0, 10 * 365 * 24 * 3600))]
+    pub log_retention_secs: u64,
+    /// MiB the embedded log may take before its oldest acknowledged events are compacted; 0: no bound.
+    #[arg(long, env = "CATALOG_LOG_RETENTION_MB", default_value_t = embedded::DEFAULT_RETENTION_BYTES / (1024 * 1024),
+          value_parser = InRange::new(0, 1 << 30))]
+    pub log_retention_mb: u64,
+    /// Seconds between two compactions of the embedded log.
+    #[arg(long, env = "CATALOG_LOG_COMPACT_INTERVAL_SECS", default_value_t = embedded::DEFAULT_COMPACT_INTERVAL.as_secs(),
+          value_parser = InRange::new(1, 24 * 3600))]
+    pub log_compact_interval_secs: u64,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "CATALOG_WORKER_THREADS", value_parser = usize_in(1, 1024))]
     pub worker_threads: Option<usize>,
@@ -594,6 +607,14 @@ impl ServeArgs {
             write_concurrency: self.aws_runtime.write_concurrency,
             log_segment_bytes: self.aws_runtime.log_segment_bytes,
             ..self.aws.settings()
+        }
+    }
+
+    /// How much of the embedded log compaction keeps (0 turns a bound off).
+    pub fn log_retention(&self) -> embedded::Retention {
+        embedded::Retention {
+            retention: (self.log_retention_secs > 0).then(|| Duration::from_secs(self.log_retention_secs)),
+            max_bytes: (self.log_retention_mb > 0).then(|| self.log_retention_mb * 1024 * 1024),
         }
     }
 

@@ -21,6 +21,10 @@ pub struct FoldReport {
     pub invalid_skipped: u64,
     pub dead_lettered_skipped: u64,
     pub last_sequence: u64,
+    /// Products the fold started from, and the last sequence their snapshot holds (0: none,
+    /// the log was whole).
+    pub snapshot_products: u64,
+    pub snapshot_sequence: u64,
 }
 
 #[derive(Debug, Default)]
@@ -46,9 +50,9 @@ impl Projection {
     }
 }
 
-/// Folds the embedded log. Dead-lettered entries are skipped, since the store never applied
-/// them (a redriven one applies at the sequence it came back as); `progress` gets the entries
-/// read so far.
+/// Folds the embedded log: the snapshot compaction left, then the entries after it.
+/// Dead-lettered entries are skipped, since the store never applied them (a redriven one
+/// applies at the sequence it came back as); `progress` gets the entries read so far.
 pub fn project_embedded(
     log: &EmbeddedLog,
     limits: ParseLimits,
@@ -57,11 +61,20 @@ pub fn project_embedded(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let skipped: HashSet<u64> = log.skipped_sequences()?;
     let mut projection = Projection::default();
+    let snapshot = log.snapshot()?;
+    let from = snapshot.sequence()? + 1;
+    for state in snapshot.states() {
+        let state = state?;
+        projection.states.insert(state.id.clone(), state);
+        projection.report.snapshot_products += 1;
+    }
+    projection.report.snapshot_sequence = from - 1;
+    projection.report.last_sequence = from - 1;
     // A reader thread walks the log while the chunk before is parsed and folded.
     let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<Result<Vec<LogEntry>, SourceError>>(2);
     let reader_log = log.clone();
     let reader = std::thread::spawn(move || {
-        let mut entries = reader_log.entries_from(1);
+        let mut entries = reader_log.entries_from(from);
         loop {
             let chunk: Result<Vec<LogEntry>, SourceError> = entries.by_ref().take(PARSE_CHUNK).collect();
             let done = chunk.as_ref().map_or(true, Vec::is_empty);

@@ -13,6 +13,7 @@ use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, Embed
 use catalog_pipeline::health::{BoxFuture, Check, Readiness};
 use catalog_pipeline::{PipelineMetrics, config};
 use catalog_readmodel::{OnlineRebuild, ReadModel, ReadModelError};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
@@ -39,7 +40,8 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let model = ReadModel::open(&views_db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
         .context("opening the read model")?;
 
-    if args.demo && log.entries_from(1).next().is_none() {
+    // Not "the log is empty": compaction may have emptied it.
+    if args.demo && log.last_sequence() == 0 {
         log.append(&crate::demo::events()).await.context("loading the demo catalog")?;
         tracing::info!("demo catalog loaded");
     }
@@ -47,7 +49,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
 
     let stop = CancellationToken::new();
     let mut registry = Registry::default();
-    super::register_disk_size(&mut registry, db.clone());
+    super::register_disk_size(&mut registry, vec![db.clone(), views_db.clone()]);
     let pipeline_metrics = PipelineMetrics::default();
     pipeline_metrics.register(&mut registry);
     let breaker_metrics = BreakerMetrics::default();
@@ -73,6 +75,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     ));
     let gauges = spawn_gauges(&mut registry, log.clone(), model.clone(), stop.clone());
     let heartbeat = log.spawn_heartbeat(stop.clone());
+    let compactor = spawn_compactor(&mut registry, (log.clone(), model.clone()), args, stop.clone())?;
     // Wakes a receive that is waiting for new entries, so the pipeline sees the stop at once.
     let closer = {
         let (log, stop) = (log.clone(), stop.clone());
@@ -91,7 +94,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         fill: Some(Arc::new(StoreFill::new(store, model.clone(), args.fill_config(), fill_metrics))),
         readiness: Arc::new(EmbeddedReadiness { log, model, breaker }),
         registry,
-        tasks: vec![closer, pipeline, refresher, gauges, heartbeat],
+        tasks: vec![closer, pipeline, refresher, gauges, heartbeat, compactor],
         stop,
         finish: vec![
             Box::pin(async move { db.flush_async().await.map(drop).context("flushing the database") }),
@@ -153,6 +156,55 @@ async fn catch_up(log: &EmbeddedLog, model: &ReadModel, store: &Arc<EmbeddedStor
         model.set_checkpoint(covered)?;
     }
     Ok(())
+}
+
+/// Keeps the log bounded: every `--log-compact-interval-secs`, acknowledged entries past the
+/// retention that the read model already shows are folded into the snapshot and removed.
+fn spawn_compactor(
+    registry: &mut Registry,
+    (log, model): (EmbeddedLog, ReadModel),
+    args: &ServeArgs,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let snapshot = log.snapshot().context("opening the log's snapshot")?;
+    let (retention, limits) = (args.log_retention(), args.data.parse_limits());
+    let every = Duration::from_secs(args.log_compact_interval_secs);
+    let compacted: Counter = Counter::default();
+    let bytes = Gauge::<i64>::default();
+    registry.register("catalog_event_log_compacted", "Log entries folded into the snapshot and removed", compacted.clone());
+    registry.register("catalog_event_log_bytes", "Bytes the embedded event log's entries take", bytes.clone());
+    Ok(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (log, snapshot, model) = (log.clone(), snapshot.clone(), model.clone());
+            let run = tokio::task::spawn_blocking(move || {
+                let keep_from = model.checkpoint().map_err(|e| e.to_string())?.saturating_add(1);
+                let report = catalog_pipeline::embedded::compact(&log, &snapshot, retention, keep_from, limits)
+                    .map_err(|e| catalog_pipeline::error::chain(&e))?;
+                Ok::<_, String>((report, log.log_bytes()))
+            });
+            match run.await {
+                Ok(Ok((report, now))) => {
+                    compacted.inc_by(report.entries_removed);
+                    bytes.set(i64::try_from(now).unwrap_or(i64::MAX));
+                    if report.entries_folded > 0 {
+                        tracing::info!(
+                            folded = report.entries_folded,
+                            through = report.snapshot_sequence,
+                            log_bytes = now,
+                            "event log compacted"
+                        );
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "compacting the event log failed; retrying next interval"),
+                Err(e) => tracing::error!(error = %e, "the compaction task panicked"),
+            }
+        }
+    }))
 }
 
 /// Gauges are read from in-memory counters only: sled's `len()` is a full scan.

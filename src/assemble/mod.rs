@@ -44,21 +44,21 @@ pub struct Assembly {
     pub finish: Vec<FinishStep>,
 }
 
-/// `catalog_storage_disk_bytes`: what the process's sled database takes on disk (embedded: log,
-/// state and views; AWS: the read model), read at each scrape.
-fn register_disk_size(registry: &mut Registry, db: sled::Db) {
-    registry.register_collector(Box::new(DiskSize(db)));
+/// `catalog_storage_disk_bytes`: what the process's sled databases take on disk (embedded: log,
+/// state, snapshot and views; AWS: the read model), read at each scrape.
+fn register_disk_size(registry: &mut Registry, dbs: Vec<sled::Db>) {
+    registry.register_collector(Box::new(DiskSize(dbs)));
 }
 
 #[derive(Debug)]
-struct DiskSize(sled::Db);
+struct DiskSize(Vec<sled::Db>);
 
 impl prometheus_client::collector::Collector for DiskSize {
     fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
-        let Ok(bytes) = self.0.size_on_disk() else { return Ok(()) };
+        let Ok(bytes) = self.0.iter().map(sled::Db::size_on_disk).sum::<Result<u64, _>>() else { return Ok(()) };
         let metric = prometheus_client::metrics::gauge::ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
-        let help = "Bytes the sled database takes on disk (embedded: log, state and views; AWS: the read model)";
+        let help = "Bytes the sled databases take on disk (embedded: log, state, snapshot and views; AWS: the read model)";
         metric.encode(encoder.encode_descriptor("catalog_storage_disk_bytes", help, None, metric.metric_type())?)
     }
 }

@@ -84,8 +84,12 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
 }
 
 fn describe_sources(fold: &FoldReport, states: usize) -> String {
+    let snapshot = match fold.snapshot_sequence {
+        0 => String::new(),
+        seq => format!("its snapshot through sequence {seq} ({} products) and ", fold.snapshot_products),
+    };
     format!(
-        "the event log ({} entries, {} invalid and {} dead-lettered skipped), the store ({states} products)",
+        "the event log ({snapshot}{} entries, {} invalid and {} dead-lettered skipped), the store ({states} products)",
         fold.entries_read, fold.invalid_skipped, fold.dead_lettered_skipped
     )
 }

@@ -19,6 +19,8 @@ pub const DEFAULT_WAIT_TIME: Duration = Duration::from_millis(500);
 pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_millis(200);
 
 const WATERMARK_KEY: &[u8] = b"consumed_watermark";
+/// The log's size in bytes (keys and values), kept as entries are appended and compacted.
+const LOG_BYTES_KEY: &[u8] = b"log_bytes";
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -85,6 +87,8 @@ struct Inner {
     closed: AtomicBool,
     /// sled's `len()` scans the whole tree, so the DLQ size is counted here instead.
     dead_letters: AtomicU64,
+    /// Bytes the log's entries take (keys and values): what a byte retention bounds.
+    log_bytes: AtomicU64,
     config: LogConfig,
 }
 
@@ -150,9 +154,24 @@ impl EmbeddedLog {
         let redriven = db.open_tree(trees::REDRIVEN).map_err(&open)?;
         let meta = db.open_tree(trees::META).map_err(&open)?;
         let last = log.last().map_err(&open)?.and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
-        let next_sequence = last.map_or(1, |s| s + 1);
         let watermark =
             meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(1);
+        // Compaction removes entries below the watermark, at times all of them: sequences go
+        // on from the watermark then, never again from 1 (they order unversioned events).
+        let next_sequence = last.map_or(1, |s| s + 1).max(watermark);
+        let log_bytes = match meta.get(LOG_BYTES_KEY).map_err(&open)?.and_then(|v| v.as_ref().try_into().ok()) {
+            Some(bytes) => u64::from_be_bytes(bytes),
+            // A log from before the count existed: counted once.
+            None => {
+                let mut total = 0u64;
+                for item in log.iter() {
+                    let (k, v) = item.map_err(&open)?;
+                    total += (k.len() + v.len()) as u64;
+                }
+                meta.insert(LOG_BYTES_KEY, &total.to_be_bytes()).map_err(&open)?;
+                total
+            }
+        };
         let dead_letters = AtomicU64::new(dlq.len() as u64);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -166,6 +185,7 @@ impl EmbeddedLog {
                 arrived: Notify::new(),
                 closed: AtomicBool::new(false),
                 dead_letters,
+                log_bytes: AtomicU64::new(log_bytes),
                 config,
             }),
         })
@@ -185,11 +205,15 @@ impl EmbeddedLog {
             let mut next = lock(&self.inner.next_sequence);
             let first = *next;
             let mut batch = sled::Batch::default();
+            let mut bytes = 0;
             for (i, body) in bodies.iter().enumerate() {
-                batch.insert(&(first + i as u64).to_be_bytes(), encode_entry(accepted_ms, trace, body));
+                let value = encode_entry(accepted_ms, trace, body);
+                bytes += (8 + value.len()) as u64;
+                batch.insert(&(first + i as u64).to_be_bytes(), value);
             }
             self.inner.log.apply_batch(batch).map_err(storage_error("append"))?;
             *next += bodies.len() as u64;
+            self.add_log_bytes(bytes, true)?;
             first
         };
         // Wake the pipeline before the fsync: its writes land after these in sled's own log,
@@ -235,6 +259,51 @@ impl EmbeddedLog {
             Ok((k, v)) => decode_entry(&k, v).map(Ok),
             Err(e) => Some(Err(storage_error("read")(e))),
         })
+    }
+
+    /// Bytes the log's entries take now (approximate after a crash: the count is saved with
+    /// each append, not in the same write).
+    pub fn log_bytes(&self) -> u64 {
+        self.inner.log_bytes.load(Ordering::Relaxed)
+    }
+
+    fn add_log_bytes(&self, bytes: u64, grow: bool) -> Result<(), SourceError> {
+        let total = if grow {
+            self.inner.log_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes
+        } else {
+            let before = self.inner.log_bytes.fetch_sub(bytes.min(self.log_bytes()), Ordering::Relaxed);
+            before.saturating_sub(bytes)
+        };
+        self.inner.meta.insert(LOG_BYTES_KEY, &total.to_be_bytes()).map_err(storage_error("count the log"))?;
+        Ok(())
+    }
+
+    /// Removes the entries up to `last` (inclusive), which a snapshot already holds; only
+    /// entries below the watermark, which nothing will hand out again. Returns how many.
+    pub(crate) fn remove_through(&self, last: u64) -> Result<u64, SourceError> {
+        let last = last.min(self.consumed_watermark().saturating_sub(1));
+        let mut batch = sled::Batch::default();
+        let (mut removed, mut bytes) = (0u64, 0u64);
+        for item in self.inner.log.range(..=last.to_be_bytes()) {
+            let (k, v) = item.map_err(storage_error("compact"))?;
+            bytes += (k.len() + v.len()) as u64;
+            removed += 1;
+            batch.remove(k);
+        }
+        self.inner.log.apply_batch(batch).map_err(storage_error("compact"))?;
+        self.add_log_bytes(bytes, false)?;
+        Ok(removed)
+    }
+
+    /// The snapshot of the entries compaction has removed (`embedded::compact`).
+    pub fn snapshot(&self) -> Result<super::LogSnapshot, SourceError> {
+        super::LogSnapshot::open(&self.inner.db)
+    }
+
+    /// The first entry the log still holds, if any.
+    pub fn first_sequence(&self) -> Result<Option<u64>, SourceError> {
+        let first = self.inner.log.first().map_err(storage_error("read"))?;
+        Ok(first.and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
     /// The last sequence appended (0 for an empty log): the log's length, without a scan.

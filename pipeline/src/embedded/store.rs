@@ -76,11 +76,11 @@ impl EmbeddedStore {
     }
 }
 
-fn encode(state: &ProductState) -> Vec<u8> {
+pub(crate) fn encode(state: &ProductState) -> Vec<u8> {
     serde_json::to_vec(state).expect("state serializes")
 }
 
-fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, StoreError> {
+pub(crate) fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(format!("embedded state of product {id}"), e))
 }
 

@@ -1,0 +1,240 @@
+//! A bounded event log: entries past their retention are folded into a snapshot of every
+//! product's state (under the store's own rule) and removed, so the log holds only a tail. The
+//! replay tools then fold snapshot + tail instead of the whole history.
+//!
+//! Only entries below both the consumed watermark (nothing hands them out again) and the read
+//! model's checkpoint (start-up catch-up never needs them) are compacted. The snapshot is
+//! written, with the last sequence it holds, in one atomic batch before the entries go: a crash
+//! in between leaves entries the snapshot already holds, which the next run removes.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
+
+use super::store::{decode, encode};
+use super::{EmbeddedLog, LogEntry, storage_error, trees};
+use crate::ports::SourceError;
+
+/// Where the snapshot's last folded sequence is kept, in the snapshot's own tree: no product id
+/// can start with a NUL byte, and one tree means one atomic batch.
+const SEQUENCE_KEY: &[u8] = b"\0sequence";
+/// Entries folded per batch: bounds the memory and the length of one sled batch.
+const CHUNK: usize = 10_000;
+
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_RETENTION_BYTES: u64 = 1024 * 1024 * 1024;
+pub const DEFAULT_COMPACT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How much of the log to keep. An entry goes once it is older than `retention`, or while the
+/// log is over `max_bytes`, whichever comes first; `None` turns that bound off.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub retention: Option<Duration>,
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { retention: Some(DEFAULT_RETENTION), max_bytes: Some(DEFAULT_RETENTION_BYTES) }
+    }
+}
+
+/// What one compaction did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CompactReport {
+    pub entries_folded: u64,
+    pub entries_removed: u64,
+    /// The last sequence the snapshot holds now.
+    pub snapshot_sequence: u64,
+}
+
+/// The state every product had reached at the snapshot's sequence.
+#[derive(Clone)]
+pub struct LogSnapshot {
+    tree: sled::Tree,
+}
+
+impl LogSnapshot {
+    pub fn open(db: &sled::Db) -> Result<Self, SourceError> {
+        Ok(Self { tree: db.open_tree(trees::SNAPSHOT).map_err(storage_error("open the snapshot"))? })
+    }
+
+    /// The last log sequence folded in (0: no snapshot yet, the log is whole).
+    pub fn sequence(&self) -> Result<u64, SourceError> {
+        let value = self.tree.get(SEQUENCE_KEY).map_err(storage_error("read the snapshot"))?;
+        Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+    }
+
+    /// Every product's state in the snapshot, in id order.
+    pub fn states(&self) -> impl Iterator<Item = Result<ProductState, SourceError>> + use<> {
+        self.tree.iter().filter_map(|item| match item {
+            Ok((k, _)) if k.as_ref() == SEQUENCE_KEY => None,
+            Ok((k, v)) => Some(decode(&String::from_utf8_lossy(&k), &v)),
+            Err(e) => Some(Err(storage_error("read the snapshot")(e))),
+        })
+    }
+
+    /// Folds `entries` (in log order, right after the snapshot's sequence) into the snapshot.
+    fn fold(&self, entries: &[LogEntry], skipped: &HashSet<u64>, limits: ParseLimits) -> Result<(), SourceError> {
+        let Some(last) = entries.last() else { return Ok(()) };
+        let mut touched: HashMap<ProductId, ProductState> = HashMap::new();
+        for entry in entries.iter().filter(|e| !skipped.contains(&e.sequence)) {
+            // The store never applied an invalid entry (it was dead-lettered): neither does this.
+            let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) else { continue };
+            let id = event.product_id.clone();
+            if !touched.contains_key(&id) {
+                let state = match self.tree.get(id.as_str()).map_err(storage_error("read the snapshot"))? {
+                    Some(v) => decode(id.as_str(), &v)?,
+                    None => ProductState::new(id.clone()),
+                };
+                touched.insert(id.clone(), state);
+            }
+            touched.get_mut(&id).expect("inserted above").apply_at(&event, Some(entry.sequence));
+        }
+        let mut batch = sled::Batch::default();
+        for (id, state) in &touched {
+            batch.insert(id.as_str(), encode(state));
+        }
+        batch.insert(SEQUENCE_KEY, &last.sequence.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(storage_error("write the snapshot"))
+    }
+}
+
+/// Folds the entries past `retention` into the snapshot and removes them from the log, never
+/// past `keep_from` (exclusive: the read model's checkpoint + 1) nor the consumed watermark.
+/// Blocking: sled calls; run it off the runtime's threads.
+pub fn compact(
+    log: &EmbeddedLog,
+    snapshot: &LogSnapshot,
+    retention: Retention,
+    keep_from: u64,
+    limits: ParseLimits,
+) -> Result<CompactReport, SourceError> {
+    let mut report = CompactReport { snapshot_sequence: snapshot.sequence()?, ..CompactReport::default() };
+    // A crash after the last fold left entries the snapshot holds: they go first.
+    if log.first_sequence()?.is_some_and(|first| first <= report.snapshot_sequence) {
+        report.entries_removed += log.remove_through(report.snapshot_sequence)?;
+    }
+    let limit = keep_from.min(log.consumed_watermark());
+    let oldest_kept = retention.retention.and_then(|r| SystemTime::now().checked_sub(r));
+    let skipped = log.skipped_sequences()?;
+    loop {
+        let mut over_bytes = retention.max_bytes.map_or(0, |max| log.log_bytes().saturating_sub(max));
+        let mut chunk = Vec::with_capacity(CHUNK);
+        for entry in log.entries_from(report.snapshot_sequence + 1).take(CHUNK) {
+            let entry = entry?;
+            let expired = oldest_kept.is_some_and(|t| entry.accepted_at < t);
+            if entry.sequence >= limit || !(expired || over_bytes > 0) {
+                break;
+            }
+            over_bytes = over_bytes.saturating_sub((8 + 8 + entry.body.len()) as u64);
+            chunk.push(entry);
+        }
+        let Some(last) = chunk.last().map(|e| e.sequence) else { break };
+        snapshot.fold(&chunk, &skipped, limits)?;
+        report.entries_folded += chunk.len() as u64;
+        report.snapshot_sequence = last;
+        report.entries_removed += log.remove_through(last)?;
+        if chunk.len() < CHUNK {
+            break;
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EventSource;
+    use bytes::Bytes;
+
+    fn open() -> (tempfile::TempDir, sled::Db, EmbeddedLog, LogSnapshot) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = EmbeddedLog::open(&db, Default::default()).unwrap();
+        let snapshot = LogSnapshot::open(&db).unwrap();
+        (dir, db, log, snapshot)
+    }
+
+    async fn append_and_ack(log: &EmbeddedLog, bodies: &[&str]) {
+        log.append(&bodies.iter().map(|b| Bytes::from(b.to_string())).collect::<Vec<_>>()).await.unwrap();
+        let received = log.receive(bodies.len()).await.unwrap();
+        log.ack(received.into_iter().map(|r| r.receipt).collect()).await.unwrap();
+    }
+
+    fn all_time() -> Retention {
+        Retention { retention: Some(Duration::ZERO), max_bytes: None }
+    }
+
+    #[tokio::test]
+    async fn expired_entries_fold_into_the_snapshot_and_leave_the_log() {
+        let (_dir, _db, log, snapshot) = open();
+        append_and_ack(
+            &log,
+            &[
+                r#"{"productId":"P1","name":"Old","category":"C","status":"created","version":1}"#,
+                r#"{"productId":"P1","name":"New","category":"C","status":"updated","version":2}"#,
+                r#"{"productId":"P1","name":"Stale","category":"C","status":"updated","version":1}"#,
+                "{not json",
+                r#"{"productId":"P2","quantity":4}"#,
+            ],
+        )
+        .await;
+        let before = log.log_bytes();
+        let report = compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        assert_eq!(report, CompactReport { entries_folded: 5, entries_removed: 5, snapshot_sequence: 5 });
+        assert_eq!(log.entries_from(1).count(), 0);
+        assert!(log.log_bytes() < before && log.log_bytes() == 0, "{} of {before}", log.log_bytes());
+        let states: Vec<ProductState> = snapshot.states().map(Result::unwrap).collect();
+        assert_eq!(states.len(), 2);
+        assert_eq!(states[0].info.as_ref().map(|p| p.name.as_str()), Some("New"), "versions decide, as in the store");
+        assert_eq!(states[1].quantity, Some(4));
+        assert_eq!(compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap().entries_folded, 0);
+    }
+
+    #[tokio::test]
+    async fn nothing_unacked_unviewed_or_within_retention_is_compacted() {
+        let (_dir, _db, log, snapshot) = open();
+        append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
+        log.append(&[Bytes::from_static(br#"{"productId":"P1","quantity":3}"#)]).await.unwrap();
+        let week = Retention::default();
+        assert_eq!(
+            compact(&log, &snapshot, week, u64::MAX, ParseLimits::default()).unwrap().entries_folded,
+            0,
+            "young entries stay"
+        );
+        let report = compact(&log, &snapshot, all_time(), 2, ParseLimits::default()).unwrap();
+        assert_eq!(report.snapshot_sequence, 1, "the read model has not shown sequence 2 yet");
+        let report = compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        assert_eq!(report.snapshot_sequence, 2, "sequence 3 is not acknowledged");
+        assert_eq!(log.entries_from(1).map(|e| e.unwrap().sequence).collect::<Vec<_>>(), [3]);
+    }
+
+    #[tokio::test]
+    async fn a_byte_bound_removes_the_oldest_until_the_log_fits() {
+        let (_dir, _db, log, snapshot) = open();
+        let bodies: Vec<String> = (0..100).map(|i| format!(r#"{{"productId":"P{i}","quantity":{i}}}"#)).collect();
+        append_and_ack(&log, &bodies.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let max = log.log_bytes() / 4;
+        let bound = Retention { retention: None, max_bytes: Some(max) };
+        compact(&log, &snapshot, bound, u64::MAX, ParseLimits::default()).unwrap();
+        assert!(log.log_bytes() <= max, "{} > {max}", log.log_bytes());
+        assert!(log.entries_from(1).count() >= 20, "only what had to go went: {}", log.entries_from(1).count());
+    }
+
+    #[tokio::test]
+    async fn sequences_go_on_after_the_whole_log_was_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EmbeddedLog::open(&db, Default::default()).unwrap();
+            append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
+            compact(&log, &LogSnapshot::open(&db).unwrap(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
+            db.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let log = EmbeddedLog::open(&db, Default::default()).unwrap();
+        assert_eq!(log.append(&[Bytes::from_static(b"x")]).await.unwrap(), 3, "never 1 again: sequences order events");
+    }
+}
