@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use catalog_pipeline::trace::SPAN_TARGET;
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -287,7 +288,7 @@ async fn serve_connection<S>(
         // A request with no body (every GET) has nothing to time out on: no timer for it.
         let has_body = !hyper::body::Body::is_end_stream(request.body());
         let span = server_span(&request);
-        let traced = span.clone();
+        let traced = (!span.is_disabled()).then(|| span.clone());
         let answer = async move {
             let (phase, metrics, limiter) = &*shared;
             if let Some((limiter, peer)) = limiter
@@ -322,7 +323,7 @@ async fn serve_connection<S>(
             if let Some((method, uri, started)) = logged {
                 tracing::debug!(%method, %uri, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
             }
-            if !traced.is_disabled() {
+            if let Some(traced) = traced {
                 let status = response.status();
                 traced.record("http.response.status_code", status.as_u16());
                 if status.is_server_error() {
@@ -331,7 +332,8 @@ async fn serve_connection<S>(
             }
             Ok::<_, Infallible>(response)
         };
-        answer.instrument(span)
+        // Untraced, the request's future is exactly what it was before spans existed.
+        if span.is_disabled() { Either::Left(answer) } else { Either::Right(answer.instrument(span)) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The watchdog below owns every timeout: hyper's header timer would also count idle time.

@@ -85,10 +85,17 @@ pub fn init(format: LogFormat, service_version: &'static str) -> anyhow::Result<
         }
     };
     let logs = logs.with_filter(EventsOnly(filter));
-    let otel = tracer
-        .as_ref()
-        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("catalog")).with_filter(Traced));
-    tracing_subscriber::registry().with(logs).with(otel).try_init().context("installing the log subscriber")?;
+    let subscriber = tracing_subscriber::registry().with(logs);
+    // Two subscribers, not an `Option` layer: a `None` layer answers "always" for every callsite,
+    // which enabled (and so created) every span with nothing to export it (measured: 4–6% of the
+    // read path).
+    match &tracer {
+        Some(provider) => {
+            subscriber.with(tracing_opentelemetry::layer().with_tracer(provider.tracer("catalog")).with_filter(Traced)).try_init()
+        }
+        None => subscriber.try_init(),
+    }
+    .context("installing the log subscriber")?;
     Ok(Telemetry { tracer, metrics, resource })
 }
 
