@@ -300,7 +300,8 @@ impl<S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'
     for EventsOnly
 {
     fn enabled(&self, meta: &tracing::Metadata<'_>, cx: &tracing_subscriber::layer::Context<'_, S>) -> bool {
-        meta.is_event() && tracing_subscriber::layer::Filter::enabled(&self.0, meta, cx)
+        // Events, and the `enabled!` hints that guard them, which are not events themselves.
+        !meta.is_span() && tracing_subscriber::layer::Filter::enabled(&self.0, meta, cx)
     }
 
     fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
