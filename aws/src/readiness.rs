@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use aws_sdk_sqs::types::QueueAttributeName;
 use std::sync::Arc;
 
 use catalog_pipeline::breaker::Breaker;
@@ -37,24 +36,12 @@ impl AwsReadiness {
     async fn event_source(&self) -> Check {
         let queue = &self.settings.names.ingest_queue;
         let answer = tokio::time::timeout(CHECK_TIMEOUT, async {
-            let url =
-                crate::sqs::lookup_queue_url(&self.clients.sqs, queue).await.map_err(|e| catalog_pipeline::error::chain(&e))?;
-            self.clients
-                .sqs
-                .get_queue_attributes()
-                .queue_url(url)
-                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-                .send()
-                .await
-                .map_err(|e| ServiceFault::from(e).to_string())
+            let url = crate::sqs::lookup_queue_url(&self.clients.sqs, queue).await?;
+            crate::sqs::queue_depth(&self.clients.sqs, &url).await
         })
         .await;
         match answer {
-            Ok(Ok(out)) => {
-                let count = |name| out.attributes().and_then(|a| a.get(&name)).cloned().unwrap_or_else(|| "?".into());
-                let waiting = count(QueueAttributeName::ApproximateNumberOfMessages);
-                let in_flight = count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+            Ok(Ok((waiting, in_flight))) => {
                 // "backlog 0 waiting, 0 in flight" is how an operator knows a recovery has drained.
                 Check {
                     name: "eventSource",
@@ -62,7 +49,7 @@ impl AwsReadiness {
                     detail: format!("SQS {queue}, backlog {waiting} waiting, {in_flight} in flight"),
                 }
             }
-            Ok(Err(detail)) => Check { name: "eventSource", ok: false, detail },
+            Ok(Err(e)) => Check { name: "eventSource", ok: false, detail: catalog_pipeline::error::chain(&e) },
             Err(_) => Check { name: "eventSource", ok: false, detail: format!("SQS did not answer within {CHECK_TIMEOUT:?}") },
         }
     }

@@ -85,6 +85,20 @@ pub(crate) async fn lookup_queue_url(client: &aws_sdk_sqs::Client, name: &str) -
         .ok_or_else(|| BackendError::rejected(format!("SQS GetQueueUrl {name:?}"), "the answer holds no queue URL"))
 }
 
+/// A queue's messages waiting and in flight, as SQS approximates them (readiness, gauges).
+pub(crate) async fn queue_depth(client: &aws_sdk_sqs::Client, queue_url: &str) -> Result<(u64, u64), BackendError> {
+    let out = client
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .map_err(|e| classify("SQS GetQueueAttributes", e))?;
+    let count = |name| out.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok((count(QueueAttributeName::ApproximateNumberOfMessages), count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)))
+}
+
 /// One `ChangeMessageVisibilityBatch` call (at most [`SQS_BATCH`] handles) on `queue_url`.
 pub(crate) async fn change_visibility(
     client: &aws_sdk_sqs::Client,
@@ -150,18 +164,8 @@ impl SqsSource {
         let mut depths = [0u64; 2];
         for (depth, url) in depths.iter_mut().zip([&inner.queue_url, &inner.dlq_url]) {
             inner.metrics.sqs_call("GetQueueAttributes", 0);
-            let out = inner
-                .client
-                .get_queue_attributes()
-                .queue_url(url)
-                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-                .send()
-                .await
-                .map_err(|e| classify("SQS GetQueueAttributes", e))?;
-            let count = |name| out.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            *depth = count(QueueAttributeName::ApproximateNumberOfMessages)
-                + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+            let (waiting, in_flight) = queue_depth(&inner.client, url).await?;
+            *depth = waiting + in_flight;
         }
         Ok((depths[0], depths[1]))
     }

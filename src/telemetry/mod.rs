@@ -387,6 +387,17 @@ mod tests {
     }
 
     #[test]
+    fn without_an_exporter_no_span_is_even_created() {
+        // The one test here that installs the process's subscriber, as `main` does.
+        assert!(std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none());
+        let telemetry = init(LogFormat::Text, "test").unwrap();
+        let span = tracing::info_span!(target: SPAN_TARGET, "HTTP request", http.route = "/x");
+        assert!(span.is_disabled(), "a span was created with nothing to export it");
+        assert!(tracing::enabled!(tracing::Level::WARN), "logs still flow");
+        telemetry.shutdown();
+    }
+
+    #[test]
     fn no_endpoint_means_no_export() {
         let e = env(&[]);
         assert!(!e.traces_enabled().unwrap());
