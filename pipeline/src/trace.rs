@@ -6,7 +6,7 @@
 //! installed, every helper here is a cheap no-op and no span is even created (see
 //! [`SPAN_TARGET`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
@@ -71,17 +71,20 @@ pub fn follow<'a>(span: &tracing::Span, contexts: impl IntoIterator<Item = &'a S
     if span.is_disabled() {
         return;
     }
-    let mut seen: Vec<TraceId> = Vec::new();
+    let mut seen: HashSet<TraceId> = HashSet::new();
     for sc in contexts {
-        if seen.contains(&sc.trace_id()) {
+        if !seen.insert(sc.trace_id()) {
             continue;
         }
-        if seen.is_empty() {
+        if seen.len() == 1 {
             let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc.clone()));
-        } else if seen.len() < MAX_LINKS {
+        } else {
             span.add_link(sc.clone());
         }
-        seen.push(sc.trace_id());
+        // The parent and as many links as a span keeps: the rest would be dropped anyway.
+        if seen.len() > MAX_LINKS {
+            return;
+        }
     }
 }
 
