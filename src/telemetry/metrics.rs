@@ -43,12 +43,9 @@ impl MetricsExport {
         registry: Arc<Registry>,
         resource: &opentelemetry_sdk::Resource,
         stop: CancellationToken,
-    ) -> std::thread::JoinHandle<()> {
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let resource = proto_resource(resource);
-        std::thread::Builder::new()
-            .name("otlp-metrics".into())
-            .spawn(move || self.run(&registry, resource, &stop))
-            .expect("spawning the metrics exporter thread")
+        std::thread::Builder::new().name("otlp-metrics".into()).spawn(move || self.run(&registry, resource, &stop))
     }
 
     fn run(self, registry: &Registry, resource: opentelemetry_proto::tonic::resource::v1::Resource, stop: &CancellationToken) {

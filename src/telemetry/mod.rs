@@ -53,7 +53,14 @@ impl Telemetry {
         registry: std::sync::Arc<prometheus_client::registry::Registry>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Option<std::thread::JoinHandle<()>> {
-        self.metrics.clone().map(|export| export.spawn(registry, &self.resource, stop))
+        let export = self.metrics.clone()?;
+        match export.spawn(registry, &self.resource, stop) {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                tracing::error!(error = %e, "starting the OTLP metrics exporter failed; metrics are not exported");
+                None
+            }
+        }
     }
 
     pub fn shutdown(self) {
@@ -100,15 +107,16 @@ pub fn init(format: LogFormat, service_version: &'static str) -> anyhow::Result<
 }
 
 fn resource(service_version: &'static str) -> Resource {
-    // The default detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
-    let detected = Resource::builder().build();
-    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    // The default detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; ours only fill
+    // in what they leave unset.
+    let attributes = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    let declared = |key: &str| attributes.split(',').any(|kv| kv.split_once('=').is_some_and(|(k, _)| k.trim() == key));
     let mut builder = Resource::builder();
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty()) || declared("service.name");
     if !named {
         builder = builder.with_service_name(DEFAULT_SERVICE_NAME);
     }
-    if detected.get(&opentelemetry::Key::from_static_str("service.version")).is_none() {
+    if !declared("service.version") {
         builder = builder.with_attribute(KeyValue::new("service.version", service_version));
     }
     builder.build()
