@@ -49,39 +49,39 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Starts the receiver on a free port; it runs until the test's runtime ends.
 pub async fn start() -> Receiver {
     let received = Arc::new(Mutex::new(Received::default()));
-    let (traces, metrics) = (received.clone(), received.clone());
-    let trace_route =
-        warp::post().and(warp::path!("v1" / "traces")).and(warp::header::<String>("content-type")).and(warp::body::bytes()).map(
-            move |ct: String, body: bytes::Bytes| {
-                let req = ExportTraceServiceRequest::decode(body).expect("a protobuf trace export");
-                let mut r = traces.lock().unwrap();
-                r.content_types.push(ct);
-                for rs in req.resource_spans {
-                    let resource: HashMap<String, String> = rs
-                        .resource
-                        .map(|r| r.attributes.into_iter().map(|kv| (kv.key, value_text(&kv.value))).collect())
-                        .unwrap_or_default();
-                    for ss in rs.scope_spans {
-                        r.spans.extend(ss.spans.into_iter().map(|s| (resource.clone(), s)));
-                    }
+    let kept = received.clone();
+    let route =
+        warp::post().and(warp::path!("v1" / String)).and(warp::header::<String>("content-type")).and(warp::body::bytes()).map(
+            move |signal: String, content_type: String, body: bytes::Bytes| {
+                let mut r = kept.lock().unwrap();
+                r.content_types.push(content_type);
+                match signal.as_str() {
+                    "traces" => r.keep_spans(ExportTraceServiceRequest::decode(body).expect("a protobuf trace export")),
+                    "metrics" => r.metrics.push(ExportMetricsServiceRequest::decode(body).expect("a protobuf metrics export")),
+                    other => panic!("an export to /v1/{other}"),
                 }
-                warp::http::Response::builder().header("content-type", "application/x-protobuf").body(Vec::<u8>::new()).unwrap()
-            },
-        );
-    let metric_route =
-        warp::post().and(warp::path!("v1" / "metrics")).and(warp::header::<String>("content-type")).and(warp::body::bytes()).map(
-            move |ct: String, body: bytes::Bytes| {
-                let req = ExportMetricsServiceRequest::decode(body).expect("a protobuf metrics export");
-                let mut r = metrics.lock().unwrap();
-                r.content_types.push(ct);
-                r.metrics.push(req);
                 warp::http::Response::builder().header("content-type", "application/x-protobuf").body(Vec::<u8>::new()).unwrap()
             },
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the OTLP receiver");
     let addr = listener.local_addr().expect("its address");
-    tokio::spawn(warp::serve(trace_route.or(metric_route)).incoming(listener).run());
+    tokio::spawn(warp::serve(route).incoming(listener).run());
     Receiver { endpoint: format!("http://{addr}"), received }
+}
+
+impl Received {
+    /// Every span of an export, with its resource's attributes.
+    fn keep_spans(&mut self, request: ExportTraceServiceRequest) {
+        for rs in request.resource_spans {
+            let resource: HashMap<String, String> = rs
+                .resource
+                .map(|r| r.attributes.into_iter().map(|kv| (kv.key, value_text(&kv.value))).collect())
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                self.spans.extend(ss.spans.into_iter().map(|s| (resource.clone(), s)));
+            }
+        }
+    }
 }
 
 impl Receiver {
