@@ -267,14 +267,13 @@ impl EmbeddedLog {
         self.inner.log_bytes.load(Ordering::Relaxed)
     }
 
+    /// Counts `bytes` more (appended) or fewer (compacted) in the log, and saves the count.
     fn add_log_bytes(&self, bytes: u64, grow: bool) -> Result<(), SourceError> {
-        let total = if grow {
-            self.inner.log_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes
-        } else {
-            let before = self.inner.log_bytes.fetch_sub(bytes.min(self.log_bytes()), Ordering::Relaxed);
-            before.saturating_sub(bytes)
-        };
-        self.inner.meta.insert(LOG_BYTES_KEY, &total.to_be_bytes()).map_err(storage_error("count the log"))?;
+        let change = |b: u64| if grow { b.saturating_add(bytes) } else { b.saturating_sub(bytes) };
+        // One atomic step: an append and a compaction at once must not lose either's change.
+        let before =
+            self.inner.log_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(change(b))).unwrap_or_else(|b| b);
+        self.inner.meta.insert(LOG_BYTES_KEY, &change(before).to_be_bytes()).map_err(storage_error("count the log"))?;
         Ok(())
     }
 

@@ -128,7 +128,9 @@ pub fn compact(
             if entry.sequence >= limit || !(expired || over_bytes > 0) {
                 break;
             }
-            over_bytes = over_bytes.saturating_sub((8 + 8 + entry.body.len()) as u64);
+            // Key, time, trace context if any, body: what the log counts for this entry.
+            let size = 8 + 8 + entry.trace.as_ref().map_or(0, |_| crate::trace::ENCODED_LEN) + entry.body.len();
+            over_bytes = over_bytes.saturating_sub(size as u64);
             chunk.push(entry);
         }
         let Some(last) = chunk.last().map(|e| e.sequence) else { break };
