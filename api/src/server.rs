@@ -288,7 +288,7 @@ async fn serve_connection<S>(
         // A request with no body (every GET) has nothing to time out on: no timer for it.
         let has_body = !hyper::body::Body::is_end_stream(request.body());
         let span = server_span(&request);
-        let traced = (!span.is_disabled()).then(|| span.clone());
+        let traced = span.clone();
         let answer = async move {
             let (phase, metrics, limiter) = &*shared;
             if let Some((limiter, peer)) = limiter
@@ -333,7 +333,10 @@ async fn serve_connection<S>(
             Ok::<_, Infallible>(response)
         };
         // Untraced, the request's future is exactly what it was before spans existed.
-        if span.is_disabled() { Either::Left(answer) } else { Either::Right(answer.instrument(span)) }
+        match span {
+            None => Either::Left(answer),
+            Some(span) => Either::Right(answer.instrument(span)),
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The watchdog below owns every timeout: hyper's header timer would also count idle time.
@@ -378,8 +381,8 @@ async fn serve_connection<S>(
 }
 
 /// The server span of one request (HTTP semantic conventions), continuing the caller's trace
-/// when it sent a `traceparent`. Disabled, and free, unless traces are exported.
-fn server_span(request: &Request<Incoming>) -> tracing::Span {
+/// when it sent a `traceparent`. `None`, and free, unless traces are exported.
+fn server_span(request: &Request<Incoming>) -> Option<tracing::Span> {
     let span = tracing::info_span!(
         target: SPAN_TARGET,
         "HTTP request",
@@ -393,7 +396,7 @@ fn server_span(request: &Request<Incoming>) -> tracing::Span {
         url.query = tracing::field::Empty,
     );
     if span.is_disabled() {
-        return span;
+        return None;
     }
     let route = route_template(request.uri().path());
     match route {
@@ -414,7 +417,7 @@ fn server_span(request: &Request<Incoming>) -> tracing::Span {
         .and_then(|v| v.to_str().ok())
         .and_then(catalog_pipeline::trace::parse_traceparent);
     catalog_pipeline::trace::follow(&span, parent.as_ref());
-    span
+    Some(span)
 }
 
 /// The route a path matched, as its template (`http.route`); `None` for unknown paths.
