@@ -118,7 +118,8 @@ pub fn compact(
     }
     let limit = keep_from.min(log.consumed_watermark());
     let oldest_kept = retention.retention.and_then(|r| SystemTime::now().checked_sub(r));
-    let skipped = log.skipped_sequences()?;
+    // Read only when there is something to fold: most runs find nothing past the retention.
+    let mut skipped: Option<HashSet<u64>> = None;
     loop {
         let mut over_bytes = retention.max_bytes.map_or(0, |max| log.log_bytes().saturating_sub(max));
         let mut chunk = Vec::with_capacity(CHUNK);
@@ -134,7 +135,11 @@ pub fn compact(
             chunk.push(entry);
         }
         let Some(last) = chunk.last().map(|e| e.sequence) else { break };
-        snapshot.fold(&chunk, &skipped, limits)?;
+        let skipped = match &mut skipped {
+            Some(set) => set,
+            none => none.insert(log.skipped_sequences()?),
+        };
+        snapshot.fold(&chunk, skipped, limits)?;
         report.entries_folded += chunk.len() as u64;
         report.snapshot_sequence = last;
         report.entries_removed += log.remove_through(last)?;
