@@ -217,6 +217,28 @@ fn main() {
             metric("catalog_pipeline_write_batches_total"),
             metric("catalog_pipeline_events_dead_lettered_total"),
         );
+        // Where the time went: busy seconds per stage, and the POSTs' server time.
+        let busy = |prefix: &str, label: &str| -> Vec<(String, f64)> {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| {
+                    let value = l.rsplit(' ').next()?.parse::<f64>().ok()?;
+                    let name = l.split(&format!("{label}=\"")).nth(1)?.split('"').next()?.to_owned();
+                    Some((name, value))
+                })
+                .collect()
+        };
+        let stages: Vec<String> = busy("catalog_pipeline_stage_duration_seconds_sum", "stage")
+            .into_iter()
+            .map(|(stage, secs)| format!("{stage} {secs:.2}s"))
+            .collect();
+        let posts: f64 = busy("catalog_http_request_duration_seconds_sum", "route")
+            .into_iter()
+            .filter(|(route, _)| route == "/events")
+            .map(|(_, secs)| secs)
+            .sum();
+        println!("  busy: {} · POST /events {posts:.2}s", stages.join(" · "));
         let max_rate = total as f64 / visible.as_secs_f64();
         let secs = std::env::var("CATALOG_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_LATENCY_SECS);
         paced_latency(&client, &base, total / 4, max_rate / 2.0, Duration::from_secs(secs)).await;

@@ -405,6 +405,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CATALOG_LOG_RETENTION_MB", default_value_t = embedded::DEFAULT_RETENTION_BYTES / (1024 * 1024),
           value_parser = InRange::new(0, 1 << 30))]
     pub log_retention_mb: u64,
+    /// MiB at which the embedded log starts a new segment file. Compaction deletes whole
+    /// segments, so the log's disk use runs up to one segment over its retention.
+    #[arg(long, env = "CATALOG_LOG_SEGMENT_MB", default_value_t = embedded::DEFAULT_SEGMENT_BYTES / (1024 * 1024),
+          value_parser = InRange::new(1, 1024))]
+    pub log_segment_mb: u64,
     /// Seconds between two compactions of the embedded log.
     #[arg(long, env = "CATALOG_LOG_COMPACT_INTERVAL_SECS", default_value_t = embedded::DEFAULT_COMPACT_INTERVAL.as_secs(),
           value_parser = InRange::new(1, 24 * 3600))]

@@ -1,7 +1,8 @@
 //! The data dir's layout, and opening its sled databases with errors an operator can act on.
 //!
 //! ```text
-//! <data-dir>/catalog.sled          event log, dead letters, product state (embedded backend)
+//! <data-dir>/event-log/            the event log's segment files (embedded backend)
+//! <data-dir>/catalog.sled          dead letters, log cursor, snapshot, product state (embedded)
 //! <data-dir>/views.sled            the read model: derived, disposable, rebuilt whole
 //! <data-dir>/views.sled.rebuild    a rebuild in progress (removed when it is swapped in)
 //! <data-dir>/views.sled.old        the read model being replaced (removed after the swap)
@@ -13,6 +14,8 @@ use anyhow::{Context, anyhow};
 
 /// The event log and product state (embedded backend).
 pub const MAIN_DB: &str = "catalog.sled";
+/// The event log's segment files, beside the main database that holds its cursor.
+pub const LOG_DIR: &str = "event-log";
 /// The read model: derived and disposable, so it lives apart and a rebuild can replace it whole.
 pub const VIEWS_DB: &str = "views.sled";
 
@@ -39,6 +42,16 @@ impl DataDir {
             ));
         }
         Ok(dir)
+    }
+
+    /// The event log, in `db` (the main database, whose lock also guards the log) and its
+    /// segment files.
+    pub fn open_log(
+        &self,
+        db: &sled::Db,
+        config: catalog_pipeline::embedded::LogConfig,
+    ) -> anyhow::Result<catalog_pipeline::embedded::EmbeddedLog> {
+        catalog_pipeline::embedded::EmbeddedLog::open(db, &self.root.join(LOG_DIR), config).context("opening the event log")
     }
 
     pub fn views_path(&self) -> PathBuf {

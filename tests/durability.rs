@@ -151,7 +151,7 @@ async fn replay_rebuild_restores_a_lost_read_model() {
     let mut entries: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     entries.sort();
-    assert_eq!(entries, ["catalog.sled", "views.sled"], "the rebuilt database swapped in, nothing left over");
+    assert_eq!(entries, ["catalog.sled", "event-log", "views.sled"], "the rebuilt database swapped in, nothing left over");
 
     let app = start_in(dir.path(), &Options::default());
     assert_eq!(app.get_json("/products/RB1").await, (200, before));

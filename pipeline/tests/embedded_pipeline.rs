@@ -47,7 +47,7 @@ fn start_configured<St: ProductStore>(
 ) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path()).unwrap();
-    let log = EmbeddedLog::open(&db, log_config()).unwrap();
+    let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), log_config()).unwrap();
     let store = EmbeddedStore::open(&db).unwrap();
     let bus = Arc::new(EmbeddedBus::new());
     let invalidations = bus.subscribe(1024);

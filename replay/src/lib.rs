@@ -49,7 +49,7 @@ mod tests {
     fn open() -> (tempfile::TempDir, sled::Db, EmbeddedLog, ReadModel) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let log = EmbeddedLog::open(&db, Default::default()).unwrap();
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
         let model = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
         (dir, db, log, model)
     }

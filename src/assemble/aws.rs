@@ -118,7 +118,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     // Every role keeps a read model; only the api role fills and serves it. It is the only
     // database in AWS mode, so it has all of `--cache-mb`.
     let db = DataDir::new(&args.data.data_dir, args.data.cache_mb).open_views_alone()?;
-    super::register_disk_size(&mut registry, vec![db.clone()]);
+    super::register_disk_size(&mut registry, vec![db.clone()], None);
     let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
         .context("opening the read model")?;
     if matches!(args.role, Role::All | Role::Api) {

@@ -32,9 +32,10 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let log_config = LogConfig {
         visibility_timeout: Duration::from_secs(args.visibility_timeout_secs),
         max_receive_count: args.max_receive_count,
+        segment_bytes: args.log_segment_mb * 1024 * 1024,
         ..LogConfig::default()
     };
-    let log = EmbeddedLog::open(&db, log_config).context("opening the event log")?;
+    let log = data.open_log(&db, log_config)?;
     let store = Arc::new(EmbeddedStore::open(&db).context("opening the product store")?);
     let views_db = data.open_views()?;
     let model = ReadModel::open(&views_db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
@@ -49,7 +50,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
 
     let stop = CancellationToken::new();
     let mut registry = Registry::default();
-    super::register_disk_size(&mut registry, vec![db.clone(), views_db.clone()]);
+    super::register_disk_size(&mut registry, vec![db.clone(), views_db.clone()], Some(log.clone()));
     let pipeline_metrics = PipelineMetrics::default();
     pipeline_metrics.register(&mut registry);
     let breaker_metrics = BreakerMetrics::default();

@@ -46,19 +46,25 @@ pub struct Assembly {
 
 /// `catalog_storage_disk_bytes`: what the process's sled databases take on disk (embedded: log,
 /// state, snapshot and views; AWS: the read model), read at each scrape.
-fn register_disk_size(registry: &mut Registry, dbs: Vec<sled::Db>) {
-    registry.register_collector(Box::new(DiskSize(dbs)));
+fn register_disk_size(registry: &mut Registry, dbs: Vec<sled::Db>, log: Option<catalog_pipeline::embedded::EmbeddedLog>) {
+    registry.register_collector(Box::new(DiskSize(dbs, log)));
 }
 
-#[derive(Debug)]
-struct DiskSize(Vec<sled::Db>);
+struct DiskSize(Vec<sled::Db>, Option<catalog_pipeline::embedded::EmbeddedLog>);
+
+impl std::fmt::Debug for DiskSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskSize").field("databases", &self.0.len()).finish()
+    }
+}
 
 impl prometheus_client::collector::Collector for DiskSize {
     fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
-        let Ok(bytes) = self.0.iter().map(sled::Db::size_on_disk).sum::<Result<u64, _>>() else { return Ok(()) };
+        let Ok(sled) = self.0.iter().map(sled::Db::size_on_disk).sum::<Result<u64, _>>() else { return Ok(()) };
+        let bytes = sled + self.1.as_ref().map_or(0, catalog_pipeline::embedded::EmbeddedLog::disk_bytes);
         let metric = prometheus_client::metrics::gauge::ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
-        let help = "Bytes the sled databases take on disk (embedded: log, state, snapshot and views; AWS: the read model)";
+        let help = "Bytes the data dir takes on disk (embedded: log segments, state, snapshot and views; AWS: the read model)";
         metric.encode(encoder.encode_descriptor("catalog_storage_disk_bytes", help, None, metric.metric_type())?)
     }
 }

@@ -9,7 +9,6 @@ use catalog_aws::dlq::{DeadLetterMessage, Moved, SqsDeadLetters};
 use catalog_aws::{AwsClients, AwsMetrics};
 use catalog_domain::{CatalogEvent, ParseLimits};
 use catalog_pipeline::budget::Budget;
-use catalog_pipeline::embedded::EmbeddedLog;
 
 use super::Verdict;
 use super::progress::{Progress, rate};
@@ -121,7 +120,7 @@ fn embedded(args: &DlqArgs) -> anyhow::Result<Verdict> {
     let data = &args.target.data;
     let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
     let db = dir.open_main()?;
-    let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
+    let log = dir.open_log(&db, Default::default())?;
     let records = log.dead_letters().context("reading the dead-letter queue")?;
     let records = &records[..args.max.unwrap_or(usize::MAX).min(records.len())];
     let letters: Vec<Letter> = records

@@ -2,7 +2,6 @@
 //! swapped in: embedded from the event log, AWS from the products table.
 
 use anyhow::Context;
-use catalog_pipeline::embedded::EmbeddedLog;
 use catalog_readmodel::ReadModel;
 
 use super::progress::Progress;
@@ -71,7 +70,7 @@ fn embedded(args: DataArgs) -> anyhow::Result<()> {
     let data = DataDir::existing(&args.data_dir, args.cache_mb)?;
     // Held until the swap: no `serve` can be running on this data dir meanwhile.
     let db = data.open_main()?;
-    let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
+    let log = data.open_log(&db, Default::default())?;
     let (live, fresh_path, old_path) = (data.views_path(), data.rebuild_path(), data.replaced_path());
     for leftover in [&fresh_path, &old_path] {
         if leftover.exists() {

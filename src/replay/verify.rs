@@ -8,7 +8,7 @@ use catalog_aws::dynamodb::DynamoStore;
 use catalog_aws::{AwsClients, AwsMetrics};
 use catalog_domain::ProductState;
 use catalog_pipeline::budget::Budget;
-use catalog_pipeline::embedded::{EmbeddedLog, EmbeddedStore};
+use catalog_pipeline::embedded::EmbeddedStore;
 use catalog_readmodel::ReadModel;
 use catalog_replay::{Drift, DriftKind, FoldReport, Projection};
 
@@ -25,7 +25,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
         Backend::Embedded => {
             let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
             let db = dir.open_main()?;
-            let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
+            let log = dir.open_log(&db, Default::default())?;
             let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
             let projection = catalog_replay::project_embedded(&log, data.parse_limits(), |n| progress.set(n))?;
             progress.finish();

@@ -1,6 +1,8 @@
-//! The embedded event source: a durable, ordered inbox in sled that is also the event log.
+//! The embedded event source: a durable, ordered inbox that is also the event log. Entries
+//! live in segment files (`segments`); the DLQ, the watermark and the cursor's state in sled.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -10,6 +12,7 @@ use catalog_domain::event::{millis_since_epoch, time_from_millis};
 use opentelemetry::trace::SpanContext;
 use tokio::sync::Notify;
 
+use super::segments::{DEFAULT_SEGMENT_BYTES, SegmentLog};
 use super::{storage_error, trees};
 use crate::ports::{DeadLetter, EventSource, Received, SourceError};
 
@@ -19,8 +22,10 @@ pub const DEFAULT_WAIT_TIME: Duration = Duration::from_millis(500);
 pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_millis(200);
 
 const WATERMARK_KEY: &[u8] = b"consumed_watermark";
-/// The log's size in bytes (keys and values), kept as entries are appended and compacted.
-const LOG_BYTES_KEY: &[u8] = b"log_bytes";
+/// Left by logs from before segment files: the count is taken from the files now.
+const LEGACY_LOG_BYTES_KEY: &[u8] = b"log_bytes";
+/// Entries read from the segments per step of [`EmbeddedLog::entries_from`].
+const READ_STEP: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -32,6 +37,8 @@ pub struct LogConfig {
     pub wait_time: Duration,
     /// Delay before a released message is visible again; doubles with each delivery.
     pub release_delay: Duration,
+    /// Size at which the log starts a new segment file; compaction deletes whole segments.
+    pub segment_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -41,6 +48,7 @@ impl Default for LogConfig {
             max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
             wait_time: DEFAULT_WAIT_TIME,
             release_delay: DEFAULT_RELEASE_DELAY,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
         }
     }
 }
@@ -53,6 +61,8 @@ pub struct LogEntry {
     pub body: Bytes,
     /// The trace of the request that appended it, when it was traced.
     pub trace: Option<SpanContext>,
+    /// What it takes in the log, headers included: what a byte retention counts.
+    pub stored_bytes: u64,
 }
 
 /// What the DLQ keeps besides the body: enough for an operator to decide, and to redrive.
@@ -75,20 +85,16 @@ pub struct EmbeddedLog {
 
 struct Inner {
     db: sled::Db,
-    log: sled::Tree,
+    /// The entries. Only durable ones are read, so no effect can ever outlive its event.
+    segments: SegmentLog,
     dlq: sled::Tree,
     redriven: sled::Tree,
     meta: sled::Tree,
-    /// The next sequence to assign. Held while inserting, so sequences become visible in
-    /// order and a reader's cursor can never step over one that is still being written.
-    next_sequence: Mutex<u64>,
     cursor: Mutex<Cursor>,
     arrived: Notify,
     closed: AtomicBool,
     /// sled's `len()` scans the whole tree, so the DLQ size is counted here instead.
     dead_letters: AtomicU64,
-    /// Bytes the log's entries take (keys and values): what a byte retention bounds.
-    log_bytes: AtomicU64,
     config: LogConfig,
 }
 
@@ -111,84 +117,172 @@ struct Lease {
 }
 
 /// Set in an entry's time field when a trace context follows it. Milliseconds since 1970 stay
-/// far below 2⁶³, and entries written before traces existed never have it, so they still read.
+/// far below 2⁶², and entries written before traces existed never have it, so they still read.
 const TRACED: u64 = 1 << 63;
+/// Set when the entry is a dead letter moved back: the sequence it had follows the time.
+const REDRIVEN: u64 = 1 << 62;
 
-/// An entry: the acceptance time (ms, big-endian; the top bit flags a trace), the trace context
-/// if flagged ([`crate::trace::ENCODED_LEN`] bytes), then the body exactly as received.
-fn encode_entry(accepted_at_ms: u64, trace: Option<&SpanContext>, body: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + crate::trace::ENCODED_LEN + body.len());
-    match trace {
-        Some(sc) => {
-            value.extend_from_slice(&(accepted_at_ms | TRACED).to_be_bytes());
-            value.extend_from_slice(&crate::trace::encode(sc));
-        }
-        None => value.extend_from_slice(&accepted_at_ms.to_be_bytes()),
+/// An entry: the acceptance time (ms, big-endian; the top bits flag what follows), the original
+/// sequence of a redriven entry, the trace context if flagged ([`crate::trace::ENCODED_LEN`]
+/// bytes), then the body exactly as received.
+fn encode_entry(accepted_at_ms: u64, trace: Option<&SpanContext>, redriven_from: Option<u64>, body: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(16 + crate::trace::ENCODED_LEN + body.len());
+    let flags = trace.map_or(0, |_| TRACED) | redriven_from.map_or(0, |_| REDRIVEN);
+    value.extend_from_slice(&(accepted_at_ms | flags).to_be_bytes());
+    if let Some(old) = redriven_from {
+        value.extend_from_slice(&old.to_be_bytes());
+    }
+    if let Some(sc) = trace {
+        value.extend_from_slice(&crate::trace::encode(sc));
     }
     value.extend_from_slice(body);
     value
 }
 
-/// Where the body starts in an entry, and the acceptance time and trace before it.
-fn entry_header(value: &[u8]) -> Option<(u64, Option<SpanContext>, usize)> {
-    let stamp = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-    if stamp & TRACED == 0 {
-        return Some((stamp, None, 8));
-    }
-    let end = 8 + crate::trace::ENCODED_LEN;
-    Some((stamp & !TRACED, crate::trace::decode(value.get(8..end)?), end))
+/// An entry's header: the acceptance time, the trace, the original sequence of a redriven
+/// entry, and where the body starts.
+struct Header {
+    accepted_ms: u64,
+    trace: Option<SpanContext>,
+    redriven_from: Option<u64>,
+    body_at: usize,
 }
 
-fn decode_entry(key: &[u8], value: sled::IVec) -> Option<LogEntry> {
-    let sequence = u64::from_be_bytes(key.try_into().ok()?);
-    let (accepted_ms, trace, start) = entry_header(&value)?;
-    let bytes = Bytes::from_owner(value);
-    Some(LogEntry { sequence, accepted_at: time_from_millis(accepted_ms), body: bytes.slice(start..), trace })
+fn entry_header(value: &[u8]) -> Option<Header> {
+    let stamp = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let mut at = 8;
+    let redriven_from = if stamp & REDRIVEN != 0 {
+        at += 8;
+        Some(u64::from_be_bytes(value.get(8..16)?.try_into().ok()?))
+    } else {
+        None
+    };
+    let trace = if stamp & TRACED != 0 {
+        let end = at + crate::trace::ENCODED_LEN;
+        let trace = crate::trace::decode(value.get(at..end)?);
+        at = end;
+        trace
+    } else {
+        None
+    };
+    Some(Header { accepted_ms: stamp & !(TRACED | REDRIVEN), trace, redriven_from, body_at: at })
+}
+
+fn decode_entry(sequence: u64, value: Bytes) -> Option<LogEntry> {
+    let header = entry_header(&value)?;
+    Some(LogEntry {
+        sequence,
+        accepted_at: time_from_millis(header.accepted_ms),
+        body: value.slice(header.body_at..),
+        trace: header.trace,
+        stored_bytes: SegmentLog::record_bytes(value.len()),
+    })
 }
 
 impl EmbeddedLog {
-    pub fn open(db: &sled::Db, config: LogConfig) -> Result<Self, SourceError> {
+    /// Opens the log kept in `dir` (its segment files) and `db` (everything else). A log from
+    /// before segment files, kept in `db`, is moved into them first.
+    pub fn open(db: &sled::Db, dir: &Path, config: LogConfig) -> Result<Self, SourceError> {
         let open = storage_error("open");
-        let log = db.open_tree(trees::LOG).map_err(&open)?;
         let dlq = db.open_tree(trees::DLQ).map_err(&open)?;
         let redriven = db.open_tree(trees::REDRIVEN).map_err(&open)?;
         let meta = db.open_tree(trees::META).map_err(&open)?;
-        let last = log.last().map_err(&open)?.and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
         let watermark =
             meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(1);
-        // Compaction removes entries below the watermark, at times all of them: sequences go
-        // on from the watermark then, never again from 1 (they order unversioned events).
-        let next_sequence = last.map_or(1, |s| s + 1).max(watermark);
-        let log_bytes = match meta.get(LOG_BYTES_KEY).map_err(&open)?.and_then(|v| v.as_ref().try_into().ok()) {
-            Some(bytes) => u64::from_be_bytes(bytes),
-            // A log from before the count existed: counted once.
-            None => {
-                let mut total = 0u64;
-                for item in log.iter() {
-                    let (k, v) = item.map_err(&open)?;
-                    total += (k.len() + v.len()) as u64;
-                }
-                meta.insert(LOG_BYTES_KEY, &total.to_be_bytes()).map_err(&open)?;
-                total
+        let start = super::LogSnapshot::open(db)?.sequence()? + 1;
+        let io = |what: &'static str| move |e: std::io::Error| segment_error(what, e);
+        // Redrives whose entries are written but whose dead letters may not be gone yet.
+        let mut redrives = Vec::new();
+        let segments = SegmentLog::open(dir, config.segment_bytes, start, watermark, &mut |sequence, payload| {
+            if let Some(old) = entry_header(payload).and_then(|h| h.redriven_from) {
+                redrives.push((old, sequence));
             }
-        };
-        let dead_letters = AtomicU64::new(dlq.len() as u64);
-        Ok(Self {
-            inner: Arc::new(Inner {
-                db: db.clone(),
-                log,
-                dlq,
-                redriven,
-                meta,
-                next_sequence: Mutex::new(next_sequence),
-                cursor: Mutex::new(Cursor { next_unread: watermark, in_flight: BTreeMap::new(), watermark }),
-                arrived: Notify::new(),
-                closed: AtomicBool::new(false),
-                dead_letters,
-                log_bytes: AtomicU64::new(log_bytes),
-                config,
-            }),
         })
+        .map_err(io("open"))?;
+        let inner = Inner {
+            db: db.clone(),
+            segments,
+            dlq,
+            redriven,
+            meta,
+            cursor: Mutex::new(Cursor { next_unread: watermark, in_flight: BTreeMap::new(), watermark }),
+            arrived: Notify::new(),
+            closed: AtomicBool::new(false),
+            dead_letters: AtomicU64::new(0),
+            config,
+        };
+        let log = Self { inner: Arc::new(inner) };
+        log.migrate_legacy_tree()?;
+        log.finish_redrives(&redrives)?;
+        log.inner.dead_letters.store(log.inner.dlq.len() as u64, Ordering::Relaxed);
+        Ok(log)
+    }
+
+    /// Moves the entries of a log kept in sled (before segment files) into segments, once.
+    fn migrate_legacy_tree(&self) -> Result<(), SourceError> {
+        let db = &self.inner.db;
+        let legacy = trees::LOG.as_bytes();
+        if !db.tree_names().iter().any(|n| n.as_ref() == legacy) {
+            return Ok(());
+        }
+        let write = storage_error("move the log into segment files");
+        let tree = db.open_tree(legacy).map_err(&write)?;
+        let mut batch = Vec::new();
+        let mut moved = 0u64;
+        // A move cut short by a crash resumes after what it had written.
+        let mut end = self.inner.segments.end();
+        for item in tree.iter() {
+            let (key, value) = item.map_err(&write)?;
+            let Some(sequence) = key.as_ref().try_into().ok().map(u64::from_be_bytes) else { continue };
+            match end {
+                Some(end) if sequence < end => continue,
+                Some(_) => {}
+                None => {
+                    // The segments start where the tree did, whatever compaction had removed.
+                    self.inner.segments.restart_at(sequence);
+                    end = Some(sequence);
+                }
+            }
+            batch.push(value.to_vec());
+            if batch.len() == READ_STEP {
+                moved += self.append_blocking(&std::mem::take(&mut batch))?.1;
+            }
+        }
+        if !batch.is_empty() {
+            moved += self.append_blocking(&batch)?.1;
+        }
+        db.drop_tree(legacy).map_err(&write)?;
+        self.inner.meta.remove(LEGACY_LOG_BYTES_KEY).map_err(&write)?;
+        db.flush().map_err(&write)?;
+        if moved > 0 {
+            tracing::info!(entries = moved, "event log moved from sled into segment files");
+        }
+        Ok(())
+    }
+
+    /// A crash between writing redriven entries and removing their dead letters: finish it.
+    fn finish_redrives(&self, redrives: &[(u64, u64)]) -> Result<(), SourceError> {
+        let write = storage_error("finish a redrive");
+        let mut finished = false;
+        for &(old, new) in redrives {
+            if self.inner.dlq.remove(old.to_be_bytes()).map_err(&write)?.is_some() {
+                self.inner.redriven.insert(old.to_be_bytes(), &new.to_be_bytes()).map_err(&write)?;
+                finished = true;
+            }
+        }
+        if finished {
+            self.inner.db.flush().map_err(&write)?;
+        }
+        Ok(())
+    }
+
+    /// Writes and syncs entries; returns the first sequence and how many. Blocking.
+    fn append_blocking(&self, payloads: &[Vec<u8>]) -> Result<(u64, u64), SourceError> {
+        let segments = &self.inner.segments;
+        let first = segments.append(payloads).map_err(|e| segment_error("append", e))?;
+        let n = payloads.len() as u64;
+        segments.sync_through(first + n - 1).map_err(|e| segment_error("sync", e))?;
+        Ok((first, n))
     }
 
     /// Appends messages and returns once they are on disk: a 202 after this survives kill -9.
@@ -200,26 +294,19 @@ impl EmbeddedLog {
     /// [`Self::append`], keeping `trace` (the context of the request that sent them) with each
     /// entry, so the pipeline continues that trace.
     pub async fn append_traced(&self, bodies: &[Bytes], trace: Option<&SpanContext>) -> Result<u64, SourceError> {
+        if bodies.is_empty() {
+            return Ok(self.inner.segments.next_sequence());
+        }
         let accepted_ms = millis_since_epoch(SystemTime::now());
-        let first = {
-            let mut next = lock(&self.inner.next_sequence);
-            let first = *next;
-            let mut batch = sled::Batch::default();
-            let mut bytes = 0;
-            for (i, body) in bodies.iter().enumerate() {
-                let value = encode_entry(accepted_ms, trace, body);
-                bytes += (8 + value.len()) as u64;
-                batch.insert(&(first + i as u64).to_be_bytes(), value);
-            }
-            self.inner.log.apply_batch(batch).map_err(storage_error("append"))?;
-            *next += bodies.len() as u64;
-            self.add_log_bytes(bytes, true)?;
-            first
-        };
-        // Wake the pipeline before the fsync: its writes land after these in sled's own log,
-        // so a crash can never keep an effect whose event it lost.
+        let payloads: Vec<Vec<u8>> = bodies.iter().map(|body| encode_entry(accepted_ms, trace, None, body)).collect();
+        let log = self.clone();
+        // A write and an fsync: off the threads that serve GETs. Concurrent requests share the
+        // fsync (group commit).
+        let (first, _) = tokio::task::spawn_blocking(move || log.append_blocking(&payloads))
+            .await
+            .map_err(|e| SourceError::unavailable("embedded log append", e))??;
+        // Only now may the pipeline see them: it reads durable entries only.
         self.inner.arrived.notify_waiters();
-        self.inner.db.flush_async().await.map_err(storage_error("flush"))?;
         Ok(first)
     }
 
@@ -255,43 +342,51 @@ impl EmbeddedLog {
 
     /// Entries from `from` (inclusive) in sequence order: the replay tools' view of the log.
     pub fn entries_from(&self, from: u64) -> impl Iterator<Item = Result<LogEntry, SourceError>> + use<> {
-        self.inner.log.range(from.to_be_bytes()..).filter_map(|item| match item {
-            Ok((k, v)) => decode_entry(&k, v).map(Ok),
-            Err(e) => Some(Err(storage_error("read")(e))),
+        let log = self.clone();
+        let mut next = from;
+        let mut step = std::collections::VecDeque::new();
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if step.is_empty() && !failed {
+                match log.inner.segments.read(next, READ_STEP) {
+                    Ok(records) => {
+                        next = records.last().map_or(next, |(s, _)| s + 1);
+                        step.extend(records.into_iter().filter_map(|(s, payload)| decode_entry(s, payload)).map(Ok));
+                    }
+                    Err(e) => {
+                        failed = true;
+                        return Some(Err(segment_error("read", e)));
+                    }
+                }
+            }
+            step.pop_front()
         })
     }
 
-    /// Bytes the log's entries take now (approximate after a crash: the count is saved with
-    /// each append, not in the same write).
-    pub fn log_bytes(&self) -> u64 {
-        self.inner.log_bytes.load(Ordering::Relaxed)
+    /// One entry, if the log holds it.
+    fn entry(&self, sequence: u64) -> Result<Option<LogEntry>, SourceError> {
+        let records = self.inner.segments.read(sequence, 1).map_err(|e| segment_error("read", e))?;
+        Ok(records.into_iter().find(|(s, _)| *s == sequence).and_then(|(s, payload)| decode_entry(s, payload)))
     }
 
-    /// Counts `bytes` more (appended) or fewer (compacted) in the log, and saves the count.
-    fn add_log_bytes(&self, bytes: u64, grow: bool) -> Result<(), SourceError> {
-        let change = |b: u64| if grow { b.saturating_add(bytes) } else { b.saturating_sub(bytes) };
-        // One atomic step: an append and a compaction at once must not lose either's change.
-        let before =
-            self.inner.log_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(change(b))).unwrap_or_else(|b| b);
-        self.inner.meta.insert(LOG_BYTES_KEY, &change(before).to_be_bytes()).map_err(storage_error("count the log"))?;
-        Ok(())
+    /// Bytes the log's live entries take, headers included: what a byte retention bounds.
+    pub fn log_bytes(&self) -> u64 {
+        self.inner.segments.live_bytes()
+    }
+
+    /// Bytes the log's segment files take on disk: the live entries, plus compacted ones that
+    /// share a segment with them (at most one segment's worth).
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.segments.disk_bytes()
     }
 
     /// Removes the entries up to `last` (inclusive), which a snapshot already holds; only
     /// entries below the watermark, which nothing will hand out again. Returns how many.
     pub(crate) fn remove_through(&self, last: u64) -> Result<u64, SourceError> {
         let last = last.min(self.consumed_watermark().saturating_sub(1));
-        let mut batch = sled::Batch::default();
-        let (mut removed, mut bytes) = (0u64, 0u64);
-        for item in self.inner.log.range(..=last.to_be_bytes()) {
-            let (k, v) = item.map_err(storage_error("compact"))?;
-            bytes += (k.len() + v.len()) as u64;
-            removed += 1;
-            batch.remove(k);
-        }
-        self.inner.log.apply_batch(batch).map_err(storage_error("compact"))?;
-        self.add_log_bytes(bytes, false)?;
-        Ok(removed)
+        // The snapshot that holds these entries is in sled: on disk before they are deleted.
+        self.inner.db.flush().map_err(storage_error("compact"))?;
+        self.inner.segments.remove_through(last).map_err(|e| segment_error("compact", e))
     }
 
     /// The snapshot of the entries compaction has removed (`embedded::compact`).
@@ -301,13 +396,14 @@ impl EmbeddedLog {
 
     /// The first entry the log still holds, if any.
     pub fn first_sequence(&self) -> Result<Option<u64>, SourceError> {
-        let first = self.inner.log.first().map_err(storage_error("read"))?;
-        Ok(first.and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes)))
+        let segments = &self.inner.segments;
+        let start = segments.start();
+        Ok((start < segments.next_sequence()).then_some(start))
     }
 
     /// The last sequence appended (0 for an empty log): the log's length, without a scan.
     pub fn last_sequence(&self) -> u64 {
-        lock(&self.inner.next_sequence).saturating_sub(1)
+        self.inner.segments.next_sequence().saturating_sub(1)
     }
 
     /// Every sequence below this has been fully processed.
@@ -317,8 +413,7 @@ impl EmbeddedLog {
 
     /// Messages accepted and not yet processed (in flight included).
     pub fn backlog(&self) -> u64 {
-        let next = *lock(&self.inner.next_sequence);
-        next.saturating_sub(self.consumed_watermark())
+        self.inner.segments.next_sequence().saturating_sub(self.consumed_watermark())
     }
 
     /// Every dead letter with its body, oldest first.
@@ -341,42 +436,36 @@ impl EmbeddedLog {
         Ok(out)
     }
 
-    /// Moves dead letters back into the log as new entries, in the order given, each removed
-    /// from the DLQ in the same transaction that appends it; returns `(old, new)` sequences
-    /// of those that were there. Like SQS's redrive, an entry comes back as a new message: an
-    /// unversioned event is then ordered by when it came back.
+    /// Moves dead letters back into the log as new entries, in the order given; returns
+    /// `(old, new)` sequences of those that were there. Like SQS's redrive, an entry comes back
+    /// as a new message: an unversioned event is then ordered by when it came back. Each new
+    /// entry names the dead letter it came from, so a crash between writing it and removing
+    /// the dead letter is finished on the next open, and no dead letter comes back twice.
     pub async fn redrive(&self, sequences: &[u64]) -> Result<Vec<(u64, u64)>, SourceError> {
-        use sled::Transactional;
         let write = storage_error("redrive");
         let accepted_ms = millis_since_epoch(SystemTime::now());
-        let moved = {
-            let mut next = lock(&self.inner.next_sequence);
-            let inner = &self.inner;
-            let moved = (&inner.log, &inner.dlq, &inner.redriven)
-                .transaction(|(log, dlq, redriven)| {
-                    let mut moved = Vec::new();
-                    for &old in sequences {
-                        let Some(value) = dlq.remove(&old.to_be_bytes())? else { continue };
-                        let body = decode_dead_letter(value)
-                            .map(|(_, body)| body)
-                            .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                        let new = *next + moved.len() as u64;
-                        log.insert(&new.to_be_bytes(), encode_entry(accepted_ms, None, &body))?;
-                        redriven.insert(&old.to_be_bytes(), &new.to_be_bytes())?;
-                        moved.push((old, new));
-                    }
-                    Ok(moved)
-                })
-                .map_err(|e| match e {
-                    sled::transaction::TransactionError::Abort(e) => e,
-                    sled::transaction::TransactionError::Storage(e) => write(e),
-                })?;
-            *next += moved.len() as u64;
-            self.inner.dead_letters.fetch_sub(moved.len() as u64, Ordering::Relaxed);
-            moved
-        };
+        let mut olds = Vec::new();
+        let mut payloads = Vec::new();
+        for &old in sequences {
+            if olds.contains(&old) {
+                continue;
+            }
+            let Some(value) = self.inner.dlq.get(old.to_be_bytes()).map_err(&write)? else { continue };
+            let (_, body) = decode_dead_letter(value)?;
+            payloads.push(encode_entry(accepted_ms, None, Some(old), &body));
+            olds.push(old);
+        }
+        if olds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let log = self.clone();
+        let (first, _) = tokio::task::spawn_blocking(move || log.append_blocking(&payloads))
+            .await
+            .map_err(|e| SourceError::unavailable("embedded log redrive", e))??;
+        let moved: Vec<(u64, u64)> = olds.into_iter().enumerate().map(|(i, old)| (old, first + i as u64)).collect();
+        self.finish_redrives(&moved)?;
+        self.inner.dead_letters.fetch_sub(moved.len() as u64, Ordering::Relaxed);
         self.inner.arrived.notify_waiters();
-        self.inner.db.flush_async().await.map_err(storage_error("flush"))?;
         Ok(moved)
     }
 
@@ -404,8 +493,8 @@ impl EmbeddedLog {
             }
             lease.visible_at = now + inner.config.visibility_timeout;
             lease.in_pipeline = true;
-            if let Some(entry) = inner.log.get(sequence.to_be_bytes()).map_err(storage_error("read"))? {
-                out.extend(decode_entry(&sequence.to_be_bytes(), entry).map(|e| received(e, lease.receive_count)));
+            if let Some(entry) = self.entry(sequence)? {
+                out.push(received(entry, lease.receive_count));
             }
         }
         for sequence in exhausted {
@@ -418,10 +507,10 @@ impl EmbeddedLog {
         }
         if out.len() < max {
             let start = cursor.next_unread;
-            for item in inner.log.range(start.to_be_bytes()..).take(max - out.len()) {
-                let (key, value) = item.map_err(storage_error("read"))?;
-                let Some(entry) = decode_entry(&key, value) else { continue };
-                cursor.next_unread = entry.sequence + 1;
+            let records = inner.segments.read(start, max - out.len()).map_err(|e| segment_error("read", e))?;
+            for (sequence, payload) in records {
+                cursor.next_unread = sequence + 1;
+                let Some(entry) = decode_entry(sequence, payload) else { continue };
                 cursor.in_flight.insert(
                     entry.sequence,
                     Lease {
@@ -453,8 +542,8 @@ impl EmbeddedLog {
         let body = match body {
             Some(b) => b,
             None => {
-                stored_body = self.inner.log.get(sequence.to_be_bytes()).map_err(&write)?;
-                stored_body.as_deref().map_or(&[][..], |v| entry_header(v).and_then(|(_, _, at)| v.get(at..)).unwrap_or_default())
+                stored_body = self.entry(sequence)?.map(|e| e.body).unwrap_or_default();
+                &stored_body[..]
             }
         };
         let record = DeadLetterRecord {
@@ -485,6 +574,13 @@ impl EmbeddedLog {
         }
         Ok(())
     }
+}
+
+/// A segment file failure, classified as sled's are: damaged bytes are not an outage.
+fn segment_error(operation: &'static str, e: std::io::Error) -> SourceError {
+    let class =
+        if e.kind() == std::io::ErrorKind::InvalidData { crate::FailureClass::Corrupt } else { crate::FailureClass::Unavailable };
+    crate::BackendError::new(class, format!("embedded log {operation}"), e)
 }
 
 fn decode_dead_letter(value: sled::IVec) -> Result<(DeadLetterRecord, Bytes), SourceError> {
@@ -600,7 +696,7 @@ mod tests {
     fn open(config: LogConfig) -> (tempfile::TempDir, sled::Db, EmbeddedLog) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let log = EmbeddedLog::open(&db, config).unwrap();
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), config).unwrap();
         (dir, db, log)
     }
 
@@ -696,18 +792,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_kept_in_sled_moves_into_segments_once_and_keeps_its_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let legacy = db.open_tree(trees::LOG).unwrap();
+            // As the sled log left it: entries 1 and 2 compacted away, 3 processed, 4 not yet.
+            for (sequence, body) in [(3u64, "three"), (4, "four")] {
+                legacy.insert(sequence.to_be_bytes(), encode_entry(7, None, None, body.as_bytes())).unwrap();
+            }
+            db.open_tree(trees::META).unwrap().insert(WATERMARK_KEY, &4u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        for _ in 0..2 {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), fast()).unwrap();
+            assert!(!db.tree_names().iter().any(|n| n.as_ref() == trees::LOG.as_bytes()), "the tree is gone");
+            let entries: Vec<_> = log.entries_from(1).map(|e| e.unwrap()).map(|e| (e.sequence, e.body)).collect();
+            assert_eq!(entries, [(3, Bytes::from_static(b"three")), (4, Bytes::from_static(b"four"))]);
+            assert_eq!((log.last_sequence(), log.consumed_watermark()), (4, 4));
+            drop(log);
+            db.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), fast()).unwrap();
+        assert_eq!(log.receive(10).await.unwrap().iter().map(|r| r.receipt).collect::<Vec<_>>(), [4]);
+        assert_eq!(log.append(&[Bytes::from_static(b"five")]).await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_redrive_cut_short_by_a_crash_is_finished_on_open_and_never_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("event-log");
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EmbeddedLog::open(&db, &path, LogConfig { max_receive_count: 1, ..fast() }).unwrap();
+            log.append(&[Bytes::from_static(b"x")]).await.unwrap();
+            let got = log.receive(10).await.unwrap();
+            log.release(vec![got[0].receipt], "store down").await.unwrap();
+            assert_eq!(log.dead_letter_count(), 1);
+            // What a crash right after writing the redriven entry leaves: the entry, and the
+            // dead letter still in place.
+            log.append_blocking(&[encode_entry(9, None, Some(1), b"x")]).unwrap();
+            db.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let log = EmbeddedLog::open(&db, &path, fast()).unwrap();
+        assert_eq!(log.dead_letter_count(), 0, "the move was finished");
+        assert_eq!(log.skipped_sequences().unwrap(), [1].into());
+        assert!(log.redrive(&[1]).await.unwrap().is_empty(), "and is not made twice");
+        assert_eq!(log.last_sequence(), 2);
+    }
+
+    #[tokio::test]
     async fn a_restart_resumes_after_the_watermark() {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = sled::open(dir.path()).unwrap();
-            let log = EmbeddedLog::open(&db, fast()).unwrap();
+            let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), fast()).unwrap();
             log.append(&[Bytes::from_static(b"1"), Bytes::from_static(b"2")]).await.unwrap();
             let got = log.receive(1).await.unwrap();
             log.ack(vec![got[0].receipt]).await.unwrap();
             db.flush().unwrap();
         }
         let db = sled::open(dir.path()).unwrap();
-        let log = EmbeddedLog::open(&db, fast()).unwrap();
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), fast()).unwrap();
         let got = log.receive(10).await.unwrap();
         assert_eq!(got.iter().map(|r| r.receipt).collect::<Vec<_>>(), [2]);
         log.append(&[Bytes::from_static(b"3")]).await.unwrap();

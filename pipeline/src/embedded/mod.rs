@@ -1,19 +1,21 @@
-//! Adapters for one process and no cloud, all on one sled database so that one fsync covers
-//! the queue, the log and the state.
+//! Adapters for one process and no cloud: the inbox is the event log, in append-only segment
+//! files; dead letters, the cursor's watermark and product state are in one sled database.
 //!
-//! The inbox is the event log: `POST /events` appends each message once, with a global
-//! sequence; the pipeline reads it in order and acks by moving a persisted watermark, not by
-//! deleting. Per event that leaves three sled writes on the whole path (log, state, view).
-//! Entries past their retention are folded into a snapshot and removed (`snapshot`), so the log
-//! stays bounded.
+//! `POST /events` appends each message once, with a global sequence, and answers once the
+//! entries are fsynced (one fsync shared by concurrent requests); the pipeline reads durable
+//! entries only, in order, and acks by moving a persisted watermark, not by deleting. Entries
+//! past their retention are folded into a snapshot, and whole segments behind it deleted
+//! (`snapshot`), so the log and its disk stay bounded.
 
 mod bus;
 mod log;
+mod segments;
 mod snapshot;
 mod store;
 
 pub use bus::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus};
 pub use log::{DEFAULT_MAX_RECEIVE_COUNT, DEFAULT_VISIBILITY_TIMEOUT, DeadLetterRecord, EmbeddedLog, LogConfig, LogEntry};
+pub use segments::DEFAULT_SEGMENT_BYTES;
 pub use snapshot::{
     CompactReport, DEFAULT_COMPACT_INTERVAL, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, LogSnapshot, Retention, compact,
 };
@@ -21,6 +23,7 @@ pub use store::EmbeddedStore;
 
 /// Trees of the embedded database, named in one place so tools can find them.
 pub(crate) mod trees {
+    /// Where the log was kept before segment files; moved out on open.
     pub const LOG: &str = "event_log";
     pub const DLQ: &str = "dead_letters";
     /// Dead letters moved back into the log: original sequence → the sequence it came back as.

@@ -129,9 +129,7 @@ pub fn compact(
             if entry.sequence >= limit || !(expired || over_bytes > 0) {
                 break;
             }
-            // Key, time, trace context if any, body: what the log counts for this entry.
-            let size = 8 + 8 + entry.trace.as_ref().map_or(0, |_| crate::trace::ENCODED_LEN) + entry.body.len();
-            over_bytes = over_bytes.saturating_sub(size as u64);
+            over_bytes = over_bytes.saturating_sub(entry.stored_bytes);
             chunk.push(entry);
         }
         let Some(last) = chunk.last().map(|e| e.sequence) else { break };
@@ -159,7 +157,7 @@ mod tests {
     fn open() -> (tempfile::TempDir, sled::Db, EmbeddedLog, LogSnapshot) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let log = EmbeddedLog::open(&db, Default::default()).unwrap();
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
         let snapshot = LogSnapshot::open(&db).unwrap();
         (dir, db, log, snapshot)
     }
@@ -235,13 +233,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = sled::open(dir.path()).unwrap();
-            let log = EmbeddedLog::open(&db, Default::default()).unwrap();
+            let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
             append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
             compact(&log, &LogSnapshot::open(&db).unwrap(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
             db.flush().unwrap();
         }
         let db = sled::open(dir.path()).unwrap();
-        let log = EmbeddedLog::open(&db, Default::default()).unwrap();
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
         assert_eq!(log.append(&[Bytes::from_static(b"x")]).await.unwrap(), 3, "never 1 again: sequences order events");
     }
 }

@@ -1,0 +1,468 @@
+//! The event log's bytes on disk: append-only segment files, one fsync shared by every request
+//! that wrote before it (group commit), whole files deleted once compaction is past them.
+//!
+//! A segment is named by its first sequence (`00000000000000000001.log`) and holds records
+//! `[payload length u32][crc32 u32][sequence u64][payload]`, little-endian, with the CRC over
+//! the sequence and the payload. A crash can tear only the last record of the last segment
+//! (earlier segments are synced before the next one is created); opening truncates such a
+//! tail, which no request was ever answered for.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+const HEADER: usize = 16;
+const SUFFIX: &str = ".log";
+/// Offsets within a segment are kept as u32: a segment never grows past this, whatever is asked.
+const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// Where each record starts: record `first + i` at `offsets[i]`.
+    offsets: Vec<u32>,
+    len: u64,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.first + self.offsets.len() as u64
+    }
+}
+
+struct State {
+    /// By first sequence; the last one is the one appended to.
+    segments: BTreeMap<u64, Segment>,
+    next_sequence: u64,
+    /// Entries below this are compacted away, though their segment may still be on disk.
+    start: u64,
+}
+
+pub(crate) struct SegmentLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    state: Mutex<State>,
+    /// Held by the one request syncing for everyone who wrote before it.
+    sync: Mutex<()>,
+    /// Every sequence up to and including this is on disk (0: none).
+    durable: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}{SUFFIX}"))
+}
+
+fn crc(sequence: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&sequence.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn corrupt(path: &Path, at: u64, what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("event log segment {} at byte {at}: {what}", path.display()))
+}
+
+/// Reads a segment's records, calling `each` with every one; returns the offsets and the length
+/// of its valid prefix, and whether anything after that prefix was cut off.
+fn scan(path: &Path, first: u64, each: &mut dyn FnMut(u64, &[u8])) -> io::Result<(Vec<u32>, u64, bool)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let (mut offsets, mut at) = (Vec::new(), 0u64);
+    let mut payload = Vec::new();
+    loop {
+        if at == size {
+            return Ok((offsets, at, false));
+        }
+        let mut header = [0u8; HEADER];
+        if size - at < HEADER as u64 || reader.read_exact(&mut header).is_err() {
+            return Ok((offsets, at, true));
+        }
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let sum = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let sequence = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+        if size - at - (HEADER as u64) < len as u64 {
+            return Ok((offsets, at, true));
+        }
+        payload.resize(len, 0);
+        reader.read_exact(&mut payload)?;
+        let expected = first + offsets.len() as u64;
+        if crc(sequence, &payload) != sum || sequence != expected {
+            return Ok((offsets, at, true));
+        }
+        each(sequence, &payload);
+        offsets.push(u32::try_from(at).map_err(|_| corrupt(path, at, "segment too large"))?);
+        at += (HEADER + len) as u64;
+    }
+}
+
+impl SegmentLog {
+    /// Opens (or creates) the log in `dir`, calling `each` with every record in order. `start`
+    /// is the first sequence still wanted (the snapshot's sequence + 1), and `min_next` the
+    /// least next sequence (the consumed watermark, which survives a log compacted empty).
+    pub fn open(dir: &Path, segment_bytes: u64, start: u64, min_next: u64, each: &mut dyn FnMut(u64, &[u8])) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut firsts = Vec::new();
+        for item in std::fs::read_dir(dir)? {
+            let name = item?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(first) = name.strip_suffix(SUFFIX).and_then(|n| n.parse::<u64>().ok()) {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let mut segments = BTreeMap::new();
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = segment_path(dir, first);
+            let (offsets, len, torn) = scan(&path, first, each)?;
+            if let Some(prev) = segments.values().next_back().map(Segment::end)
+                && prev != first
+            {
+                return Err(corrupt(&path, 0, &format!("starts at sequence {first}, the previous segment ends before {prev}")));
+            }
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            if torn {
+                if i + 1 < count {
+                    return Err(corrupt(&path, len, "a damaged record before the last segment"));
+                }
+                // Written, never synced, never answered: the tail a crash tore.
+                tracing::warn!(segment = %path.display(), valid_bytes = len, "event log: cutting off a torn tail");
+                file.set_len(len)?;
+                file.sync_all()?;
+            }
+            segments.insert(first, Segment { first, path, file: Arc::new(file), offsets, len });
+        }
+        let end = segments.values().next_back().map_or(1, Segment::end);
+        let next_sequence = end.max(min_next).max(start).max(1);
+        let durable = next_sequence - 1;
+        let log = Self {
+            dir: dir.to_owned(),
+            segment_bytes: segment_bytes.clamp(4096, MAX_SEGMENT_BYTES),
+            state: Mutex::new(State { segments, next_sequence, start: start.max(1) }),
+            sync: Mutex::new(()),
+            durable: AtomicU64::new(durable),
+        };
+        Ok(log)
+    }
+
+    /// Writes `payloads` as the next records, in order, and returns their first sequence; they are
+    /// not durable until [`Self::sync_through`] the last one. Blocking.
+    pub fn append(&self, payloads: &[Vec<u8>]) -> io::Result<u64> {
+        let mut state = lock(&self.state);
+        let first = state.next_sequence;
+        if payloads.is_empty() {
+            return Ok(first);
+        }
+        let active_full = state.segments.values().next_back().is_none_or(|s| s.len >= self.segment_bytes);
+        // After a compaction emptied the log, sequences go on past its end: a fresh segment.
+        let gap = state.segments.values().next_back().is_some_and(|s| s.end() != first);
+        if active_full || gap {
+            self.roll(&mut state, first)?;
+        }
+        let size: usize = payloads.iter().map(|p| HEADER + p.len()).sum();
+        let mut buf = Vec::with_capacity(size);
+        let segment = state.segments.values_mut().next_back().expect("rolled above");
+        let mut at = segment.len;
+        for (i, payload) in payloads.iter().enumerate() {
+            let sequence = first + i as u64;
+            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&crc(sequence, payload).to_le_bytes());
+            buf.extend_from_slice(&sequence.to_le_bytes());
+            buf.extend_from_slice(payload);
+            segment.offsets.push(at as u32);
+            at += (HEADER + payload.len()) as u64;
+        }
+        if let Err(e) = segment.file.write_all_at(&buf, segment.len) {
+            // Nothing of this request counts: the next write goes over it.
+            segment.offsets.truncate(segment.offsets.len() - payloads.len());
+            return Err(e);
+        }
+        segment.len = at;
+        state.next_sequence = first + payloads.len() as u64;
+        Ok(first)
+    }
+
+    /// Seals the active segment (synced, so only the last segment can ever be torn) and starts
+    /// one at `first`.
+    fn roll(&self, state: &mut State, first: u64) -> io::Result<()> {
+        if let Some(active) = state.segments.values().next_back() {
+            active.file.sync_data()?;
+        }
+        let path = segment_path(&self.dir, first);
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+        // The new file's name must survive a crash as well as its records.
+        File::open(&self.dir)?.sync_all()?;
+        state.segments.insert(first, Segment { first, path, file: Arc::new(file), offsets: Vec::new(), len: 0 });
+        Ok(())
+    }
+
+    /// Returns once every record up to `last` is on disk. Concurrent callers share one fsync:
+    /// whoever syncs covers everything written before it started. Blocking.
+    pub fn sync_through(&self, last: u64) -> io::Result<()> {
+        if self.durable.load(Ordering::Acquire) >= last {
+            return Ok(());
+        }
+        let _one = lock(&self.sync);
+        if self.durable.load(Ordering::Acquire) >= last {
+            return Ok(());
+        }
+        let (file, upto) = {
+            let state = lock(&self.state);
+            let Some(active) = state.segments.values().next_back() else { return Ok(()) };
+            (active.file.clone(), state.next_sequence - 1)
+        };
+        file.sync_data()?;
+        self.durable.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// One past the last record the segment files hold, if they hold any file.
+    pub fn end(&self) -> Option<u64> {
+        lock(&self.state).segments.values().next_back().map(Segment::end)
+    }
+
+    /// Makes `next` the next sequence of a log without segment files (moving an older log in).
+    pub fn restart_at(&self, next: u64) {
+        let mut state = lock(&self.state);
+        debug_assert!(state.segments.is_empty());
+        state.next_sequence = next;
+        self.durable.store(next.saturating_sub(1), Ordering::Release);
+    }
+
+    /// The last sequence on disk (0: none).
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    pub fn next_sequence(&self) -> u64 {
+        lock(&self.state).next_sequence
+    }
+
+    /// The first sequence the log holds (compacted entries excluded).
+    pub fn start(&self) -> u64 {
+        lock(&self.state).start
+    }
+
+    /// Up to `max` durable records from `from` on, as `(sequence, payload)`, in order; fewer at
+    /// a segment's end (call again). Blocking: one read.
+    pub fn read(&self, from: u64, max: usize) -> io::Result<Vec<(u64, Bytes)>> {
+        let durable = self.durable();
+        let (file, first, offsets, end_at) = {
+            let state = lock(&self.state);
+            let mut from = from.max(state.start);
+            // The segment holding `from`, else the next one (sequences may jump past a log
+            // compacted empty).
+            let holding = state.segments.range(..=from).next_back().map(|(_, s)| s).filter(|s| from < s.end());
+            let Some(segment) = holding.or_else(|| state.segments.range(from + 1..).next().map(|(_, s)| s)) else {
+                return Ok(Vec::new());
+            };
+            from = from.max(segment.first);
+            let last = segment.end().min(durable + 1);
+            if from >= last || max == 0 {
+                return Ok(Vec::new());
+            }
+            let i = (from - segment.first) as usize;
+            let n = max.min((last - from) as usize);
+            let end_at = segment.offsets.get(i + n).map_or(segment.len, |&o| u64::from(o));
+            (segment.file.clone(), from, segment.offsets[i..i + n].to_vec(), end_at)
+        };
+        let start_at = u64::from(offsets[0]);
+        let mut buf = vec![0u8; (end_at - start_at) as usize];
+        file.read_exact_at(&mut buf, start_at)?;
+        let buf = Bytes::from(buf);
+        let mut out = Vec::with_capacity(offsets.len());
+        for (i, &offset) in offsets.iter().enumerate() {
+            let at = (u64::from(offset) - start_at) as usize;
+            let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            out.push((first + i as u64, buf.slice(at + HEADER..at + HEADER + len)));
+        }
+        Ok(out)
+    }
+
+    /// Drops the entries through `last` (compacted): they are no longer read, and every segment
+    /// holding only such entries is deleted, except the one being appended to. Returns how many
+    /// entries went. Blocking.
+    pub fn remove_through(&self, last: u64) -> io::Result<u64> {
+        let mut state = lock(&self.state);
+        let new_start = (last + 1).min(state.next_sequence);
+        if new_start <= state.start {
+            return Ok(0);
+        }
+        let removed = new_start - state.start;
+        state.start = new_start;
+        let active = state.segments.keys().next_back().copied();
+        let gone: Vec<u64> =
+            state.segments.values().filter(|s| s.end() <= new_start && Some(s.first) != active).map(|s| s.first).collect();
+        for first in gone {
+            let segment = state.segments.remove(&first).expect("listed above");
+            std::fs::remove_file(&segment.path)?;
+        }
+        Ok(removed)
+    }
+
+    /// Bytes the log's live entries take, headers included: what a byte retention bounds.
+    pub fn live_bytes(&self) -> u64 {
+        let state = lock(&self.state);
+        let start = state.start;
+        state
+            .segments
+            .values()
+            .filter(|s| s.end() > start)
+            .map(|s| {
+                let skip = start.saturating_sub(s.first) as usize;
+                s.len - s.offsets.get(skip).map_or(s.len, |&o| u64::from(o))
+            })
+            .sum()
+    }
+
+    /// Bytes the segment files take on disk (compacted entries in a live segment included).
+    pub fn disk_bytes(&self) -> u64 {
+        lock(&self.state).segments.values().map(|s| s.len).sum()
+    }
+
+    /// The bytes one record of `payload_len` takes.
+    pub const fn record_bytes(payload_len: usize) -> u64 {
+        (HEADER + payload_len) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, segment_bytes: u64) -> (SegmentLog, Vec<u64>) {
+        let mut seen = Vec::new();
+        let log = SegmentLog::open(dir, segment_bytes, 1, 1, &mut |s, _| seen.push(s)).unwrap();
+        (log, seen)
+    }
+
+    fn payloads(n: usize, tag: &str) -> Vec<Vec<u8>> {
+        (0..n).map(|i| format!("{tag}-{i}").into_bytes()).collect()
+    }
+
+    #[test]
+    fn records_read_back_only_once_durable_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), 4096);
+        assert_eq!(log.append(&payloads(3, "a")).unwrap(), 1);
+        assert!(log.read(1, 10).unwrap().is_empty(), "not synced yet");
+        log.sync_through(3).unwrap();
+        let got = log.read(2, 10).unwrap();
+        assert_eq!(got.iter().map(|(s, p)| (*s, p.to_vec())).collect::<Vec<_>>(), [(2, b"a-1".to_vec()), (3, b"a-2".to_vec())]);
+        drop(log);
+        let (log, seen) = open(dir.path(), 4096);
+        assert_eq!((seen, log.next_sequence(), log.durable()), (vec![1, 2, 3], 4, 3));
+    }
+
+    #[test]
+    fn segments_roll_and_whole_ones_go_when_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), 4096);
+        for k in 0..20 {
+            let first = log.append(&payloads(50, &format!("batch{k}"))).unwrap();
+            log.sync_through(first + 49).unwrap();
+        }
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        let before = files();
+        assert!(before >= 4, "{before} segments");
+        let mut all = Vec::new();
+        let mut from = 1;
+        loop {
+            let got = log.read(from, 64).unwrap();
+            let Some(last) = got.last().map(|(s, _)| *s) else { break };
+            all.extend(got.into_iter().map(|(s, _)| s));
+            from = last + 1;
+        }
+        assert_eq!(all, (1..=1000).collect::<Vec<_>>(), "reads cross segment ends");
+        let live = log.live_bytes();
+        assert_eq!(log.remove_through(600).unwrap(), 600);
+        assert!(files() < before && log.live_bytes() < live);
+        assert_eq!(log.read(1, 1).unwrap()[0].0, 601, "compacted entries are not read even if their file stays");
+        assert_eq!(log.remove_through(1000).unwrap(), 400);
+        assert_eq!((files(), log.live_bytes()), (1, 0), "only the active segment is left");
+        let first = log.append(&payloads(1, "after")).unwrap();
+        assert_eq!(first, 1001);
+        log.sync_through(first).unwrap();
+        drop(log);
+        let mut seen = Vec::new();
+        let log = SegmentLog::open(dir.path(), 4096, 1001, 1, &mut |s, _| seen.push(s)).unwrap();
+        assert_eq!((log.read(1, 10).unwrap().len(), log.next_sequence()), (1, 1002));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_appends_go_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), 1 << 20);
+        log.append(&payloads(5, "x")).unwrap();
+        log.sync_through(5).unwrap();
+        drop(log);
+        let path = segment_path(dir.path(), 1);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        // Half a record, then a record whose bytes were damaged.
+        file.set_len(len - 3).unwrap();
+        drop(file);
+        let (log, seen) = open(dir.path(), 1 << 20);
+        assert_eq!((seen, log.next_sequence()), (vec![1, 2, 3, 4], 5));
+        log.append(&payloads(1, "y")).unwrap();
+        log.sync_through(5).unwrap();
+        assert_eq!(&log.read(5, 1).unwrap()[0].1[..], b"y-0");
+    }
+
+    #[test]
+    fn a_damaged_record_before_the_last_segment_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), 4096);
+        for _ in 0..4 {
+            let first = log.append(&payloads(100, "z")).unwrap();
+            log.sync_through(first + 99).unwrap();
+        }
+        drop(log);
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER + 1] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let err = SegmentLog::open(dir.path(), 4096, 1, 1, &mut |_, _| {}).err().unwrap();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn concurrent_appenders_share_fsyncs_and_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), 1 << 20);
+        let log = Arc::new(log);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for k in 0..50 {
+                        let first = log.append(&payloads(10, &format!("{t}-{k}"))).unwrap();
+                        log.sync_through(first + 9).unwrap();
+                        assert!(log.durable() >= first + 9);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(log.durable(), 2000);
+        drop(log);
+        assert_eq!(open(dir.path(), 1 << 20).1.len(), 2000);
+    }
+}
