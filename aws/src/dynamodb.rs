@@ -537,7 +537,12 @@ impl DynamoStore {
                     .ok_or_else(|| StoreError::corrupt("DynamoDB UpdateItem", "the answer holds no attributes"))?;
                 self.metrics.dynamodb_estimated_write_units.inc_by(crate::cost::write_units(crate::cost::item_size(item)));
                 let state = state_from_item(item)?;
-                Ok(Applied::Changed(ProductChanged { product_id: state.id, revision: state.revision, versions: state.versions }))
+                Ok(Applied::Changed(ProductChanged {
+                    product_id: state.id,
+                    revision: state.revision,
+                    versions: state.versions,
+                    state: None,
+                }))
             }
             // The facet already holds this version or a newer one: a duplicate or stale event.
             Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
@@ -553,6 +558,7 @@ impl DynamoStore {
                     product_id: s.id,
                     revision: s.revision,
                     versions: s.versions,
+                    state: None,
                 })))
             }
             Err(e) => Err(classify(format!("DynamoDB UpdateItem of {}", event.product_id), e)),

@@ -263,7 +263,7 @@ fn parse_changed(body: &str) -> Option<(Vec<ProductChanged>, Vec<Origin>)> {
             let trace = p.traceparent.as_deref().and_then(catalog_pipeline::trace::parse_traceparent);
             origins.push(Origin { product_id: product_id.clone(), accepted_at: time_from_millis(ms), trace });
         }
-        changed.push(ProductChanged { product_id, revision: p.revision, versions: p.versions });
+        changed.push(ProductChanged { product_id, revision: p.revision, versions: p.versions, state: None });
     }
     Some((changed, origins))
 }

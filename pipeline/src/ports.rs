@@ -86,6 +86,9 @@ pub struct ProductChanged {
     pub product_id: ProductId,
     pub revision: u64,
     pub versions: FacetVersions,
+    /// The state written, when it is at hand in this process (embedded): a read model beside
+    /// the store renders it as it is instead of reading it back. Never sent over a wire.
+    pub state: Option<std::sync::Arc<ProductState>>,
 }
 
 /// What a write batch did: the products that changed, how many events changed nothing, and

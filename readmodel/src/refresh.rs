@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
-use catalog_domain::ProductId;
+use catalog_domain::{ProductId, ProductState};
 use catalog_pipeline::error::chain;
 use catalog_pipeline::trace::SPAN_TARGET;
 use catalog_pipeline::{Invalidation, Origin, ProductStore};
@@ -77,7 +77,14 @@ pub async fn run_refresher<St: ProductStore>(
         );
         catalog_pipeline::trace::follow(&span, origins.iter().filter_map(|o| o.trace.as_ref()));
         let mut ids = Vec::with_capacity(products.len());
+        // States written in this process come with their invalidation: rendered as they are,
+        // with no read of the store (a view write is forward-only, so that is always safe).
+        let mut carried = Vec::new();
         for changed in products {
+            if let Some(state) = changed.state {
+                carried.push(state);
+                continue;
+            }
             let fresh = model.revision_of(changed.product_id.as_str()).ok().flatten().is_some_and(|r| r >= changed.revision);
             if !fresh {
                 ids.push(changed.product_id);
@@ -85,8 +92,11 @@ pub async fn run_refresher<St: ProductStore>(
         }
         ids.sort();
         ids.dedup();
+        // The newest state of each product only.
+        carried.sort_by(|a, b| a.id.cmp(&b.id).then(b.revision.cmp(&a.revision)));
+        carried.dedup_by(|later, kept| later.id == kept.id);
         let backoff = catalog_pipeline::config::backoff(REFRESH_RETRY_BASE, REFRESH_ATTEMPTS);
-        let attempt = || refresh(&model, &*store, ids.clone(), sequence);
+        let attempt = || refresh(&model, &*store, ids.clone(), carried.clone(), sequence);
         let result = attempt
             .retry(backoff)
             .notify(|e, _| tracing::warn!(error = %chain(e), "view refresh failed; retrying"))
@@ -132,17 +142,25 @@ fn visible(origins: &[Origin], metrics: &RefreshMetrics, refresh: &tracing::Span
 
 /// Re-renders the given products from the store (startup catch-up, cache-aside fills).
 pub async fn catch_up<St: ProductStore>(model: &ReadModel, store: &St, ids: Vec<ProductId>) -> Result<usize, ReadModelError> {
-    refresh(model, store, ids, None).await
+    refresh(model, store, ids, Vec::new(), None).await
 }
+
+/// Views per blocking step: bounds how long one step holds a thread.
+const STEP: usize = 512;
 
 async fn refresh<St: ProductStore>(
     model: &ReadModel,
     store: &St,
     ids: Vec<ProductId>,
+    carried: Vec<Arc<ProductState>>,
     sequence: Option<u64>,
 ) -> Result<usize, ReadModelError> {
     let mut written = 0;
-    for chunk in ids.chunks(512) {
+    for chunk in carried.chunks(STEP) {
+        let (m, chunk) = (model.clone(), chunk.to_vec());
+        written += tokio::task::spawn_blocking(move || m.apply(chunk.iter().map(|s| &**s))).await??;
+    }
+    for chunk in ids.chunks(STEP) {
         let states = store.get_states(chunk).await?;
         let m = model.clone();
         // sled writes block; keep them off the threads that serve GETs.

@@ -11,7 +11,7 @@ use catalog_aws::eventbridge::EventBridgeBus;
 use catalog_aws::{AwsClients, AwsMetrics};
 use catalog_domain::ProductState;
 use catalog_pipeline::budget::Budget;
-use catalog_pipeline::embedded::{EmbeddedLog, EmbeddedStore};
+use catalog_pipeline::embedded::EmbeddedStore;
 use catalog_pipeline::{Invalidation, InvalidationBus, ProductChanged, ProductStore};
 use catalog_readmodel::ReadModel;
 
@@ -71,7 +71,7 @@ fn embedded(
     let data = &args.target.data;
     let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
     let db = dir.open_main()?;
-    let log = EmbeddedLog::open(&db, Default::default()).context("opening the event log")?;
+    let log = dir.open_log(&db, Default::default())?;
     let store = EmbeddedStore::open(&db).context("opening the store")?;
     let views = dir.open_views()?;
     let model = ReadModel::open(&views, data.view_settings(), None).context("opening the read model")?;
@@ -149,6 +149,7 @@ async fn aws(
                         product_id: state.id.clone(),
                         revision: state.revision,
                         versions: state.versions,
+                        state: None,
                     });
                     tally.rewritten += 1;
                 } else {

@@ -61,15 +61,17 @@ impl EmbeddedStore {
         let mut batch = sled::Batch::default();
         let mut outcome = WriteOutcome { unchanged, ..WriteOutcome::default() };
         for id in order {
-            let (state, changed) = &touched[id];
-            let announced =
-                ProductChanged { product_id: state.id.clone(), revision: state.revision, versions: state.versions.clone() };
-            if *changed {
-                batch.insert(id.as_str(), encode(state));
-                outcome.changed.push(announced);
-            } else {
-                outcome.unchanged_products.push(announced);
+            let (state, changed) = touched.remove(id).expect("every id in order was touched");
+            if changed {
+                batch.insert(id.as_str(), encode(&state));
             }
+            let announced = ProductChanged {
+                product_id: state.id.clone(),
+                revision: state.revision,
+                versions: state.versions.clone(),
+                state: Some(std::sync::Arc::new(state)),
+            };
+            if changed { outcome.changed.push(announced) } else { outcome.unchanged_products.push(announced) }
         }
         self.state.apply_batch(batch).map_err(storage_error("store write"))?;
         Ok(outcome)
