@@ -319,8 +319,14 @@ impl ReadModel {
         if let Some(old) = old.filter(|old| Some(*old) != new) {
             self.inner.trees.load().by_category.remove(category_key(old, id)).map_err(storage("index"))?;
         }
-        if let Some(new) = new {
-            self.ensure_indexed(new, id)?;
+        match new {
+            // The same category: the entry is there but for a crash, so a read spares a write.
+            Some(new) if old == Some(new) => self.ensure_indexed(new, id)?,
+            // A new listing: written at once (an entry a crash left behind is simply rewritten).
+            Some(new) => {
+                self.inner.trees.load().by_category.insert(category_key(new, id), &[]).map_err(storage("index"))?;
+            }
+            None => {}
         }
         Ok(())
     }

@@ -105,7 +105,13 @@ struct Cursor {
     in_flight: BTreeMap<u64, Lease>,
     /// Every sequence below this is done; persisted, so a restart resumes here.
     watermark: u64,
+    /// No lease becomes visible again before this: until then a receive does not walk the
+    /// leases, which are thousands while the pipeline is busy.
+    next_due: Instant,
 }
+
+/// How far off `next_due` is put when no lease is waiting to come back.
+const NOTHING_DUE: Duration = Duration::from_secs(3600);
 
 struct Lease {
     visible_at: Instant,
@@ -205,7 +211,12 @@ impl EmbeddedLog {
             dlq,
             redriven,
             meta,
-            cursor: Mutex::new(Cursor { next_unread: watermark, in_flight: BTreeMap::new(), watermark }),
+            cursor: Mutex::new(Cursor {
+                next_unread: watermark,
+                in_flight: BTreeMap::new(),
+                watermark,
+                next_due: Instant::now() + NOTHING_DUE,
+            }),
             arrived: Notify::new(),
             closed: AtomicBool::new(false),
             dead_letters: AtomicU64::new(0),
@@ -479,11 +490,15 @@ impl EmbeddedLog {
         let mut cursor = lock(&inner.cursor);
         let mut out = Vec::new();
         let mut exhausted = Vec::new();
-        for (&sequence, lease) in cursor.in_flight.iter_mut() {
+        let mut due = now + NOTHING_DUE;
+        let leases = if now >= cursor.next_due { cursor.in_flight.iter_mut() } else { Default::default() };
+        for (&sequence, lease) in leases {
             if out.len() + exhausted.len() >= max {
+                due = now;
                 break;
             }
             if lease.visible_at > now {
+                due = due.min(lease.visible_at);
                 continue;
             }
             lease.receive_count += 1;
@@ -493,9 +508,13 @@ impl EmbeddedLog {
             }
             lease.visible_at = now + inner.config.visibility_timeout;
             lease.in_pipeline = true;
+            due = due.min(lease.visible_at);
             if let Some(entry) = self.entry(sequence)? {
                 out.push(received(entry, lease.receive_count));
             }
+        }
+        if now >= cursor.next_due {
+            cursor.next_due = due;
         }
         for sequence in exhausted {
             let reason = cursor.in_flight.get(&sequence).and_then(|l| l.last_error.clone());
@@ -511,6 +530,7 @@ impl EmbeddedLog {
             for (sequence, payload) in records {
                 cursor.next_unread = sequence + 1;
                 let Some(entry) = decode_entry(sequence, payload) else { continue };
+                cursor.next_due = cursor.next_due.min(now + inner.config.visibility_timeout);
                 cursor.in_flight.insert(
                     entry.sequence,
                     Lease {
@@ -648,6 +668,7 @@ impl EventSource for EmbeddedLog {
         let mut cursor = lock(&self.inner.cursor);
         let now = Instant::now();
         let mut exhausted = Vec::new();
+        let mut earliest = cursor.next_due;
         for sequence in receipts {
             let Some(lease) = cursor.in_flight.get_mut(&sequence) else { continue };
             lease.in_pipeline = false;
@@ -657,8 +678,10 @@ impl EventSource for EmbeddedLog {
             } else {
                 let backoff = self.inner.config.release_delay * 2u32.saturating_pow(lease.receive_count - 1);
                 lease.visible_at = now + backoff;
+                earliest = earliest.min(lease.visible_at);
             }
         }
+        cursor.next_due = earliest;
         for sequence in exhausted {
             let message = format!("failed {} deliveries; last error: {reason}", self.inner.config.max_receive_count);
             tracing::warn!(sequence, code = "max_receive_count_exceeded", error = %message, stage = "write", "message dead-lettered");
@@ -677,6 +700,7 @@ impl EventSource for EmbeddedLog {
             lease.receive_count = lease.receive_count.saturating_sub(1);
             lease.visible_at = visible_at;
         }
+        cursor.next_due = cursor.next_due.min(visible_at);
         Ok(())
     }
 
