@@ -235,10 +235,11 @@ fn main() {
             .collect();
         let posts: f64 = busy("catalog_http_request_duration_seconds_sum", "route")
             .into_iter()
-            .filter(|(route, _)| route == "/events")
+            .filter(|(route, _)| route == "post_events")
             .map(|(_, secs)| secs)
             .sum();
-        println!("  busy: {} · POST /events {posts:.2}s", stages.join(" · "));
+        let refresh = metric("catalog_readmodel_refresh_duration_seconds_sum");
+        println!("  busy: {} · read-model refresh {refresh:.2}s · POST /events {posts:.2}s", stages.join(" · "));
         let max_rate = total as f64 / visible.as_secs_f64();
         let secs = std::env::var("CATALOG_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_LATENCY_SECS);
         paced_latency(&client, &base, total / 4, max_rate / 2.0, Duration::from_secs(secs)).await;

@@ -42,8 +42,8 @@ impl EmbeddedStore {
     }
 
     fn write_blocking(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
-        let mut touched: HashMap<&ProductId, (ProductState, bool)> = HashMap::new();
-        let mut order = Vec::new();
+        let mut touched: HashMap<&ProductId, (ProductState, bool)> = HashMap::with_capacity(events.len());
+        let mut order = Vec::with_capacity(events.len());
         let mut unchanged = 0;
         for sequenced in events {
             let id = &sequenced.event.product_id;
