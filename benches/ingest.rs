@@ -7,7 +7,11 @@
 //!                                        CATALOG_BENCH_MIX=distinct for one Product Update
 //!                                        per product, the PostgreSQL peer's workload;
 //!                                        CATALOG_BENCH_DUMP=FILE writes the events as JSON
-//!                                        lines and exits, for scripts/bench-peer)
+//!                                        lines and exits, for scripts/bench-peer;
+//!                                        CATALOG_BENCH_PACED_RATE=R with CATALOG_BENCH_URL runs
+//!                                        only the paced phase, at R events/s, against
+//!                                        CATALOG_BENCH_PRODUCTS products already loaded, for
+//!                                        scripts/bench-scale)
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -159,8 +163,14 @@ fn main() {
     let bodies: Vec<Vec<u8>> = events(total).chunks(BATCH).map(|c| serde_json::to_vec(c).unwrap()).collect();
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let secs = std::env::var("CATALOG_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_LATENCY_SECS);
+    let paced_only = std::env::var("CATALOG_BENCH_PACED_RATE").ok().and_then(|r| r.parse::<f64>().ok());
     rt.block_on(async {
         let client = reqwest::Client::new();
+        if let Some(rate) = paced_only.filter(|_| external.is_some()) {
+            let products = std::env::var("CATALOG_BENCH_PRODUCTS").ok().and_then(|p| p.parse().ok()).unwrap_or(total);
+            return paced_latency(&client, &base, products, rate, Duration::from_secs(secs)).await;
+        }
         let cpu_before = cpu_seconds(server_pid);
         let started = Instant::now();
         let mut posters = Vec::new();
@@ -241,7 +251,6 @@ fn main() {
         let refresh = metric("catalog_readmodel_refresh_duration_seconds_sum");
         println!("  busy: {} · read-model refresh {refresh:.2}s · POST /events {posts:.2}s", stages.join(" · "));
         let max_rate = total as f64 / visible.as_secs_f64();
-        let secs = std::env::var("CATALOG_BENCH_LATENCY_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_LATENCY_SECS);
         paced_latency(&client, &base, total / 4, max_rate / 2.0, Duration::from_secs(secs)).await;
     });
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();

@@ -171,9 +171,7 @@ fn spawn_compactor(
     let (retention, limits) = (args.log_retention(), args.data.parse_limits());
     let every = Duration::from_secs(args.log_compact_interval_secs);
     let compacted: Counter = Counter::default();
-    let bytes = Gauge::<i64>::default();
     registry.register("catalog_event_log_compacted", "Log entries folded into the snapshot and removed", compacted.clone());
-    registry.register("catalog_event_log_bytes", "Bytes the embedded event log's entries take", bytes.clone());
     Ok(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
@@ -191,7 +189,6 @@ fn spawn_compactor(
             match run.await {
                 Ok(Ok((report, now))) => {
                     compacted.inc_by(report.entries_removed);
-                    bytes.set(i64::try_from(now).unwrap_or(i64::MAX));
                     if report.entries_folded > 0 {
                         tracing::info!(
                             folded = report.entries_folded,
@@ -213,6 +210,8 @@ fn spawn_gauges(registry: &mut Registry, log: EmbeddedLog, model: ReadModel, sto
     let backlog = Gauge::<i64>::default();
     let dead_letters = Gauge::<i64>::default();
     let checkpoint = Gauge::<i64>::default();
+    let bytes = Gauge::<i64>::default();
+    registry.register("catalog_event_log_bytes", "Bytes the embedded event log's live entries take", bytes.clone());
     registry.register("catalog_event_log_backlog", "Accepted messages not yet processed", backlog.clone());
     registry.register("catalog_dead_letters", "Messages in the dead-letter queue", dead_letters.clone());
     registry.register("catalog_readmodel_checkpoint", "Highest log sequence the read model reflects", checkpoint.clone());
@@ -225,6 +224,7 @@ fn spawn_gauges(registry: &mut Registry, log: EmbeddedLog, model: ReadModel, sto
                     backlog.set(i64::try_from(log.backlog()).unwrap_or(i64::MAX));
                     dead_letters.set(i64::try_from(log.dead_letter_count()).unwrap_or(i64::MAX));
                     checkpoint.set(model.checkpoint().ok().and_then(|c| i64::try_from(c).ok()).unwrap_or(-1));
+                    bytes.set(i64::try_from(log.log_bytes()).unwrap_or(i64::MAX));
                 }
             }
         }
