@@ -89,6 +89,11 @@ pub(crate) fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, StoreError>
 impl ProductStore for EmbeddedStore {
     async fn write_batch(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, StoreError> {
         // sled calls block; a batch of hundreds must not stall the runtime thread serving GETs.
+        // On a multi-threaded runtime this worker hands its other tasks to the rest while it
+        // writes, which spares copying the whole batch into a blocking task.
+        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            return tokio::task::block_in_place(|| self.write_blocking(events));
+        }
         let store = self.clone();
         let events = events.to_vec();
         tokio::task::spawn_blocking(move || store.write_blocking(&events))
