@@ -83,6 +83,37 @@ async fn kill_9_right_after_202_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_torn_log_tail_is_cut_off_at_start_and_nothing_answered_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = start_in(dir.path(), &Options::default());
+    let events: Vec<Value> = (0..300).map(|i| product(&format!("T{i:03}"), "Tent", "Camping")).collect();
+    app.ingest(&Value::Array(events)).await;
+    app.kill9();
+    // What a power cut in the middle of the next append leaves: half a record at the end of the
+    // last segment, never answered.
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("event-log")).unwrap().map(|e| e.unwrap().path()).collect();
+    segments.sort();
+    let last = segments.last().expect("the log has a segment");
+    let mut torn = std::fs::OpenOptions::new().append(true).open(last).unwrap();
+    std::io::Write::write_all(&mut torn, &[200, 0, 0, 0, 7, 7, 7, 7, 1, 2, 3]).unwrap();
+    drop(torn);
+
+    let mut app = start_in(dir.path(), &Options::default());
+    app.caught_up(300).await;
+    assert_eq!(app.listing("Camping", 100).await.0.len(), 300);
+    // Appends go on right after the last whole record.
+    app.ingest(&json!([product("T300", "Tent", "Camping")])).await;
+    app.caught_up(301).await;
+    app.stop();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["replay", "verify", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
 async fn kill_9_mid_pipeline_loses_nothing_goes_back_nowhere_and_verifies_clean() {
     const ROUNDS: usize = 4;
     const PER_ROUND: usize = 400;
