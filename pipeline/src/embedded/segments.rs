@@ -23,6 +23,13 @@ const SUFFIX: &str = ".log";
 const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// How far ahead of its records a segment is filled with zeros. An fdatasync of a write that
+/// grows a file must also commit its new size: on ext4 a journal commit, which waits behind
+/// every other file's pending metadata (a removed directory, another database's writeback). A
+/// write into bytes that already exist commits data only. So appends land in zeros written
+/// ahead and synced once per step, as PostgreSQL zero-fills its WAL segments, and the fsync a
+/// POST waits for stays short.
+const ZERO_AHEAD: u64 = 4 * 1024 * 1024;
 
 struct Segment {
     first: u64,
@@ -31,6 +38,8 @@ struct Segment {
     /// Where each record starts: record `first + i` at `offsets[i]`.
     offsets: Vec<u32>,
     len: u64,
+    /// The file's size: zeros written ahead of `len`, where appends go.
+    zeroed: u64,
 }
 
 impl Segment {
@@ -76,38 +85,55 @@ fn corrupt(path: &Path, at: u64, what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("event log segment {} at byte {at}: {what}", path.display()))
 }
 
-/// Reads a segment's records, calling `each` with every one; returns the offsets and the length
-/// of its valid prefix, and whether anything after that prefix was cut off.
-fn scan(path: &Path, first: u64, each: &mut dyn FnMut(u64, &[u8])) -> io::Result<(Vec<u32>, u64, bool)> {
+/// What reading a segment found.
+struct Scanned {
+    offsets: Vec<u32>,
+    /// Where the valid records end.
+    len: u64,
+    /// The file's size: zero-filled ahead of `len` (see [`ZERO_AHEAD`]).
+    size: u64,
+    /// Whether anything but zeros follows the valid records: a torn or damaged write.
+    torn: bool,
+}
+
+/// Reads a segment's records, calling `each` with every one, up to the first that is not a
+/// whole, valid record (zeros, where the file was filled ahead, or the tail a crash tore).
+fn scan(path: &Path, first: u64, each: &mut dyn FnMut(u64, &[u8])) -> io::Result<Scanned> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut reader = BufReader::with_capacity(1 << 20, &file);
     let (mut offsets, mut at) = (Vec::new(), 0u64);
     let mut payload = Vec::new();
-    loop {
-        if at == size {
-            return Ok((offsets, at, false));
-        }
+    while size - at >= HEADER as u64 {
         let mut header = [0u8; HEADER];
-        if size - at < HEADER as u64 || reader.read_exact(&mut header).is_err() {
-            return Ok((offsets, at, true));
-        }
+        reader.read_exact(&mut header)?;
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let sum = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
         let sequence = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
         if size - at - (HEADER as u64) < len as u64 {
-            return Ok((offsets, at, true));
+            break;
         }
         payload.resize(len, 0);
         reader.read_exact(&mut payload)?;
         let expected = first + offsets.len() as u64;
         if crc(sequence, &payload) != sum || sequence != expected {
-            return Ok((offsets, at, true));
+            break;
         }
         each(sequence, &payload);
         offsets.push(u32::try_from(at).map_err(|_| corrupt(path, at, "segment too large"))?);
         at += (HEADER + len) as u64;
     }
+    // The rest must be the zeros written ahead; anything else is a write cut short.
+    let mut torn = false;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut from = at;
+    while from < size && !torn {
+        let n = chunk.len().min((size - from) as usize);
+        file.read_exact_at(&mut chunk[..n], from)?;
+        torn = chunk[..n].iter().any(|&b| b != 0);
+        from += n as u64;
+    }
+    Ok(Scanned { offsets, len: at, size, torn })
 }
 
 impl SegmentLog {
@@ -129,7 +155,7 @@ impl SegmentLog {
         let count = firsts.len();
         for (i, first) in firsts.into_iter().enumerate() {
             let path = segment_path(dir, first);
-            let (offsets, len, torn) = scan(&path, first, each)?;
+            let Scanned { offsets, len, size, torn } = scan(&path, first, each)?;
             if let Some(prev) = segments.values().next_back().map(Segment::end)
                 && prev != first
             {
@@ -140,12 +166,13 @@ impl SegmentLog {
                 if i + 1 < count {
                     return Err(corrupt(&path, len, "a damaged record before the last segment"));
                 }
-                // Written, never synced, never answered: the tail a crash tore.
+                // Written, never synced, never answered: the tail a crash tore. Zeroed rather than
+                // cut, so the file keeps the room filled ahead for appends.
                 tracing::warn!(segment = %path.display(), valid_bytes = len, "event log: cutting off a torn tail");
-                file.set_len(len)?;
-                file.sync_all()?;
+                file.write_all_at(&vec![0u8; (size - len) as usize], len)?;
+                file.sync_data()?;
             }
-            segments.insert(first, Segment { first, path, file: Arc::new(file), offsets, len });
+            segments.insert(first, Segment { first, path, file: Arc::new(file), offsets, len, zeroed: size });
         }
         let end = segments.values().next_back().map_or(1, Segment::end);
         let next_sequence = end.max(min_next).max(start).max(1);
@@ -177,6 +204,14 @@ impl SegmentLog {
         let size: usize = payloads.iter().map(|p| HEADER + p.len()).sum();
         let mut buf = Vec::with_capacity(size);
         let segment = state.segments.values_mut().next_back().expect("rolled above");
+        let needed = segment.len + size as u64;
+        if needed > segment.zeroed {
+            let to = needed.max(segment.zeroed + ZERO_AHEAD.min(self.segment_bytes));
+            segment.file.write_all_at(&vec![0u8; (to - segment.zeroed) as usize], segment.zeroed)?;
+            // Its size committed now, once, and not by the fsync of the appends that follow.
+            segment.file.sync_data()?;
+            segment.zeroed = to;
+        }
         let mut at = segment.len;
         for (i, payload) in payloads.iter().enumerate() {
             let sequence = first + i as u64;
@@ -207,7 +242,7 @@ impl SegmentLog {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
         // The new file's name must survive a crash as well as its records.
         File::open(&self.dir)?.sync_all()?;
-        state.segments.insert(first, Segment { first, path, file: Arc::new(file), offsets: Vec::new(), len: 0 });
+        state.segments.insert(first, Segment { first, path, file: Arc::new(file), offsets: Vec::new(), len: 0, zeroed: 0 });
         Ok(())
     }
 
@@ -330,9 +365,10 @@ impl SegmentLog {
             .sum()
     }
 
-    /// Bytes the segment files take on disk (compacted entries in a live segment included).
+    /// Bytes the segment files take on disk (compacted entries in a live segment and the zeros
+    /// filled ahead included).
     pub fn disk_bytes(&self) -> u64 {
-        lock(&self.state).segments.values().map(|s| s.len).sum()
+        lock(&self.state).segments.values().map(|s| s.zeroed).sum()
     }
 
     /// The bytes one record of `payload_len` takes.
@@ -412,16 +448,23 @@ mod tests {
         log.sync_through(5).unwrap();
         drop(log);
         let path = segment_path(dir.path(), 1);
-        let len = std::fs::metadata(&path).unwrap().len();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size > 5 * (HEADER as u64 + 3), "appends go into zeros written ahead");
+        // The last record half written: its last bytes never reached the disk.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        // Half a record, then a record whose bytes were damaged.
-        file.set_len(len - 3).unwrap();
+        let last_end = 5 * (HEADER as u64 + 3);
+        file.write_all_at(&[0xff; 2], last_end - 2).unwrap();
         drop(file);
         let (log, seen) = open(dir.path(), 1 << 20);
         assert_eq!((seen, log.next_sequence()), (vec![1, 2, 3, 4], 5));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size, "zeroed, not cut: the room ahead stays");
         log.append(&payloads(1, "y")).unwrap();
         log.sync_through(5).unwrap();
         assert_eq!(&log.read(5, 1).unwrap()[0].1[..], b"y-0");
+        drop(log);
+        // A clean reopen finds zeros after the records, not a torn tail.
+        let (log, seen) = open(dir.path(), 1 << 20);
+        assert_eq!((seen.len(), log.next_sequence()), (5, 6));
     }
 
     #[test]
