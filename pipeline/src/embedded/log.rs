@@ -196,7 +196,6 @@ impl EmbeddedLog {
         let watermark =
             meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(1);
         let start = super::LogSnapshot::open(db)?.sequence()? + 1;
-        let io = |what: &'static str| move |e: std::io::Error| segment_error(what, e);
         // Redrives whose entries are written but whose dead letters may not be gone yet.
         let mut redrives = Vec::new();
         let segments = SegmentLog::open(dir, config.segment_bytes, start, watermark, &mut |sequence, payload| {
@@ -204,7 +203,7 @@ impl EmbeddedLog {
                 redrives.push((old, sequence));
             }
         })
-        .map_err(io("open"))?;
+        .map_err(|e| segment_error("open", e))?;
         let inner = Inner {
             db: db.clone(),
             segments,
