@@ -235,8 +235,11 @@ impl SegmentLog {
     /// Seals the active segment (synced, so only the last segment can ever be torn) and starts
     /// one at `first`.
     fn roll(&self, state: &mut State, first: u64) -> io::Result<()> {
-        if let Some(active) = state.segments.values().next_back() {
+        if let Some(active) = state.segments.values_mut().next_back() {
+            // The zeros filled ahead are no longer needed once nothing appends here.
+            active.file.set_len(active.len)?;
             active.file.sync_data()?;
+            active.zeroed = active.len;
         }
         let path = segment_path(&self.dir, first);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
@@ -415,6 +418,13 @@ mod tests {
         }
         let files = || std::fs::read_dir(dir.path()).unwrap().count();
         let before = files();
+        {
+            let state = lock(&log.state);
+            let sealed: Vec<_> = state.segments.values().rev().skip(1).collect();
+            for s in sealed {
+                assert_eq!(std::fs::metadata(&s.path).unwrap().len(), s.len, "a sealed segment is cut to its records");
+            }
+        }
         assert!(before >= 4, "{before} segments");
         let mut all = Vec::new();
         let mut from = 1;
