@@ -67,13 +67,19 @@ async fn state_survives_a_restart() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
 }
 
+/// Starts the catalog on `dir`, has it accept `n` products (`{prefix}000`…) in `category`, and
+/// kills it with SIGKILL right after the 202.
+async fn accept_then_kill_9(dir: &std::path::Path, n: usize, prefix: &str, category: &str) {
+    let mut app = start_in(dir, &Options::default());
+    let events: Vec<Value> = (0..n).map(|i| product(&format!("{prefix}{i:03}"), "Kit", category)).collect();
+    app.ingest(&Value::Array(events)).await;
+    app.kill9();
+}
+
 #[tokio::test]
 async fn kill_9_right_after_202_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = start_in(dir.path(), &Options::default());
-    let events: Vec<Value> = (0..500).map(|i| product(&format!("K{i:03}"), "Kit", "Crash")).collect();
-    app.ingest(&Value::Array(events)).await;
-    app.kill9();
+    accept_then_kill_9(dir.path(), 500, "K", "Crash").await;
     let app = start_in(dir.path(), &Options::default());
     // Every accepted event must come back: all 500 products, checked 100 ids at a time.
     for chunk in 0..5 {
@@ -85,10 +91,7 @@ async fn kill_9_right_after_202_loses_nothing() {
 #[tokio::test]
 async fn a_torn_log_tail_is_cut_off_at_start_and_nothing_answered_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = start_in(dir.path(), &Options::default());
-    let events: Vec<Value> = (0..300).map(|i| product(&format!("T{i:03}"), "Tent", "Camping")).collect();
-    app.ingest(&Value::Array(events)).await;
-    app.kill9();
+    accept_then_kill_9(dir.path(), 300, "T", "Camping").await;
     // What a power cut in the middle of the next append leaves: half a record at the end of the
     // last segment, never answered.
     let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("event-log")).unwrap().map(|e| e.unwrap().path()).collect();

@@ -196,7 +196,9 @@ impl SegmentLog {
             return Ok(first);
         }
         let active_full = state.segments.values().next_back().is_none_or(|s| s.len >= self.segment_bytes);
-        // After a compaction emptied the log, sequences go on past its end: a fresh segment.
+        // Compaction keeps the active segment, so sequences never jump past its end; should a
+        // damaged data dir make them (a watermark past the last record), the new records get
+        // a segment of their own rather than a sequence their place in the file contradicts.
         let gap = state.segments.values().next_back().is_some_and(|s| s.end() != first);
         if active_full || gap {
             self.roll(&mut state, first)?;
