@@ -6,9 +6,8 @@ mod helpers;
 use std::path::Path;
 use std::process::Command;
 
-use catalog_domain::{ProductId, ViewSettings};
-use catalog_pipeline::embedded::EmbeddedStore;
-use catalog_readmodel::ReadModel;
+use catalog_domain::{ProductId, ProductState, ViewSettings};
+use catalog_readmodel::{EmbeddedStore, ReadModel, StoredView};
 use helpers::*;
 use serde_json::json;
 
@@ -42,28 +41,27 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
     assert!(ok, "{out}");
     assert!(out.contains("20 products") && out.contains("no drift"), "{out}");
 
-    // Tamper as a bug or a half-finished restore would: the store, a view, a listing.
+    // Tamper as a bug or a half-finished restore would: the store, a listing, a view's bodies.
     {
-        let main = sled::open(dir.path().join("catalog.sled")).unwrap();
-        let store = EmbeddedStore::open(&main).unwrap();
         let views = sled::open(dir.path().join("views.sled")).unwrap();
         let model = ReadModel::open(&views, ViewSettings::default(), None).unwrap();
+        assert!(model.holds_state(), "an embedded read model opens as the store");
+        let store = EmbeddedStore::new(model.clone());
         let mut a1 = store.get(&ProductId::parse("A1").unwrap()).unwrap().unwrap();
         a1.quantity = Some(999);
         a1.revision += 1;
         store.put(&[a1]).unwrap();
         model.unindex("Tools", "A2").unwrap();
-        let mut a3 = store.get(&ProductId::parse("A3").unwrap()).unwrap().unwrap();
-        a3.info.as_mut().unwrap().name = "Tampered".into();
-        model.overwrite(&a3).unwrap();
-        main.flush().unwrap();
+        let a3 = store.get(&ProductId::parse("A3").unwrap()).unwrap().unwrap();
+        let mut renamed = a3.clone();
+        renamed.info.as_mut().unwrap().name = "Tampered".into();
+        views.open_tree("views").unwrap().insert("A3", mismatched_record(&a3, &renamed)).unwrap();
         views.flush().unwrap();
     }
     let (ok, out) = replay(&["verify"], dir.path());
     assert!(!ok, "drift exits 1: {out}");
     for expected in [
         "store≠log A1: quantity: log 5, store 999",
-        "view≠store A1: revision: view 2, store 3",
         r#"listing≠views A2: missing from the listing of category "Tools""#,
         "view≠store A3: web body",
         "replay reproject",
@@ -74,7 +72,7 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
 
     let (ok, out) = replay(&["verify", "--repair"], dir.path());
     assert!(!ok, "the store's drift is still there: {out}");
-    assert!(out.contains("repaired the views and listings of 3 products"), "{out}");
+    assert!(out.contains("repaired the views and listings of 2 products"), "{out}");
     let (ok, out) = replay(&["reproject"], dir.path());
     assert!(ok, "{out}");
     assert!(out.contains("1 rewritten, 19 already right"), "{out}");
@@ -91,6 +89,17 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
     assert_eq!(a0["stock"]["quantity"], 6, "the later of two unversioned events");
     let (ids, _) = app.listing("Tools", 7).await;
     assert_eq!(ids.len(), 20);
+}
+
+/// A record whose bodies say what its state does not: what a build with a rendering bug, or a
+/// half-finished restore, would leave. (The state follows the bodies, length first.)
+fn mismatched_record(state: &ProductState, bodies_of: &ProductState) -> Vec<u8> {
+    let mut record = StoredView::encode(bodies_of, ViewSettings::default(), 0, true);
+    record.truncate(record.len() - 4 - serde_json::to_vec(bodies_of).unwrap().len());
+    let json = serde_json::to_vec(state).unwrap();
+    record.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    record.extend_from_slice(&json);
+    record
 }
 
 #[tokio::test]

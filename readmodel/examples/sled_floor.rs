@@ -18,7 +18,7 @@ fn main() {
     let db = sled::Config::new().path(dir.path()).cache_capacity(256 << 20).open().unwrap();
     let views = db.open_tree("v").unwrap();
     let index = db.open_tree("i").unwrap();
-    let value = vec![7u8; 700];
+    let value = vec![7u8; std::env::var("VALUE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(700)];
     let t = Instant::now();
     let write_views = |tree: sled::Tree, range: std::ops::Range<usize>| {
         let mut b = sled::Batch::default();

@@ -6,13 +6,16 @@
 //! - `model`: `ReadModel`, reads (by id, by category, many ids) and monotonic writes.
 //! - `refresh`: the task that turns invalidations into fresh views (refresh-ahead).
 //! - `online`: a rebuild beside the live model, swapped in while reads go on.
+//! - `store`: the embedded store, which is the read model's records themselves.
 
 mod model;
 mod online;
 mod refresh;
+mod store;
 mod view;
 
 pub use model::{DEFAULT_MAX_PAGE, DEFAULT_VIEW_TTL, Page, ReadModel, ReadModelError};
 pub use online::{OnlineRebuild, rebuild_online};
 pub use refresh::{RefreshMetrics, catch_up, run_refresher};
+pub use store::{EmbeddedStore, Recovery};
 pub use view::{Effort, GZIP_MIN_BYTES, StoredView, Variant, etag, gzip};

@@ -1,6 +1,9 @@
 //! `ReadModel`: reads that only slice stored bytes, and writes that never go backwards.
+//! Embedded, it is also the store: each record holds its product's state, and a batch of
+//! events is folded into the records directly (`fold`).
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,8 +13,9 @@ use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use catalog_domain::event::millis_since_epoch;
-use catalog_domain::{ProductState, ViewSettings};
-use catalog_pipeline::StoreError;
+use catalog_domain::state::Applied;
+use catalog_domain::{ProductId, ProductState, ViewSettings};
+use catalog_pipeline::{ProductChanged, SequencedEvent, StoreError, WriteOutcome};
 
 use crate::view::StoredView;
 
@@ -29,6 +33,10 @@ mod trees {
     /// Which generation of the three trees above is live (see `ReadModel::begin_rebuild`).
     pub const ROOT: &str = "readmodel_root";
     pub const GENERATION_KEY: &[u8] = b"generation";
+    /// Present once the database is a store (its records hold states): set by
+    /// `ReadModel::open_store`, honoured by every later open, so no tool can write a record
+    /// without its state there.
+    pub const HOLDS_STATE_KEY: &[u8] = b"holds_state";
     /// Generation 0 keeps the plain names, so a data dir from before generations opens as it is.
     pub fn name(base: &str, generation: u64) -> String {
         if generation == 0 { base.to_owned() } else { format!("{base}@{generation}") }
@@ -52,6 +60,8 @@ pub enum ReadModelError {
     Task(#[from] tokio::task::JoinError),
     #[error("a rebuild of this read model is already running")]
     Busy,
+    #[error("the record of product {id} {detail}")]
+    Corrupt { id: String, detail: String },
 }
 
 fn storage(operation: &'static str) -> impl Fn(sled::Error) -> ReadModelError {
@@ -74,6 +84,11 @@ struct Inner {
     /// rebuilt ones may have missed.
     written_during_rebuild: Mutex<Option<HashSet<String>>>,
     rebuilding: AtomicBool,
+    /// The records hold their products' states: this read model is the store.
+    holds_state: bool,
+    /// Held by every write of a record, and by the generation swap: a fold reads a record and
+    /// writes it back blind, so no other write may fall in between.
+    writer: Mutex<()>,
 }
 
 struct Trees {
@@ -123,6 +138,69 @@ fn retire_generations(db: &sled::Db, keep: u64, after: Duration) {
     });
 }
 
+/// Products one fold thread takes at least: below that, a thread costs more than it saves.
+const MIN_PRODUCTS_PER_FOLD_THREAD: usize = 64;
+
+/// Threads a fold uses at most: one per core.
+fn fold_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// One product, folded.
+struct Folded {
+    announced: ProductChanged,
+    changed: bool,
+    /// Its events that changed nothing (stale or repeated).
+    stale: usize,
+}
+
+fn corrupt(id: &str, detail: impl Into<String>) -> ReadModelError {
+    ReadModelError::Corrupt { id: id.to_owned(), detail: detail.into() }
+}
+
+fn decode_record(id: &str, raw: sled::IVec) -> Result<StoredView, ReadModelError> {
+    StoredView::decode(Bytes::from_owner(raw)).ok_or_else(|| corrupt(id, "cannot be decoded"))
+}
+
+/// The state a record of the store holds; a record without one is damage, not a new product.
+fn record_state(id: &str, view: &StoredView) -> Result<ProductState, ReadModelError> {
+    match view.state() {
+        Some(Ok(state)) => Ok(state),
+        Some(Err(e)) => Err(corrupt(id, format!("holds a state that cannot be decoded: {e}"))),
+        None => Err(corrupt(
+            id,
+            "holds no state: the data dir's states were not all moved into the read model yet (`catalog serve` moves them when it starts)",
+        )),
+    }
+}
+
+/// The category a record is listed in, if it is listed in one.
+fn listing(view: &StoredView) -> Option<String> {
+    Some(view.category()).filter(|c| view.listed && !c.is_empty()).map(str::to_owned)
+}
+
+/// Carries one product's record, and its listing, from the old generation into the new one:
+/// written meanwhile, the old generation's record is the newest.
+fn carry(old: &Trees, new: &Trees, id: &str) -> Result<(), ReadModelError> {
+    let Some(raw) = old.views.get(id).map_err(storage("swap"))? else { return Ok(()) };
+    let now_in = listing(&decode_record(id, raw.clone())?);
+    let before = new.views.get(id).map_err(storage("swap"))?.map(|v| decode_record(id, v)).transpose()?;
+    let before = before.as_ref().and_then(listing);
+    if now_in != before
+        && let Some(category) = &now_in
+    {
+        new.by_category.insert(category_key(category, id), &[]).map_err(storage("swap"))?;
+    }
+    new.views.insert(id, raw).map_err(storage("swap"))?;
+    if now_in != before
+        && let Some(category) = &before
+    {
+        new.by_category.remove(category_key(category, id)).map_err(storage("swap"))?;
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Page {
     pub items: Vec<StoredView>,
@@ -141,7 +219,24 @@ fn category_key(category: &str, id: &str) -> Vec<u8> {
 
 impl ReadModel {
     /// `ttl`: how long a view is served before it counts as expired (expire-after-write).
+    /// A database that is a store ([`ReadModel::open_store`]) opens as one, without a TTL.
     pub fn open(db: &sled::Db, settings: ViewSettings, ttl: Option<Duration>) -> Result<Self, ReadModelError> {
+        let root = db.open_tree(trees::ROOT).map_err(storage("open"))?;
+        let holds_state = root.contains_key(trees::HOLDS_STATE_KEY).map_err(storage("open"))?;
+        Self::open_as(db, settings, ttl, holds_state)
+    }
+
+    /// The read model as the store (embedded): every record holds its product's state, so a
+    /// view never expires (there is nothing else to re-read it from). Marks the database, so
+    /// every later open of it is a store too.
+    pub fn open_store(db: &sled::Db, settings: ViewSettings) -> Result<Self, ReadModelError> {
+        let root = db.open_tree(trees::ROOT).map_err(storage("open"))?;
+        root.insert(trees::HOLDS_STATE_KEY, &[1]).map_err(storage("open"))?;
+        Self::open_as(db, settings, None, true)
+    }
+
+    fn open_as(db: &sled::Db, settings: ViewSettings, ttl: Option<Duration>, holds_state: bool) -> Result<Self, ReadModelError> {
+        let ttl = if holds_state { None } else { ttl };
         let root = db.open_tree(trees::ROOT).map_err(storage("open"))?;
         let generation = root
             .get(trees::GENERATION_KEY)
@@ -150,10 +245,10 @@ impl ReadModel {
             .unwrap_or(0);
         // Leftovers of a swap (kept for in-flight reads) or of an interrupted rebuild.
         retire_generations(db, generation, Duration::ZERO);
-        Ok(Self::over(db.clone(), Trees::open(db, generation)?, settings, ttl))
+        Ok(Self::over(db.clone(), Trees::open(db, generation)?, settings, ttl, holds_state))
     }
 
-    fn over(db: sled::Db, trees: Trees, settings: ViewSettings, ttl: Option<Duration>) -> Self {
+    fn over(db: sled::Db, trees: Trees, settings: ViewSettings, ttl: Option<Duration>, holds_state: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
                 db,
@@ -162,8 +257,28 @@ impl ReadModel {
                 ttl,
                 written_during_rebuild: Mutex::new(None),
                 rebuilding: AtomicBool::new(false),
+                holds_state,
+                writer: Mutex::new(()),
             }),
         }
+    }
+
+    /// Whether the records hold their products' states: this read model is the store.
+    pub fn holds_state(&self) -> bool {
+        self.inner.holds_state
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), ReadModelError> {
+        self.inner.db.flush().map(drop).map_err(storage("flush"))
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn encode(&self, state: &ProductState, now_ms: u64) -> Vec<u8> {
+        StoredView::encode(state, self.inner.settings, now_ms, self.inner.holds_state)
     }
 
     /// Starts an online rebuild: a read model over fresh, empty trees beside the live ones.
@@ -180,19 +295,29 @@ impl ReadModel {
             // A rebuild interrupted before its swap left these behind.
             db.drop_tree(trees::name(base, next)).map_err(storage("rebuild"))?;
         }
-        Ok(Self::over(db.clone(), Trees::open(db, next)?, self.inner.settings, self.inner.ttl))
+        Ok(Self::over(db.clone(), Trees::open(db, next)?, self.inner.settings, self.inner.ttl, self.inner.holds_state))
     }
 
     /// Makes a rebuilt model's trees the live ones, atomically for readers, and persists the
     /// choice; returns the products written to the old trees while it was built, for the
     /// caller to write again from the store (a write is forward-only, so that is always safe).
+    /// Where the records are the store, those products' records are carried over here, under
+    /// the writer lock (the old trees are the only place their latest state is): the caller
+    /// has nothing left to write.
     pub fn swap_in(&self, fresh: &ReadModel) -> Result<Vec<String>, ReadModelError> {
+        let _writer = self.writer();
         let new = fresh.inner.trees.load_full();
         let old = self.inner.trees.load_full();
         new.meta
             .insert(CHECKPOINT_KEY, &self.checkpoint()?.max(fresh.checkpoint()?).to_be_bytes())
             .map_err(storage("checkpoint"))?;
         let root = self.inner.db.open_tree(trees::ROOT).map_err(storage("swap"))?;
+        if self.inner.holds_state {
+            let written = self.inner.written_during_rebuild.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            for id in written.unwrap_or_default() {
+                carry(&old, &new, &id)?;
+            }
+        }
         self.inner.db.flush().map_err(storage("swap"))?;
         root.insert(trees::GENERATION_KEY, &new.generation.to_be_bytes()).map_err(storage("swap"))?;
         self.inner.db.flush().map_err(storage("swap"))?;
@@ -253,6 +378,7 @@ impl ReadModel {
     /// changed. Compare-and-swap per product, so a refresh and a cache-aside fill racing on the
     /// same product can only ever leave the newer revision behind.
     pub fn apply<'a>(&self, states: impl IntoIterator<Item = &'a ProductState>) -> Result<usize, ReadModelError> {
+        let _writer = self.writer();
         let mut written = 0;
         for state in states {
             if self.apply_one(state)? {
@@ -260,6 +386,128 @@ impl ReadModel {
             }
         }
         Ok(written)
+    }
+
+    /// The product's state from its record; `None` when it has no record, or a record without
+    /// a state (a read model that is not the store).
+    pub fn state(&self, id: &str) -> Result<Option<ProductState>, ReadModelError> {
+        let Some(raw) = self.inner.trees.load().views.get(id).map_err(storage("get"))? else { return Ok(None) };
+        decode_record(id, raw)?.state().transpose().map_err(|e| corrupt(id, format!("holds a state that cannot be decoded: {e}")))
+    }
+
+    /// Every record's state in id order: the replay tools' view of the embedded store. A
+    /// record without a state is an error here, since in a store every record holds one.
+    pub fn states(&self) -> impl Iterator<Item = Result<ProductState, ReadModelError>> + use<> {
+        self.inner.trees.load().views.iter().map(|item| {
+            let (key, raw) = item.map_err(storage("scan views"))?;
+            let id = String::from_utf8_lossy(&key);
+            record_state(&id, &decode_record(&id, raw)?)
+        })
+    }
+
+    /// Folds a batch of events into their products' records, as the embedded store: each
+    /// product's record is read once, its events applied in order (versions, else log
+    /// positions, decide what is stale), and written once with its state and fresh bodies.
+    /// The category index moves only where a product's listing did. Every changed state is
+    /// also announced with the outcome, so the refresher has nothing left to write.
+    ///
+    /// Products are folded on up to one thread per core, each a part of the batch: sled's
+    /// copy-on-write of leaves is most of a fold's time, and two inserts into one tree run in
+    /// parallel, where one `apply_batch` at a time runs in the whole process. No batch is
+    /// atomic across products, nor needs to be: a start folds in again whatever a crash cut off.
+    pub fn fold(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, ReadModelError> {
+        debug_assert!(self.inner.holds_state, "only a read model that is the store folds events");
+        let _writer = self.writer();
+        let trees = self.inner.trees.load_full();
+        // Each product's events in their order, the products in the order they first appear.
+        let mut slot: HashMap<&ProductId, usize> = HashMap::with_capacity(events.len());
+        let mut products: Vec<(&ProductId, Vec<&SequencedEvent>)> = Vec::with_capacity(events.len());
+        for sequenced in events {
+            let id = &sequenced.event.product_id;
+            match slot.entry(id) {
+                Entry::Occupied(e) => products[*e.get()].1.push(sequenced),
+                Entry::Vacant(e) => {
+                    e.insert(products.len());
+                    products.push((id, vec![sequenced]));
+                }
+            }
+        }
+        let now = millis_since_epoch(SystemTime::now());
+        let threads = fold_threads().min(products.len().div_ceil(MIN_PRODUCTS_PER_FOLD_THREAD)).max(1);
+        let per_thread = products.len().div_ceil(threads).max(1);
+        let parts: Vec<Result<Vec<Folded>, ReadModelError>> = if threads == 1 {
+            vec![self.fold_part(&trees, &products, now)]
+        } else {
+            std::thread::scope(|scope| {
+                let mut chunks = products.chunks(per_thread);
+                let first = chunks.next().unwrap_or_default();
+                let helpers: Vec<_> = chunks.map(|part| scope.spawn(|| self.fold_part(&trees, part, now))).collect();
+                let mut parts = vec![self.fold_part(&trees, first, now)];
+                parts.extend(helpers.into_iter().map(|h| h.join().expect("a fold thread panicked")));
+                parts
+            })
+        };
+        let mut outcome = WriteOutcome::default();
+        for part in parts {
+            for folded in part? {
+                outcome.unchanged += folded.stale;
+                if folded.changed {
+                    self.note_written(folded.announced.product_id.as_str());
+                    outcome.changed.push(folded.announced);
+                } else {
+                    outcome.unchanged_products.push(folded.announced);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn fold_part(
+        &self,
+        trees: &Trees,
+        products: &[(&ProductId, Vec<&SequencedEvent>)],
+        now: u64,
+    ) -> Result<Vec<Folded>, ReadModelError> {
+        let mut out = Vec::with_capacity(products.len());
+        for (id, events) in products {
+            let key = id.as_str();
+            let (mut state, listed_in) = match trees.views.get(key).map_err(storage("get"))? {
+                None => (ProductState::new((*id).clone()), None),
+                Some(raw) => {
+                    let view = decode_record(key, raw)?;
+                    (record_state(key, &view)?, listing(&view))
+                }
+            };
+            let (mut changed, mut stale) = (false, 0);
+            for sequenced in events {
+                match state.apply_at(&sequenced.event, sequenced.position) {
+                    Applied::Changed => changed = true,
+                    Applied::Stale | Applied::Unchanged => stale += 1,
+                }
+            }
+            if changed {
+                let now_in = state.category().filter(|c| !c.is_empty());
+                let moved = now_in != listed_in.as_deref();
+                // A new listing before the record, the old one after: a crash in between (sled
+                // recovers a prefix of its writes) leaves an extra entry, which a page skips
+                // since it trusts the record, and never a listed record missing from its category.
+                if let Some(category) = now_in.filter(|_| moved) {
+                    trees.by_category.insert(category_key(category, key), &[]).map_err(storage("index"))?;
+                }
+                trees.views.insert(key, self.encode(&state, now)).map_err(storage("write view"))?;
+                if let Some(category) = listed_in.as_deref().filter(|_| moved) {
+                    trees.by_category.remove(category_key(category, key)).map_err(storage("index"))?;
+                }
+            }
+            let announced = ProductChanged {
+                product_id: state.id.clone(),
+                revision: state.revision,
+                versions: state.versions.clone(),
+                state: Some(Arc::new(state)),
+            };
+            out.push(Folded { announced, changed, stale });
+        }
+        Ok(out)
     }
 
     /// Whether a view has outlived the TTL and should be re-read from the store.
@@ -276,10 +524,13 @@ impl ReadModel {
         loop {
             let current = self.inner.trees.load().views.get(key).map_err(storage("get"))?;
             let current_view = current.clone().and_then(|v| StoredView::decode(Bytes::from_owner(v)));
-            // Newer always wins; the same revision only renews an expired view's timestamp.
-            let keep = current_view
-                .as_ref()
-                .is_some_and(|v| v.revision > state.revision || (v.revision == state.revision && !self.is_expired(v)));
+            // Newer always wins; the same revision only renews an expired view's timestamp, or
+            // gives a record of the store the state it lacks (a data dir from before records
+            // held states).
+            let keep = current_view.as_ref().is_some_and(|v| {
+                v.revision > state.revision
+                    || (v.revision == state.revision && !self.is_expired(v) && (v.has_state() || !self.inner.holds_state))
+            });
             if keep {
                 // The same revision is already here; a crash may still have cut its category
                 // entry off after the view was written (they are two writes): put it back.
@@ -290,7 +541,7 @@ impl ReadModel {
                 return Ok(false);
             }
             let now = millis_since_epoch(SystemTime::now());
-            let value = encoded.get_or_insert_with(|| StoredView::encode(state, self.inner.settings, now)).clone();
+            let value = encoded.get_or_insert_with(|| self.encode(state, now)).clone();
             match self.inner.trees.load().views.compare_and_swap(key, current, Some(value)).map_err(storage("write view"))? {
                 Ok(()) => {
                     self.note_written(key);
@@ -365,8 +616,9 @@ impl ReadModel {
     /// Writes the view of `state` whatever revision is stored, and fixes its index entry:
     /// `replay verify --repair`, which has compared the view with the store.
     pub fn overwrite(&self, state: &ProductState) -> Result<(), ReadModelError> {
+        let _writer = self.writer();
         let key = state.id.as_str();
-        let value = StoredView::encode(state, self.inner.settings, millis_since_epoch(SystemTime::now()));
+        let value = self.encode(state, millis_since_epoch(SystemTime::now()));
         let old = self.inner.trees.load().views.insert(key, value).map_err(storage("write view"))?;
         self.note_written(key);
         let old = old.and_then(|v| StoredView::decode(Bytes::from_owner(v))).filter(|v| v.listed);
@@ -376,6 +628,7 @@ impl ReadModel {
 
     /// Drops a product's view and its index entry (a view the store knows nothing of).
     pub fn remove(&self, id: &str) -> Result<(), ReadModelError> {
+        let _writer = self.writer();
         if let Some(old) = self.inner.trees.load().views.remove(id).map_err(storage("remove view"))?
             && let Some(view) = StoredView::decode(Bytes::from_owner(old))
         {

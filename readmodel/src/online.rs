@@ -25,7 +25,8 @@ pub struct OnlineRebuild {
 /// Rebuilds `model` beside itself: `fill` writes every product into the fresh model it is
 /// given and says how many; then the fresh model is swapped in (readers move over at once,
 /// and a restart keeps it), and every product written to the old one meanwhile is written
-/// again from `store`. On failure the live model is left as it was.
+/// again from `store` (or, where the records are the store, carried over by the swap). On
+/// failure the live model is left as it was.
 pub async fn rebuild_online<St, F, Fut>(model: &ReadModel, store: &St, fill: F) -> Result<OnlineRebuild, ReadModelError>
 where
     St: ProductStore,
@@ -54,6 +55,9 @@ where
     };
     let ids: Vec<ProductId> = written.iter().filter_map(|id| ProductId::parse(id).ok()).collect();
     let caught_up = ids.len() as u64;
-    catch_up(model, store, ids).await?;
+    // Where the records are the store, the swap carried these over already.
+    if !model.holds_state() {
+        catch_up(model, store, ids).await?;
+    }
     Ok(OnlineRebuild { products, caught_up, generation: model.generation(), elapsed: started.elapsed() })
 }

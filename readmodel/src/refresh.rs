@@ -90,10 +90,13 @@ pub async fn run_refresher<St: ProductStore>(
         let mut ids = Vec::with_capacity(products.len());
         // States written in this process come with their invalidation: rendered as they are,
         // with no read of the store (a view write is forward-only, so that is always safe).
+        // Where the records are the store, the write was the view: nothing is left to render.
         let mut carried = Vec::new();
         for changed in products {
             if let Some(state) = changed.state {
-                carried.push(state);
+                if !model.holds_state() {
+                    carried.push(state);
+                }
                 continue;
             }
             let fresh = model.revision_of(changed.product_id.as_str()).ok().flatten().is_some_and(|r| r >= changed.revision);

@@ -1,4 +1,5 @@
-//! The stored form of one product's view: everything a GET sends, prepared when it changed.
+//! The stored form of one product's view: everything a GET sends, prepared when it changed,
+//! and, where the read model is the store (embedded), the product's state after the bodies.
 
 use std::hash::{DefaultHasher, Hasher};
 use std::io::Write;
@@ -9,7 +10,10 @@ use catalog_domain::view::{RenderedView, ViewSettings, render};
 
 /// Bodies at least this large are also stored gzipped (docs/contract.md §2: over 1 KiB).
 pub const GZIP_MIN_BYTES: usize = 1024;
+/// A view alone: the read model is a cache of another store (AWS).
 const FORMAT: u8 = 2;
+/// A view and, last, its product's state: the read model is the store (embedded).
+const FORMAT_WITH_STATE: u8 = 3;
 const ETAG_LEN: usize = 18;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +34,8 @@ pub struct StoredView {
     category: (usize, usize),
     /// For each variant: ETag, body, gzipped body (empty when not worth it).
     parts: [[(usize, usize); 3]; 2],
+    /// The product's state as JSON, when the record holds it.
+    state: Option<(usize, usize)>,
 }
 
 impl std::fmt::Debug for StoredView {
@@ -68,12 +74,13 @@ pub fn gzip(body: &[u8], effort: Effort) -> Option<Vec<u8>> {
 }
 
 impl StoredView {
-    /// Encodes the view of `state`: rendered bodies when listed, a tombstone otherwise.
-    pub fn encode(state: &ProductState, settings: ViewSettings, now_ms: u64) -> Vec<u8> {
+    /// Encodes the view of `state`: rendered bodies when listed, a tombstone otherwise; with
+    /// `with_state`, the state itself after them (where the read model is the store).
+    pub fn encode(state: &ProductState, settings: ViewSettings, now_ms: u64, with_state: bool) -> Vec<u8> {
         let rendered = render(state, settings);
         let category = state.category().unwrap_or_default().as_bytes();
-        let mut out = Vec::with_capacity(512);
-        out.push(FORMAT);
+        let mut out = Vec::with_capacity(if with_state { 1024 } else { 512 });
+        out.push(if with_state { FORMAT_WITH_STATE } else { FORMAT });
         out.extend_from_slice(&state.revision.to_be_bytes());
         out.extend_from_slice(&now_ms.to_be_bytes());
         out.push(u8::from(rendered.is_some()));
@@ -86,13 +93,23 @@ impl StoredView {
                 put(&mut out, &gz);
             }
         }
+        if with_state {
+            // Written in place: the JSON's length is known only after it.
+            let at = out.len();
+            out.extend_from_slice(&[0; 4]);
+            serde_json::to_writer(&mut out, state).expect("a state serializes");
+            let len = (out.len() - at - 4) as u32;
+            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        }
         out
     }
 
     pub fn decode(raw: Bytes) -> Option<Self> {
-        if raw.first() != Some(&FORMAT) {
-            return None;
-        }
+        let with_state = match raw.first() {
+            Some(&FORMAT) => false,
+            Some(&FORMAT_WITH_STATE) => true,
+            _ => return None,
+        };
         let revision = u64::from_be_bytes(raw.get(1..9)?.try_into().ok()?);
         let refreshed_at_ms = u64::from_be_bytes(raw.get(9..17)?.try_into().ok()?);
         let listed = *raw.get(17)? == 1;
@@ -109,7 +126,24 @@ impl StoredView {
                 return None;
             }
         }
-        Some(Self { raw, revision, refreshed_at_ms, listed, category, parts })
+        let state = if with_state { Some(take(&raw, &mut at)?) } else { None };
+        Some(Self { raw, revision, refreshed_at_ms, listed, category, parts, state })
+    }
+
+    /// Whether the record holds its product's state (it does wherever the read model is the store).
+    pub fn has_state(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// The product's state the record holds: `None` when it holds none, `Some(Err)` when it
+    /// cannot be decoded.
+    pub fn state(&self) -> Option<Result<ProductState, serde_json::Error>> {
+        self.state.map(|(s, e)| serde_json::from_slice(&self.raw[s..e]))
+    }
+
+    /// The whole record as stored.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
     }
 
     pub fn category(&self) -> &str {
@@ -164,7 +198,7 @@ mod tests {
 
     #[test]
     fn round_trips_bodies_etags_and_category() {
-        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(10), ViewSettings::default(), 7))).unwrap();
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(10), ViewSettings::default(), 7, false))).unwrap();
         assert!(v.listed);
         assert_eq!((v.revision, v.refreshed_at_ms), (1, 7));
         assert_eq!(v.category(), "Electronics");
@@ -179,7 +213,7 @@ mod tests {
 
     #[test]
     fn large_bodies_carry_a_gzip_twin() {
-        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(4000), ViewSettings::default(), 7))).unwrap();
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&state(4000), ViewSettings::default(), 7, false))).unwrap();
         let gz = v.gzip_body(Variant::Web).unwrap();
         let mut plain = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut plain).unwrap();
@@ -187,11 +221,28 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_the_store_carries_its_state_after_the_bodies() {
+        let s = state(10);
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default(), 7, true))).unwrap();
+        assert_eq!(v.state().unwrap().unwrap(), s);
+        let web: serde_json::Value = serde_json::from_slice(&v.body(Variant::Web)).unwrap();
+        assert_eq!(web["product"]["name"], "Laptop");
+        let alone = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default(), 7, false))).unwrap();
+        assert!(alone.state().is_none() && !alone.has_state());
+        let mut deleted = s.clone();
+        let del = serde_json::json!({"productId":"P1","status":"deleted"});
+        deleted.apply(&CatalogEvent::from_value(&del, SystemTime::UNIX_EPOCH).unwrap());
+        let tombstone = StoredView::decode(Bytes::from(StoredView::encode(&deleted, ViewSettings::default(), 7, true))).unwrap();
+        assert!(!tombstone.listed);
+        assert_eq!(tombstone.state().unwrap().unwrap(), deleted, "a tombstone keeps the whole state");
+    }
+
+    #[test]
     fn tombstones_keep_their_revision() {
         let mut s = state(1);
         let del = serde_json::json!({"productId":"P1","status":"deleted"});
         s.apply(&CatalogEvent::from_value(&del, SystemTime::UNIX_EPOCH).unwrap());
-        let v = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default(), 7))).unwrap();
+        let v = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default(), 7, false))).unwrap();
         assert!(!v.listed);
         assert_eq!(v.revision, 2);
         assert_eq!(v.category(), "");

@@ -34,8 +34,8 @@ mod tests {
     use bytes::Bytes;
     use catalog_domain::{ParseLimits, ViewSettings};
     use catalog_pipeline::ProductStore;
-    use catalog_pipeline::embedded::{EmbeddedLog, EmbeddedStore};
-    use catalog_readmodel::ReadModel;
+    use catalog_pipeline::embedded::EmbeddedLog;
+    use catalog_readmodel::{EmbeddedStore, ReadModel};
 
     const BODIES: [&str; 6] = [
         r#"{"productId":"P1","name":"Old","category":"C","status":"created","version":1}"#,
@@ -67,9 +67,11 @@ mod tests {
         assert_eq!(model.checkpoint().unwrap(), 6);
     }
 
-    /// The store as the pipeline would leave it: each event applied at its log sequence.
-    async fn store_from_log(db: &sled::Db, log: &EmbeddedLog) -> (EmbeddedStore, Vec<catalog_domain::ProductState>) {
-        let store = EmbeddedStore::open(db).unwrap();
+    /// A store as the pipeline would leave it, each event applied at its log sequence, beside
+    /// the model under test (which is then a cache of it, as on AWS).
+    async fn store_from_log(dir: &std::path::Path, log: &EmbeddedLog) -> (EmbeddedStore, Vec<catalog_domain::ProductState>) {
+        let db = sled::open(dir.join("store")).unwrap();
+        let store = EmbeddedStore::new(ReadModel::open_store(&db, ViewSettings::default()).unwrap());
         let events: Vec<catalog_pipeline::SequencedEvent> = log
             .entries_from(1)
             .filter_map(|e| {
@@ -91,9 +93,9 @@ mod tests {
 
     #[tokio::test]
     async fn verify_finds_no_drift_when_all_agree_and_names_each_drift_otherwise() {
-        let (_dir, db, log, model) = open();
+        let (dir, _db, log, model) = open();
         log.append(&BODIES.map(|b| Bytes::from_static(b.as_bytes()))).await.unwrap();
-        let (store, mut states) = store_from_log(&db, &log).await;
+        let (store, mut states) = store_from_log(dir.path(), &log).await;
         model.apply(&states).unwrap();
         let projection = project_embedded(&log, ParseLimits::default(), |_| {}).unwrap();
         assert_eq!(compare_store(&projection.states, &states), []);
@@ -125,9 +127,9 @@ mod tests {
 
     #[tokio::test]
     async fn listings_that_disagree_with_the_views_are_found_and_repaired() {
-        let (_dir, db, log, model) = open();
+        let (dir, _db, log, model) = open();
         log.append(&BODIES.map(|b| Bytes::from_static(b.as_bytes()))).await.unwrap();
-        let (_store, states) = store_from_log(&db, &log).await;
+        let (_store, states) = store_from_log(dir.path(), &log).await;
         model.apply(&states).unwrap();
         model.unindex("C", "P1").unwrap();
         let (drifts, _) = compare_views(&model, &states).unwrap();

@@ -131,7 +131,7 @@ pub fn compare_views(model: &ReadModel, store: &[ProductState]) -> Result<(Vec<D
 }
 
 fn view_differences(view: &StoredView, state: &ProductState, settings: catalog_domain::ViewSettings) -> Vec<String> {
-    let expected = StoredView::decode(StoredView::encode(state, settings, 0).into()).expect("a fresh encoding decodes");
+    let expected = StoredView::decode(StoredView::encode(state, settings, 0, false).into()).expect("a fresh encoding decodes");
     if view.listed != expected.listed {
         let says = |listed: bool| if listed { "listed" } else { "not listed" };
         return vec![format!("the store says {}, the view says {}", says(expected.listed), says(view.listed))];

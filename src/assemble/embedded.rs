@@ -1,18 +1,16 @@
 //! The embedded backend, assembled: everything in this process on sled, no cloud.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use catalog_api::state::FillMetrics;
 use catalog_api::{Rebuilder, StoreFill};
-use catalog_domain::{CatalogEvent, ParseLimits};
 use catalog_pipeline::breaker::{Breaker, BreakerMetrics};
-use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
+use catalog_pipeline::embedded::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus, EmbeddedLog, LogConfig};
 use catalog_pipeline::health::{BoxFuture, Check, Readiness};
 use catalog_pipeline::{PipelineMetrics, config};
-use catalog_readmodel::{OnlineRebuild, ReadModel, ReadModelError};
+use catalog_readmodel::{EmbeddedStore, OnlineRebuild, ReadModel, ReadModelError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -36,17 +34,31 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         ..LogConfig::default()
     };
     let log = data.open_log(&db, log_config)?;
-    let store = Arc::new(EmbeddedStore::open(&db).context("opening the product store")?);
     let views_db = data.open_views()?;
-    let model = ReadModel::open(&views_db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
-        .context("opening the read model")?;
+    // The read model's records are the store: each holds its product's state and its views,
+    // so they never expire (`--view-ttl-secs` is for the AWS backend's cache).
+    let model = ReadModel::open_store(&views_db, args.data.view_settings()).context("opening the read model")?;
+    let store = Arc::new(EmbeddedStore::new(model.clone()));
 
     // Not "the log is empty": compaction may have emptied it.
     if args.demo && log.last_sequence() == 0 {
         log.append(&crate::demo::events()).await.context("loading the demo catalog")?;
         tracing::info!("demo catalog loaded");
     }
-    catch_up(&log, &model, &store, args.data.parse_limits()).await?;
+    let recovery = {
+        let (store, db, log, limits) = (store.clone(), db.clone(), log.clone(), args.data.parse_limits());
+        tokio::task::spawn_blocking(move || store.recover(&db, &log, limits)).await?
+    }
+    .context("bringing the store up to the event log")?;
+    if recovery.moved > 0 || recovery.redone > 0 || recovery.from_snapshot > 0 {
+        tracing::info!(
+            moved = recovery.moved,
+            from_snapshot = recovery.from_snapshot,
+            refolded = recovery.refolded,
+            redone = recovery.redone,
+            "the store caught up with the event log"
+        );
+    }
 
     let stop = CancellationToken::new();
     let mut registry = Registry::default();
@@ -104,7 +116,8 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     })
 }
 
-/// `POST /admin/rebuild`: a new read model from the store's states, beside the live one.
+/// `POST /admin/rebuild`: a new generation of records from the live one's states, beside it;
+/// products written meanwhile are carried over at the swap.
 struct StoreRebuilder {
     store: Arc<EmbeddedStore>,
     model: ReadModel,
@@ -120,7 +133,7 @@ impl Rebuilder for StoreRebuilder {
             // sled reads and writes block: off the threads that serve GETs.
             tokio::task::spawn_blocking(move || {
                 let (mut products, mut step) = (0, Vec::with_capacity(REBUILD_STEP));
-                for state in store.states() {
+                for state in store.model().states() {
                     step.push(state?);
                     if step.len() == REBUILD_STEP {
                         fresh.apply(&step)?;
@@ -134,29 +147,6 @@ impl Rebuilder for StoreRebuilder {
             .await?
         }))
     }
-}
-
-/// Re-renders products whose views may be behind the store: after a crash between a store
-/// write and its view write, or when the pipeline re-applies messages it had not acked.
-async fn catch_up(log: &EmbeddedLog, model: &ReadModel, store: &Arc<EmbeddedStore>, limits: ParseLimits) -> anyhow::Result<()> {
-    let watermark = log.consumed_watermark();
-    let from = model.checkpoint()?.saturating_add(1).min(watermark);
-    let mut ids = BTreeSet::new();
-    for entry in log.entries_from(from) {
-        let entry = entry.context("reading the event log")?;
-        if let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) {
-            ids.insert(event.product_id);
-        }
-    }
-    if !ids.is_empty() {
-        let n = catalog_readmodel::catch_up(model, &**store, ids.into_iter().collect()).await?;
-        tracing::info!(from, views = n, "read model caught up with the store");
-    }
-    let covered = watermark.saturating_sub(1);
-    if covered > model.checkpoint()? {
-        model.set_checkpoint(covered)?;
-    }
-    Ok(())
 }
 
 /// Keeps the log bounded: every `--log-compact-interval-secs`, acknowledged entries past the
@@ -182,6 +172,10 @@ fn spawn_compactor(
             let (log, snapshot, model) = (log.clone(), snapshot.clone(), model.clone());
             let run = tokio::task::spawn_blocking(move || {
                 let keep_from = model.checkpoint().map_err(|e| e.to_string())?.saturating_add(1);
+                // The records are the store and are flushed apart from the log: what the
+                // checkpoint covers must be on disk before the entries a start would fold in
+                // again are gone.
+                model.flush().map_err(|e| e.to_string())?;
                 let report = catalog_pipeline::embedded::compact(&log, &snapshot, retention, keep_from, limits)
                     .map_err(|e| catalog_pipeline::error::chain(&e))?;
                 Ok::<_, String>((report, log.log_bytes()))

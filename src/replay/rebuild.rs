@@ -77,8 +77,14 @@ fn embedded(args: DataArgs) -> anyhow::Result<()> {
             std::fs::remove_dir_all(leftover).with_context(|| format!("removing {}", leftover.display()))?;
         }
     }
+    // An older data dir's states are moved out of the main database first, as `serve` would,
+    // so none are left there to be mistaken for the store's later.
+    if live.exists() {
+        drop(super::open_embedded_store(&data, &db, &log, &args)?);
+    }
     let fresh = data.open_rebuild()?;
-    let model = ReadModel::open(&fresh, args.view_settings(), None).context("opening the read model")?;
+    // The records are the store: rebuilt from the log, they hold its projection's states.
+    let model = ReadModel::open_store(&fresh, args.view_settings()).context("opening the read model")?;
     let total = log.last_sequence();
     let mut progress = Progress::new("rebuilding the read model", "log entries", Some(total));
     let report =

@@ -11,9 +11,7 @@ use catalog_aws::eventbridge::EventBridgeBus;
 use catalog_aws::{AwsClients, AwsMetrics};
 use catalog_domain::ProductState;
 use catalog_pipeline::budget::Budget;
-use catalog_pipeline::embedded::EmbeddedStore;
 use catalog_pipeline::{Invalidation, InvalidationBus, ProductChanged, ProductStore};
-use catalog_readmodel::ReadModel;
 
 use super::Verdict;
 use super::progress::{Progress, rate};
@@ -72,9 +70,7 @@ fn embedded(
     let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
     let db = dir.open_main()?;
     let log = dir.open_log(&db, Default::default())?;
-    let store = EmbeddedStore::open(&db).context("opening the store")?;
-    let views = dir.open_views()?;
-    let model = ReadModel::open(&views, data.view_settings(), None).context("opening the read model")?;
+    let (views, store) = super::open_embedded_store(&dir, &db, &log, data)?;
     let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
     let projection = catalog_replay::project_embedded(&log, data.parse_limits(), |n| progress.set(n))?;
     progress.finish();
@@ -93,14 +89,13 @@ fn embedded(
             }
         }
         runtime.block_on(budget.take(fixed.len()));
+        // One write: the record is the state and its views.
         store.put(&fixed).context("writing the store")?;
-        model.apply(&fixed).context("writing the read model")?;
         tally.rewritten += fixed.len() as u64;
-        db.flush().context("flushing the store")?;
+        views.flush().context("flushing the store")?;
         write_checkpoint(checkpoint, step.last().map(|s| s.id.as_str()))?;
         progress.inc(step.len() as u64);
     }
-    views.flush().context("flushing the read model")?;
     let (products, _) = progress.finish();
     Ok((tally, products, store_only))
 }

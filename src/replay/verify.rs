@@ -8,7 +8,6 @@ use catalog_aws::dynamodb::DynamoStore;
 use catalog_aws::{AwsClients, AwsMetrics};
 use catalog_domain::ProductState;
 use catalog_pipeline::budget::Budget;
-use catalog_pipeline::embedded::EmbeddedStore;
 use catalog_readmodel::ReadModel;
 use catalog_replay::{Drift, DriftKind, FoldReport, Projection};
 
@@ -29,9 +28,10 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
             let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
             let projection = catalog_replay::project_embedded(&log, data.parse_limits(), |n| progress.set(n))?;
             progress.finish();
-            let store = EmbeddedStore::open(&db).context("opening the store")?;
+            // The store is the read model's records: their states against the log, their
+            // bodies and listings against those states.
+            let (views, store) = super::open_embedded_store(&dir, &db, &log, data)?;
             let states = store.states().collect::<Result<Vec<_>, _>>().context("reading the store")?;
-            let views = dir.open_views()?;
             (projection, states, Some(views), Some(db))
         }
         Backend::Aws => {

@@ -1,5 +1,6 @@
 //! Adapters for one process and no cloud: the inbox is the event log, in append-only segment
-//! files; dead letters, the cursor's watermark and product state are in one sled database.
+//! files; dead letters and the cursor's watermark are in one sled database. (The product store
+//! is the read model's records: `catalog_readmodel::EmbeddedStore`.)
 //!
 //! `POST /events` appends each message once, with a global sequence, and answers once the
 //! entries are fsynced (one fsync shared by concurrent requests); the pipeline reads durable
@@ -11,7 +12,6 @@ mod bus;
 mod log;
 mod segments;
 mod snapshot;
-mod store;
 
 pub use bus::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus};
 pub use log::{DEFAULT_MAX_RECEIVE_COUNT, DEFAULT_VISIBILITY_TIMEOUT, DeadLetterRecord, EmbeddedLog, LogConfig, LogEntry};
@@ -19,7 +19,9 @@ pub use segments::DEFAULT_SEGMENT_BYTES;
 pub use snapshot::{
     CompactReport, DEFAULT_COMPACT_INTERVAL, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, LogSnapshot, Retention, compact,
 };
-pub use store::EmbeddedStore;
+/// Where product states were kept before the read model's records held them; moved out on
+/// the first start (`catalog_readmodel::EmbeddedStore::recover`).
+pub const LEGACY_STATE_TREE: &str = trees::STATE;
 
 /// Trees of the embedded database, named in one place so tools can find them.
 pub(crate) mod trees {

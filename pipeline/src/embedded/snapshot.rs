@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime};
 
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
 
-use super::store::{decode, encode};
 use super::{EmbeddedLog, LogEntry, storage_error, trees};
 use crate::ports::SourceError;
 
@@ -146,6 +145,14 @@ pub fn compact(
         }
     }
     Ok(report)
+}
+
+fn encode(state: &ProductState) -> Vec<u8> {
+    serde_json::to_vec(state).expect("a state serializes")
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, crate::StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| crate::StoreError::corrupt(format!("snapshot state of product {id}"), e))
 }
 
 #[cfg(test)]

@@ -1,14 +1,16 @@
-//! The real stage topology over the real embedded adapters (sled in a temp dir).
+//! The real stage topology over the real embedded adapters (sled in a temp dir): the log, and
+//! the read model as the store.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use catalog_domain::{ProductId, ProductState};
+use catalog_domain::{ProductId, ProductState, ViewSettings};
 use catalog_pipeline::breaker::{Breaker, BreakerConfig, BreakerMetrics, BreakerState};
-use catalog_pipeline::embedded::{EmbeddedBus, EmbeddedLog, EmbeddedStore, LogConfig};
+use catalog_pipeline::embedded::{EmbeddedBus, EmbeddedLog, LogConfig};
 use catalog_pipeline::{FailureClass, PipelineConfig, PipelineMetrics, ProductStore, SequencedEvent, StoreError, WriteOutcome};
+use catalog_readmodel::{EmbeddedStore, ReadModel};
 use tokio_util::sync::CancellationToken;
 
 struct Harness {
@@ -48,7 +50,7 @@ fn start_configured<St: ProductStore>(
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path()).unwrap();
     let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), log_config()).unwrap();
-    let store = EmbeddedStore::open(&db).unwrap();
+    let store = EmbeddedStore::new(ReadModel::open_store(&db, ViewSettings::default()).unwrap());
     let bus = Arc::new(EmbeddedBus::new());
     let invalidations = bus.subscribe(1024);
     let shutdown = CancellationToken::new();
