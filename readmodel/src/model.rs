@@ -86,9 +86,10 @@ struct Inner {
     rebuilding: AtomicBool,
     /// The records hold their products' states: this read model is the store.
     holds_state: bool,
-    /// Held by every write of a record, and by the generation swap: a fold reads a record and
-    /// writes it back blind, so no other write may fall in between.
-    writer: Mutex<()>,
+    /// Shared by every write of a record, held alone by the generation swap, so that nothing
+    /// is written to the old generation after the swap has carried its records over. (Writes
+    /// of one record exclude each other by compare-and-swap.)
+    writer: std::sync::RwLock<()>,
 }
 
 struct Trees {
@@ -258,7 +259,7 @@ impl ReadModel {
                 written_during_rebuild: Mutex::new(None),
                 rebuilding: AtomicBool::new(false),
                 holds_state,
-                writer: Mutex::new(()),
+                writer: std::sync::RwLock::new(()),
             }),
         }
     }
@@ -273,8 +274,8 @@ impl ReadModel {
         self.inner.db.flush().map(drop).map_err(storage("flush"))
     }
 
-    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.inner.writer.lock().unwrap_or_else(|p| p.into_inner())
+    fn writer(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.inner.writer.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn encode(&self, state: &ProductState, now_ms: u64) -> Vec<u8> {
@@ -305,7 +306,7 @@ impl ReadModel {
     /// the writer lock (the old trees are the only place their latest state is): the caller
     /// has nothing left to write.
     pub fn swap_in(&self, fresh: &ReadModel) -> Result<Vec<String>, ReadModelError> {
-        let _writer = self.writer();
+        let _alone = self.inner.writer.write().unwrap_or_else(|p| p.into_inner());
         let new = fresh.inner.trees.load_full();
         let old = self.inner.trees.load_full();
         new.meta
@@ -471,21 +472,27 @@ impl ReadModel {
         let mut out = Vec::with_capacity(products.len());
         for (id, events) in products {
             let key = id.as_str();
-            let (mut state, listed_in) = match trees.views.get(key).map_err(storage("get"))? {
-                None => (ProductState::new((*id).clone()), None),
-                Some(raw) => {
-                    let view = decode_record(key, raw)?;
-                    (record_state(key, &view)?, listing(&view))
+            // Compare-and-swap: a cache-aside fill or a repair may write the same record
+            // meanwhile; losing that race folds the product again over what it wrote.
+            let (state, changed, stale) = loop {
+                let current = trees.views.get(key).map_err(storage("get"))?;
+                let (mut state, listed_in) = match &current {
+                    None => (ProductState::new((*id).clone()), None),
+                    Some(raw) => {
+                        let view = decode_record(key, raw.clone())?;
+                        (record_state(key, &view)?, listing(&view))
+                    }
+                };
+                let (mut changed, mut stale) = (false, 0);
+                for sequenced in events {
+                    match state.apply_at(&sequenced.event, sequenced.position) {
+                        Applied::Changed => changed = true,
+                        Applied::Stale | Applied::Unchanged => stale += 1,
+                    }
                 }
-            };
-            let (mut changed, mut stale) = (false, 0);
-            for sequenced in events {
-                match state.apply_at(&sequenced.event, sequenced.position) {
-                    Applied::Changed => changed = true,
-                    Applied::Stale | Applied::Unchanged => stale += 1,
+                if !changed {
+                    break (state, changed, stale);
                 }
-            }
-            if changed {
                 let now_in = state.category().filter(|c| !c.is_empty());
                 let moved = now_in != listed_in.as_deref();
                 // A new listing before the record, the old one after: a crash in between (sled
@@ -494,11 +501,16 @@ impl ReadModel {
                 if let Some(category) = now_in.filter(|_| moved) {
                     trees.by_category.insert(category_key(category, key), &[]).map_err(storage("index"))?;
                 }
-                trees.views.insert(key, self.encode(&state, now)).map_err(storage("write view"))?;
+                let swapped =
+                    trees.views.compare_and_swap(key, current, Some(self.encode(&state, now))).map_err(storage("write view"))?;
+                if swapped.is_err() {
+                    continue;
+                }
                 if let Some(category) = listed_in.as_deref().filter(|_| moved) {
                     trees.by_category.remove(category_key(category, key)).map_err(storage("index"))?;
                 }
-            }
+                break (state, changed, stale);
+            };
             let announced = ProductChanged {
                 product_id: state.id.clone(),
                 revision: state.revision,
