@@ -67,6 +67,16 @@ async fn state_survives_a_restart() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
 }
 
+/// `catalog replay verify` on a stopped instance's data dir finds no drift.
+fn assert_verifies_clean(dir: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["replay", "verify", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
 /// Starts the catalog on `dir`, has it accept `n` products (`{prefix}000`…) in `category`, and
 /// kills it with SIGKILL right after the 202.
 async fn accept_then_kill_9(dir: &std::path::Path, n: usize, prefix: &str, category: &str) {
@@ -108,12 +118,7 @@ async fn a_torn_log_tail_is_cut_off_at_start_and_nothing_answered_is_lost() {
     app.ingest(&json!([product("T300", "Tent", "Camping")])).await;
     app.caught_up(301).await;
     app.stop();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
-        .args(["replay", "verify", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_verifies_clean(dir.path());
 }
 
 #[tokio::test]
@@ -147,12 +152,7 @@ async fn kill_9_mid_pipeline_loses_nothing_goes_back_nowhere_and_verifies_clean(
         );
     }
     app.stop();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
-        .args(["replay", "verify", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_verifies_clean(dir.path());
 }
 
 #[tokio::test]

@@ -223,6 +223,14 @@ mod tests {
         serde_json::json!({"productId": id, "name": name, "category": category, "status": "updated"})
     }
 
+    /// Appends these events and acks them all, as a pipeline that processed them would.
+    async fn processed(log: &EmbeddedLog, bodies: &[serde_json::Value]) {
+        log.append(&bodies.iter().map(|b| Bytes::from(serde_json::to_vec(b).unwrap())).collect::<Vec<_>>()).await.unwrap();
+        let received = log.receive(bodies.len()).await.unwrap();
+        log.ack(received.iter().map(|r| r.receipt).collect()).await.unwrap();
+        assert_eq!(log.consumed_watermark(), bodies.len() as u64 + 1);
+    }
+
     fn listed(model: &ReadModel, category: &str) -> Vec<String> {
         model.listings().map(Result::unwrap).filter(|(c, _)| c == category).map(|(_, id)| id).collect()
     }
@@ -287,7 +295,7 @@ mod tests {
         let (main, views, log, store) = open(dir.path());
         let bodies =
             [product("P1", "One", "A"), product("P2", "Two", "A"), serde_json::json!({"productId": "P1", "quantity": 7})];
-        log.append(&bodies.clone().map(|b| Bytes::from(serde_json::to_vec(&b).unwrap()))).await.unwrap();
+        processed(&log, &bodies).await;
         // A data dir from before: P1's state in the main database's tree, its view without it.
         let old = {
             let mut s = ProductState::new(ProductId::parse("P1").unwrap());
@@ -303,9 +311,6 @@ mod tests {
         assert!(store.get(&ProductId::parse("P1").unwrap()).unwrap().is_none(), "a view alone is no state");
         // The pipeline had processed all three (the watermark moved), and then the views
         // database lost everything after entry 1.
-        let received = log.receive(10).await.unwrap();
-        log.ack(received.iter().map(|r| r.receipt).collect()).await.unwrap();
-        assert_eq!(log.consumed_watermark(), 4);
         store.model().set_checkpoint(1).unwrap();
 
         let report = store.recover(&main, &log, ParseLimits::default()).unwrap();
@@ -328,9 +333,7 @@ mod tests {
         let (main, _views, log, store) = open(dir.path());
         let bodies =
             [product("P1", "One", "A"), product("P2", "Two", "B"), serde_json::json!({"productId": "P1", "quantity": 3})];
-        log.append(&bodies.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap()))).await.unwrap();
-        let received = log.receive(10).await.unwrap();
-        log.ack(received.iter().map(|r| r.receipt).collect()).await.unwrap();
+        processed(&log, &bodies).await;
         // The first two entries are folded into the snapshot and gone from the log.
         let retention = catalog_pipeline::embedded::Retention { retention: Some(std::time::Duration::ZERO), max_bytes: None };
         let report =
