@@ -33,6 +33,31 @@ fn infra_init_without_a_region_says_to_set_aws_region() {
     assert!(!stderr.contains("DispatchFailure"), "{stderr}");
 }
 
+#[tokio::test]
+async fn an_embedded_data_dir_is_refused_by_an_aws_instance_before_any_aws_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = start_in(dir.path(), &Options::default());
+    app.ingest(&json!([product("E1", "Embedded", "Local")])).await;
+    app.caught_up(1).await;
+    app.stop();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["serve", "--backend", "aws", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("AWS_REGION", "us-east-1")
+        // Nothing listens there: were the data dir not refused first, the AWS calls would fail.
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holds an embedded catalog"), "{stderr}");
+    // And the embedded catalog is still whole.
+    let app = start_in(dir.path(), &Options::default());
+    let (status, _) = app.get_json("/products/E1").await;
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn infra_init_is_idempotent() {
     require_moto!();

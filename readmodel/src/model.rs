@@ -228,12 +228,23 @@ impl ReadModel {
     }
 
     /// The read model as the store (embedded): every record holds its product's state, so a
-    /// view never expires (there is nothing else to re-read it from). Marks the database, so
-    /// every later open of it is a store too.
+    /// view never expires (there is nothing else to re-read it from). An empty database is
+    /// marked as a store at once, so every later open of it is one too; one that holds views
+    /// already is marked by [`ReadModel::mark_as_store`] once its records are known to be a
+    /// store's (`EmbeddedStore::recover` checks).
     pub fn open_store(db: &sled::Db, settings: ViewSettings) -> Result<Self, ReadModelError> {
-        let root = db.open_tree(trees::ROOT).map_err(storage("open"))?;
+        let model = Self::open_as(db, settings, None, true)?;
+        if model.inner.trees.load().views.is_empty() {
+            model.mark_as_store()?;
+        }
+        Ok(model)
+    }
+
+    /// Marks the database as a store: every later open of it is one.
+    pub fn mark_as_store(&self) -> Result<(), ReadModelError> {
+        let root = self.inner.db.open_tree(trees::ROOT).map_err(storage("open"))?;
         root.insert(trees::HOLDS_STATE_KEY, &[1]).map_err(storage("open"))?;
-        Self::open_as(db, settings, None, true)
+        Ok(())
     }
 
     fn open_as(db: &sled::Db, settings: ViewSettings, ttl: Option<Duration>, holds_state: bool) -> Result<Self, ReadModelError> {

@@ -66,6 +66,21 @@ impl EmbeddedStore {
     /// stays); then the log's entries from there up to its watermark are folded in again.
     pub fn recover(&self, main: &sled::Db, log: &EmbeddedLog, limits: ParseLimits) -> Result<Recovery, StoreError> {
         let mut report = Recovery { moved: self.adopt_legacy(main)?, ..Recovery::default() };
+        // A record without a state now is an AWS instance's read model (a cache of the
+        // products table), not a store: refused, since folding onto it would start products
+        // over. The first record tells: a store's records all hold states.
+        if let Some(first) = self.model.views().next() {
+            let (id, view) = first.map_err(store_error)?;
+            if view.is_some_and(|v| !v.has_state()) {
+                return Err(StoreError::rejected(
+                    "opening the embedded store",
+                    format!(
+                        "the read model's record of product {id} holds no state: this data dir belongs to an AWS instance (--backend aws); the embedded backend needs a --data-dir of its own"
+                    ),
+                ));
+            }
+        }
+        self.model.mark_as_store().map_err(store_error)?;
         let watermark = log.consumed_watermark();
         let mut checkpoint = self.model.checkpoint().map_err(store_error)?;
         let snapshot = log.snapshot()?;
@@ -350,5 +365,24 @@ mod tests {
         assert_eq!(p1.quantity, Some(3));
         assert_eq!((listed(store.model(), "A"), listed(store.model(), "B")), (vec!["P1".to_owned()], vec!["P2".to_owned()]));
         assert_eq!(store.model().checkpoint().unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_read_model_of_an_aws_instance_is_refused_as_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = sled::open(dir.path().join("main")).unwrap();
+        let log = EmbeddedLog::open(&main, &dir.path().join("event-log"), Default::default()).unwrap();
+        let views = sled::open(dir.path().join("views")).unwrap();
+        // What an AWS instance leaves: views without states.
+        let cache = ReadModel::open(&views, ViewSettings::default(), None).unwrap();
+        let mut state = ProductState::new(ProductId::parse("P1").unwrap());
+        state.apply_at(&events(&[(1, product("P1", "One", "A"))])[0].event, Some(1));
+        cache.apply([&state]).unwrap();
+        let store = EmbeddedStore::new(ReadModel::open_store(&views, ViewSettings::default()).unwrap());
+        let message = catalog_pipeline::error::chain(&store.recover(&main, &log, ParseLimits::default()).unwrap_err());
+        assert!(message.contains("belongs to an AWS instance"), "{message}");
+        drop(store);
+        let reopened = ReadModel::open(&views, ViewSettings::default(), None).unwrap();
+        assert!(!reopened.holds_state(), "a refused data dir is left as the AWS instance had it");
     }
 }

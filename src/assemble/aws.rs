@@ -79,6 +79,17 @@ impl Rebuilder for TableRebuilder {
 }
 
 pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
+    // Every role keeps a read model; only the api role fills and serves it. It is the only
+    // database in AWS mode, so it has all of `--cache-mb`. Opened first, so that a data dir of
+    // the embedded backend, whose read model is its store, is refused before any AWS call.
+    let db = DataDir::new(&args.data.data_dir, args.data.cache_mb).open_views_alone()?;
+    let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
+        .context("opening the read model")?;
+    anyhow::ensure!(
+        !model.holds_state(),
+        "the data dir {} holds an embedded catalog (its read model is the embedded store): an AWS instance needs a --data-dir of its own",
+        args.data.data_dir.display()
+    );
     let clients = AwsClients::from_env().await?;
     let settings = args.aws_settings();
     let mut registry = Registry::default();
@@ -115,12 +126,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         )));
     }
 
-    // Every role keeps a read model; only the api role fills and serves it. It is the only
-    // database in AWS mode, so it has all of `--cache-mb`.
-    let db = DataDir::new(&args.data.data_dir, args.data.cache_mb).open_views_alone()?;
     super::register_disk_size(&mut registry, vec![db.clone()], None);
-    let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
-        .context("opening the read model")?;
     if matches!(args.role, Role::All | Role::Api) {
         let started = std::time::Instant::now();
         let (products, warmed) =
