@@ -43,6 +43,10 @@ mod trees {
     }
 }
 
+/// States one step of [`ReadModel::apply_all`] writes: bounds its memory and how long it
+/// holds the writer lock at a time.
+const APPLY_STEP: usize = 1024;
+
 /// How long a replaced generation is kept after a swap, for reads that started on it.
 const RETIRE_AFTER: Duration = Duration::from_secs(10);
 
@@ -324,17 +328,17 @@ impl ReadModel {
             .insert(CHECKPOINT_KEY, &self.checkpoint()?.max(fresh.checkpoint()?).to_be_bytes())
             .map_err(storage("checkpoint"))?;
         let root = self.inner.db.open_tree(trees::ROOT).map_err(storage("swap"))?;
+        // Complete: every write notes its product under the writer lock this swap holds alone.
+        let written = self.inner.written_during_rebuild.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
         if self.inner.holds_state {
-            let written = self.inner.written_during_rebuild.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            for id in written.unwrap_or_default() {
-                carry(&old, &new, &id)?;
+            for id in &written {
+                carry(&old, &new, id)?;
             }
         }
         self.inner.db.flush().map_err(storage("swap"))?;
         root.insert(trees::GENERATION_KEY, &new.generation.to_be_bytes()).map_err(storage("swap"))?;
         self.inner.db.flush().map_err(storage("swap"))?;
         self.inner.trees.store(new.clone());
-        let written = self.inner.written_during_rebuild.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
         self.inner.rebuilding.store(false, Ordering::SeqCst);
         retire_generations(&self.inner.db, new.generation, RETIRE_AFTER);
         drop(old);
@@ -404,7 +408,11 @@ impl ReadModel {
     /// a state (a read model that is not the store).
     pub fn state(&self, id: &str) -> Result<Option<ProductState>, ReadModelError> {
         let Some(raw) = self.inner.trees.load().views.get(id).map_err(storage("get"))? else { return Ok(None) };
-        decode_record(id, raw)?.state().transpose().map_err(|e| corrupt(id, format!("holds a state that cannot be decoded: {e}")))
+        let view = decode_record(id, raw)?;
+        if !view.has_state() {
+            return Ok(None);
+        }
+        record_state(id, &view).map(Some)
     }
 
     /// Every record's state in id order: the replay tools' view of the embedded store. A
@@ -447,18 +455,16 @@ impl ReadModel {
         let now = millis_since_epoch(SystemTime::now());
         let threads = fold_threads().min(products.len().div_ceil(MIN_PRODUCTS_PER_FOLD_THREAD)).max(1);
         let per_thread = products.len().div_ceil(threads).max(1);
-        let parts: Vec<Result<Vec<Folded>, ReadModelError>> = if threads == 1 {
-            vec![self.fold_part(&trees, &products, now)]
-        } else {
-            std::thread::scope(|scope| {
-                let mut chunks = products.chunks(per_thread);
-                let first = chunks.next().unwrap_or_default();
-                let helpers: Vec<_> = chunks.map(|part| scope.spawn(|| self.fold_part(&trees, part, now))).collect();
-                let mut parts = vec![self.fold_part(&trees, first, now)];
-                parts.extend(helpers.into_iter().map(|h| h.join().expect("a fold thread panicked")));
-                parts
-            })
-        };
+        // This thread folds the first part; a helper thread each of the others (none for a
+        // small batch).
+        let parts: Vec<Result<Vec<Folded>, ReadModelError>> = std::thread::scope(|scope| {
+            let mut chunks = products.chunks(per_thread);
+            let first = chunks.next().unwrap_or_default();
+            let helpers: Vec<_> = chunks.map(|part| scope.spawn(|| self.fold_part(&trees, part, now))).collect();
+            let mut parts = vec![self.fold_part(&trees, first, now)];
+            parts.extend(helpers.into_iter().map(|h| h.join().expect("a fold thread panicked")));
+            parts
+        });
         let mut outcome = WriteOutcome::default();
         for part in parts {
             for folded in part? {
@@ -531,6 +537,26 @@ impl ReadModel {
             out.push(Folded { announced, changed, stale });
         }
         Ok(out)
+    }
+
+    /// Applies states as [`ReadModel::apply`] does, 1,024 at a time, so memory holds
+    /// one step and never the whole source; returns how many states it read. The first error,
+    /// from the source or the model, stops it.
+    pub fn apply_all<E: From<ReadModelError>>(
+        &self,
+        states: impl IntoIterator<Item = Result<ProductState, E>>,
+    ) -> Result<u64, E> {
+        let (mut read, mut step) = (0, Vec::with_capacity(APPLY_STEP));
+        for state in states {
+            step.push(state?);
+            if step.len() == APPLY_STEP {
+                self.apply(&step)?;
+                read += step.len() as u64;
+                step.clear();
+            }
+        }
+        self.apply(&step)?;
+        Ok(read + step.len() as u64)
     }
 
     /// Whether a view has outlived the TTL and should be re-read from the store.

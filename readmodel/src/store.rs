@@ -13,7 +13,7 @@ use catalog_pipeline::{BackendError, FailureClass, ProductStore, SequencedEvent,
 
 use crate::model::{ReadModel, ReadModelError};
 
-/// Records written per sled batch when a log tail is folded in again or old states moved in.
+/// Log entries folded per step when a start folds the log's tail in again.
 const STEP: usize = 1024;
 
 #[derive(Clone)]
@@ -86,17 +86,7 @@ impl EmbeddedStore {
         let snapshot = log.snapshot()?;
         let snapshot_sequence = snapshot.sequence()?;
         if checkpoint < snapshot_sequence {
-            let mut step = Vec::with_capacity(STEP);
-            for state in snapshot.states() {
-                step.push(state?);
-                if step.len() == STEP {
-                    self.model.apply(&step).map_err(store_error)?;
-                    report.from_snapshot += step.len() as u64;
-                    step.clear();
-                }
-            }
-            self.model.apply(&step).map_err(store_error)?;
-            report.from_snapshot += step.len() as u64;
+            report.from_snapshot = self.model.apply_all(snapshot.states())?;
             checkpoint = snapshot_sequence;
             self.model.set_checkpoint(checkpoint).map_err(store_error)?;
         }
@@ -141,22 +131,14 @@ impl EmbeddedStore {
             return Ok(0);
         }
         let legacy = main.open_tree(LEGACY_STATE_TREE).map_err(sled_error("open the old state tree"))?;
-        let (mut moved, mut step) = (0, Vec::with_capacity(STEP));
-        for item in legacy.iter() {
+        let states = legacy.iter().map(|item| {
             let (key, value) = item.map_err(sled_error("read the old state tree"))?;
-            let state: ProductState = serde_json::from_slice(&value).map_err(|e| {
+            serde_json::from_slice::<ProductState>(&value).map_err(|e| {
                 StoreError::corrupt(format!("decoding the old state of product {}", String::from_utf8_lossy(&key)), e)
-            })?;
-            step.push(state);
-            if step.len() == STEP {
-                // A record with the state's revision and no state takes it; newer ones stay.
-                self.model.apply(&step).map_err(store_error)?;
-                moved += step.len() as u64;
-                step.clear();
-            }
-        }
-        self.model.apply(&step).map_err(store_error)?;
-        moved += step.len() as u64;
+            })
+        });
+        // A record with the state's revision and no state takes it; newer ones stay.
+        let moved = self.model.apply_all(states)?;
         self.model.flush().map_err(store_error)?;
         main.drop_tree(LEGACY_STATE_TREE).map_err(sled_error("drop the old state tree"))?;
         main.flush().map_err(sled_error("flush"))?;
@@ -167,6 +149,12 @@ impl EmbeddedStore {
 
 fn sled_error(operation: &'static str) -> impl Fn(sled::Error) -> StoreError {
     move |e| store_error(ReadModelError::Storage { operation, source: e })
+}
+
+impl From<ReadModelError> for StoreError {
+    fn from(e: ReadModelError) -> Self {
+        store_error(e)
+    }
 }
 
 /// A read-model failure as the pipeline classifies store failures: damage is not an outage.

@@ -123,28 +123,12 @@ struct StoreRebuilder {
     model: ReadModel,
 }
 
-/// States written into the new generation per step.
-const REBUILD_STEP: usize = 1024;
-
 impl Rebuilder for StoreRebuilder {
     fn rebuild(&self) -> BoxFuture<'_, Result<OnlineRebuild, ReadModelError>> {
         let store = self.store.clone();
         Box::pin(catalog_readmodel::rebuild_online(&self.model, &*self.store, move |fresh| async move {
             // sled reads and writes block: off the threads that serve GETs.
-            tokio::task::spawn_blocking(move || {
-                let (mut products, mut step) = (0, Vec::with_capacity(REBUILD_STEP));
-                for state in store.model().states() {
-                    step.push(state?);
-                    if step.len() == REBUILD_STEP {
-                        fresh.apply(&step)?;
-                        products += step.len() as u64;
-                        step.clear();
-                    }
-                }
-                fresh.apply(&step)?;
-                Ok(products + step.len() as u64)
-            })
-            .await?
+            tokio::task::spawn_blocking(move || fresh.apply_all(store.model().states())).await?
         }))
     }
 }
