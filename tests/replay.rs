@@ -41,7 +41,9 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
     assert!(ok, "{out}");
     assert!(out.contains("20 products") && out.contains("no drift"), "{out}");
 
-    // Tamper as a bug or a half-finished restore would: the store, a listing, a view's bodies.
+    // Tamper as a bug or a half-finished restore would: the store, a view's bodies. (The
+    // category index lives in memory, rebuilt from the records at each open: a listing cannot
+    // drift between runs, and the replay crate's tests damage one within a run.)
     {
         let views = sled::open(dir.path().join("views.sled")).unwrap();
         let model = ReadModel::open(&views, ViewSettings::default(), None).unwrap();
@@ -51,7 +53,6 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
         a1.quantity = Some(999);
         a1.revision += 1;
         store.put(&[a1]).unwrap();
-        model.unindex("Tools", "A2").unwrap();
         let a3 = store.get(&ProductId::parse("A3").unwrap()).unwrap().unwrap();
         let mut renamed = a3.clone();
         renamed.info.as_mut().unwrap().name = "Tampered".into();
@@ -60,19 +61,14 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
     }
     let (ok, out) = replay(&["verify"], dir.path());
     assert!(!ok, "drift exits 1: {out}");
-    for expected in [
-        "store≠log A1: quantity: log 5, store 999",
-        r#"listing≠views A2: missing from the listing of category "Tools""#,
-        "view≠store A3: web body",
-        "replay reproject",
-        "verify --repair",
-    ] {
+    for expected in ["store≠log A1: quantity: log 5, store 999", "view≠store A3: web body", "replay reproject", "verify --repair"]
+    {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
 
     let (ok, out) = replay(&["verify", "--repair"], dir.path());
     assert!(!ok, "the store's drift is still there: {out}");
-    assert!(out.contains("repaired the views and listings of 2 products"), "{out}");
+    assert!(out.contains("repaired the views and listings of 1 product(s)"), "{out}");
     let (ok, out) = replay(&["reproject"], dir.path());
     assert!(ok, "{out}");
     assert!(out.contains("1 rewritten, 19 already right"), "{out}");

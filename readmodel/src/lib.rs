@@ -1,13 +1,15 @@
 //! The materialized read model: one ready-to-send view per product in sled, a category index
-//! for cursor pagination, and a checkpoint of the last applied log sequence.
+//! in memory for cursor pagination, and a checkpoint of the last applied log sequence.
 //!
 //! Layout:
 //! - `view`: the stored form of a view: bodies, gzip bodies and ETags, so a GET only slices bytes.
+//! - `listing`: the category index, in memory, derived from the records.
 //! - `model`: `ReadModel`, reads (by id, by category, many ids) and monotonic writes.
 //! - `refresh`: the task that turns invalidations into fresh views (refresh-ahead).
 //! - `online`: a rebuild beside the live model, swapped in while reads go on.
 //! - `store`: the embedded store, which is the read model's records themselves.
 
+mod listing;
 mod model;
 mod online;
 mod refresh;

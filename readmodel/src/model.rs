@@ -4,7 +4,6 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -17,6 +16,7 @@ use catalog_domain::state::Applied;
 use catalog_domain::{ProductId, ProductState, ViewSettings};
 use catalog_pipeline::{ProductChanged, SequencedEvent, StoreError, WriteOutcome};
 
+use crate::listing::CategoryIndex;
 use crate::view::StoredView;
 
 /// The largest page a list route may ask for (docs/contract.md).
@@ -28,9 +28,11 @@ const CHECKPOINT_KEY: &[u8] = b"applied_sequence";
 
 mod trees {
     pub const VIEWS: &str = "views";
+    /// The category index, when it was kept in sled: a data dir from before it moved into
+    /// memory (`listing`) has one per generation, dropped when it opens.
     pub const BY_CATEGORY: &str = "views_by_category";
     pub const META: &str = "readmodel_meta";
-    /// Which generation of the three trees above is live (see `ReadModel::begin_rebuild`).
+    /// Which generation of the trees above is live (see `ReadModel::begin_rebuild`).
     pub const ROOT: &str = "readmodel_root";
     pub const GENERATION_KEY: &[u8] = b"generation";
     /// Present once the database is a store (its records hold states): set by
@@ -99,23 +101,29 @@ struct Inner {
 struct Trees {
     generation: u64,
     views: sled::Tree,
-    by_category: sled::Tree,
+    /// Derived from `views` when the trees open, kept beside them after.
+    index: CategoryIndex,
     meta: sled::Tree,
 }
 
 impl Trees {
     fn open(db: &sled::Db, generation: u64) -> Result<Self, ReadModelError> {
         let open = storage("open");
-        Ok(Self {
-            generation,
-            views: db.open_tree(trees::name(trees::VIEWS, generation)).map_err(&open)?,
-            by_category: db.open_tree(trees::name(trees::BY_CATEGORY, generation)).map_err(&open)?,
-            meta: db.open_tree(trees::name(trees::META, generation)).map_err(&open)?,
-        })
+        let views = db.open_tree(trees::name(trees::VIEWS, generation)).map_err(&open)?;
+        let index = CategoryIndex::default();
+        for item in views.iter() {
+            let (id, raw) = item.map_err(&open)?;
+            // A record that cannot be decoded lists nothing; `replay verify` names it.
+            if let (Some(category), Ok(id)) = (StoredView::listing_of(&raw), std::str::from_utf8(&id)) {
+                index.insert(category, id);
+            }
+        }
+        Ok(Self { generation, views, index, meta: db.open_tree(trees::name(trees::META, generation)).map_err(&open)? })
     }
 }
 
-/// Drops every generation's trees but `keep`, in the background: sled drops a tree key by key.
+/// Drops every generation's trees but `keep`, and every sled category index (see
+/// `trees::BY_CATEGORY`), in the background: sled drops a tree key by key.
 fn retire_generations(db: &sled::Db, keep: u64, after: Duration) {
     let names: Vec<sled::IVec> = db
         .tree_names()
@@ -125,7 +133,7 @@ fn retire_generations(db: &sled::Db, keep: u64, after: Duration) {
             [trees::VIEWS, trees::BY_CATEGORY, trees::META].iter().any(|base| {
                 let generation =
                     if name == *base { Some(0) } else { name.strip_prefix(&format!("{base}@")).and_then(|g| g.parse().ok()) };
-                generation.is_some_and(|g: u64| g != keep)
+                generation.is_some_and(|g: u64| g != keep || *base == trees::BY_CATEGORY)
             })
         })
         .collect();
@@ -195,13 +203,13 @@ fn carry(old: &Trees, new: &Trees, id: &str) -> Result<(), ReadModelError> {
     if now_in != before
         && let Some(category) = &now_in
     {
-        new.by_category.insert(category_key(category, id), &[]).map_err(storage("swap"))?;
+        new.index.insert(category, id);
     }
     new.views.insert(id, raw).map_err(storage("swap"))?;
     if now_in != before
         && let Some(category) = &before
     {
-        new.by_category.remove(category_key(category, id)).map_err(storage("swap"))?;
+        new.index.remove(category, id);
     }
     Ok(())
 }
@@ -211,15 +219,6 @@ pub struct Page {
     pub items: Vec<StoredView>,
     /// The id to pass as `cursor` for the next page; `None` on the last page.
     pub next_cursor: Option<String>,
-}
-
-fn category_key(category: &str, id: &str) -> Vec<u8> {
-    // Categories never hold control characters (validation rejects them), so NUL separates.
-    let mut key = Vec::with_capacity(category.len() + 1 + id.len());
-    key.extend_from_slice(category.as_bytes());
-    key.push(0);
-    key.extend_from_slice(id.as_bytes());
-    key
 }
 
 impl ReadModel {
@@ -307,7 +306,7 @@ impl ReadModel {
         *self.inner.written_during_rebuild.lock().unwrap_or_else(|p| p.into_inner()) = Some(HashSet::new());
         let next = self.inner.trees.load().generation + 1;
         let db = &self.inner.db;
-        for base in [trees::VIEWS, trees::BY_CATEGORY, trees::META] {
+        for base in [trees::VIEWS, trees::META] {
             // A rebuild interrupted before its swap left these behind.
             db.drop_tree(trees::name(base, next)).map_err(storage("rebuild"))?;
         }
@@ -365,29 +364,30 @@ impl ReadModel {
     /// Listed products of a category in id order, starting after `after`. Keyed by id, so
     /// concurrent changes can neither repeat nor skip a product across pages.
     pub fn page(&self, category: &str, after: Option<&str>, limit: usize) -> Result<Page, ReadModelError> {
-        let start = match after {
-            Some(id) => Bound::Excluded(category_key(category, id)),
-            None => Bound::Included(category_key(category, "")),
-        };
-        let mut end = category.as_bytes().to_vec();
-        end.push(1);
-        let prefix_len = category.len() + 1;
+        let trees = self.inner.trees.load_full();
         let mut items = Vec::with_capacity(limit.min(DEFAULT_MAX_PAGE));
         let mut last_id = String::new();
-        let mut next_cursor = None;
-        for entry in self.inner.trees.load().by_category.range((start, Bound::Excluded(end))) {
-            let (key, _) = entry.map_err(storage("page"))?;
-            let id = std::str::from_utf8(&key[prefix_len..]).unwrap_or_default();
-            // The index may briefly hold an entry its view has moved away from: trust the view.
-            let Some(view) = self.get(id)?.filter(|v| v.listed && v.category() == category) else { continue };
-            if items.len() == limit {
-                next_cursor = Some(last_id);
-                break;
+        let mut scanned: Option<sled::IVec> = after.map(|id| id.as_bytes().into());
+        // One more than the page, to know whether a next page exists.
+        let step = limit.saturating_add(1).min(DEFAULT_MAX_PAGE + 1);
+        loop {
+            let ids = trees.index.after(category, scanned.as_deref(), step);
+            for id in &ids {
+                let id = std::str::from_utf8(id).unwrap_or_default();
+                // The index may briefly hold an entry its view has moved away from (a write
+                // lists before it writes the record, and unlists after): trust the view.
+                let Some(view) = self.get(id)?.filter(|v| v.listed && v.category() == category) else { continue };
+                if items.len() == limit {
+                    return Ok(Page { items, next_cursor: Some(last_id) });
+                }
+                items.push(view);
+                id.clone_into(&mut last_id);
             }
-            items.push(view);
-            id.clone_into(&mut last_id);
+            if ids.len() < step {
+                return Ok(Page { items, next_cursor: None });
+            }
+            scanned = ids.last().cloned();
         }
-        Ok(Page { items, next_cursor })
     }
 
     /// Applies states whose revision is newer than the stored view's; returns how many views
@@ -512,11 +512,11 @@ impl ReadModel {
                 }
                 let now_in = state.category().filter(|c| !c.is_empty());
                 let moved = now_in != listed_in.as_deref();
-                // A new listing before the record, the old one after: a crash in between (sled
-                // recovers a prefix of its writes) leaves an extra entry, which a page skips
-                // since it trusts the record, and never a listed record missing from its category.
+                // A new listing before the record, the old one after: a page meanwhile may see an
+                // extra entry, which it skips since it trusts the record, and never a listed
+                // record missing from its category.
                 if let Some(category) = now_in.filter(|_| moved) {
-                    trees.by_category.insert(category_key(category, key), &[]).map_err(storage("index"))?;
+                    trees.index.insert(category, key);
                 }
                 let swapped =
                     trees.views.compare_and_swap(key, current, Some(self.encode(&state, now))).map_err(storage("write view"))?;
@@ -524,7 +524,7 @@ impl ReadModel {
                     continue;
                 }
                 if let Some(category) = listed_in.as_deref().filter(|_| moved) {
-                    trees.by_category.remove(category_key(category, key)).map_err(storage("index"))?;
+                    trees.index.remove(category, key);
                 }
                 break (state, changed, stale);
             };
@@ -581,12 +581,6 @@ impl ReadModel {
                     || (v.revision == state.revision && !self.is_expired(v) && (v.has_state() || !self.inner.holds_state))
             });
             if keep {
-                // The same revision is already here; a crash may still have cut its category
-                // entry off after the view was written (they are two writes): put it back.
-                if let Some(view) = current_view.filter(|v| v.listed && v.revision == state.revision && !v.category().is_empty())
-                {
-                    self.ensure_indexed(view.category(), key)?;
-                }
                 return Ok(false);
             }
             let now = millis_since_epoch(SystemTime::now());
@@ -595,7 +589,7 @@ impl ReadModel {
                 Ok(()) => {
                     self.note_written(key);
                     let old = current_view.filter(|v| v.listed).map(|v| v.category().to_owned()).filter(|c| !c.is_empty());
-                    self.reindex(key, old.as_deref(), state.category())?;
+                    self.reindex(key, old.as_deref(), state.category());
                     return Ok(true);
                 }
                 Err(_) => continue,
@@ -611,33 +605,18 @@ impl ReadModel {
         }
     }
 
-    /// Moves a product's category entry after its view was written. The view and its entry
-    /// are two sled writes, so a crash can fall between them: a missing entry is put back by
-    /// the next write or catch-up of that product; a stale one is harmless, since a page
-    /// trusts the view over the index.
-    fn reindex(&self, id: &str, old: Option<&str>, new: Option<&str>) -> Result<(), ReadModelError> {
+    /// Moves a product's category entry after its view was written (a fold lists first, for
+    /// the pages it races with; here, the caller's writes are not concurrent with a fold of
+    /// the same product but for the rare cache-aside fill, and a page trusts the record).
+    fn reindex(&self, id: &str, old: Option<&str>, new: Option<&str>) {
+        let index = &self.inner.trees.load().index;
+        // Always listed anew: cheap in memory, and what puts back an entry a repair found missing.
+        if let Some(new) = new {
+            index.insert(new, id);
+        }
         if let Some(old) = old.filter(|old| Some(*old) != new) {
-            self.inner.trees.load().by_category.remove(category_key(old, id)).map_err(storage("index"))?;
+            index.remove(old, id);
         }
-        match new {
-            // The same category: the entry is there but for a crash, so a read spares a write.
-            Some(new) if old == Some(new) => self.ensure_indexed(new, id)?,
-            // A new listing: written at once (an entry a crash left behind is simply rewritten).
-            Some(new) => {
-                self.inner.trees.load().by_category.insert(category_key(new, id), &[]).map_err(storage("index"))?;
-            }
-            None => {}
-        }
-        Ok(())
-    }
-
-    /// A read where the entry is there (nearly always), a write only where it is missing.
-    fn ensure_indexed(&self, category: &str, id: &str) -> Result<(), ReadModelError> {
-        let key = category_key(category, id);
-        if !self.inner.trees.load().by_category.contains_key(&key).map_err(storage("index"))? {
-            self.inner.trees.load().by_category.insert(key, &[]).map_err(storage("index"))?;
-        }
-        Ok(())
     }
 
     /// Every stored view in id order, tombstones included: the replay tools' view.
@@ -648,18 +627,13 @@ impl ReadModel {
         })
     }
 
-    /// Every category-index entry as `(category, id)`.
-    pub fn listings(&self) -> impl Iterator<Item = Result<(String, String), ReadModelError>> + use<> {
-        self.inner.trees.load().by_category.iter().keys().map(|key| {
-            let key = key.map_err(storage("scan index"))?;
-            let split = key.iter().position(|&b| b == 0).unwrap_or(key.len());
-            let id = key.get(split + 1..).unwrap_or_default();
-            Ok((String::from_utf8_lossy(&key[..split]).into_owned(), String::from_utf8_lossy(id).into_owned()))
-        })
+    /// Every category-index entry as `(category, id)`, categories in no particular order.
+    pub fn listings(&self) -> Vec<(String, String)> {
+        self.inner.trees.load().index.entries()
     }
 
-    pub fn is_indexed(&self, category: &str, id: &str) -> Result<bool, ReadModelError> {
-        self.inner.trees.load().by_category.contains_key(category_key(category, id)).map_err(storage("index"))
+    pub fn is_indexed(&self, category: &str, id: &str) -> bool {
+        self.inner.trees.load().index.contains(category, id)
     }
 
     /// Writes the view of `state` whatever revision is stored, and fixes its index entry:
@@ -672,7 +646,8 @@ impl ReadModel {
         self.note_written(key);
         let old = old.and_then(|v| StoredView::decode(Bytes::from_owner(v))).filter(|v| v.listed);
         let old = old.as_ref().map(StoredView::category).filter(|c| !c.is_empty()).map(str::to_owned);
-        self.reindex(key, old.as_deref(), state.category())
+        self.reindex(key, old.as_deref(), state.category());
+        Ok(())
     }
 
     /// Drops a product's view and its index entry (a view the store knows nothing of).
@@ -681,15 +656,14 @@ impl ReadModel {
         if let Some(old) = self.inner.trees.load().views.remove(id).map_err(storage("remove view"))?
             && let Some(view) = StoredView::decode(Bytes::from_owner(old))
         {
-            self.unindex(view.category(), id)?;
+            self.unindex(view.category(), id);
         }
         Ok(())
     }
 
     /// Drops one index entry.
-    pub fn unindex(&self, category: &str, id: &str) -> Result<(), ReadModelError> {
-        self.inner.trees.load().by_category.remove(category_key(category, id)).map_err(storage("index"))?;
-        Ok(())
+    pub fn unindex(&self, category: &str, id: &str) {
+        self.inner.trees.load().index.remove(category, id);
     }
 
     pub fn settings(&self) -> ViewSettings {
@@ -715,7 +689,7 @@ impl ReadModel {
     pub fn clear(&self) -> Result<(), ReadModelError> {
         let clear = storage("clear");
         self.inner.trees.load().views.clear().map_err(&clear)?;
-        self.inner.trees.load().by_category.clear().map_err(&clear)?;
+        self.inner.trees.load().index.clear();
         self.inner.trees.load().meta.clear().map_err(&clear)?;
         Ok(())
     }
@@ -797,20 +771,51 @@ mod tests {
     }
 
     #[test]
-    fn a_category_entry_lost_in_a_crash_is_restored_by_catch_up_or_the_next_version() {
-        let (_d, rm) = model();
-        let v1 = state("P1", &[created("P1", "A")]);
-        rm.apply([&v1]).unwrap();
-        // What a kill -9 between the view write and the index insert leaves behind.
-        rm.inner.trees.load().by_category.remove(category_key("A", "P1")).unwrap();
-        assert!(rm.page("A", None, 10).unwrap().items.is_empty());
-        assert_eq!(rm.apply([&v1]).unwrap(), 0, "catch-up finds the view current");
-        assert_eq!(rm.page("A", None, 10).unwrap().items.len(), 1, "and still lists it again");
+    fn the_index_is_built_from_the_records_when_the_model_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        {
+            let rm = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
+            for (id, category) in [("P1", "A"), ("P2", "A"), ("P3", "B")] {
+                rm.apply(&[state(id, &[created(id, category)])]).unwrap();
+            }
+            let deleted = state("P2", &[created("P2", "A"), serde_json::json!({"productId":"P2","status":"deleted"})]);
+            rm.apply(&[deleted]).unwrap();
+        }
+        // What a data dir from before the index moved into memory holds beside the records.
+        db.open_tree(trees::BY_CATEGORY).unwrap().insert(b"A\0P9", &[]).unwrap();
+        let rm = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
+        let ids = |category| -> Vec<String> {
+            rm.page(category, None, 10).unwrap().items.iter().map(|v| v.raw().len().to_string()).collect()
+        };
+        assert_eq!(ids("A").len(), 1, "P1 only: P2 is a tombstone, P9 was only in the old index");
+        assert_eq!(ids("B").len(), 1);
+        let mut listed = rm.listings();
+        listed.sort();
+        assert_eq!(listed, [("A".to_owned(), "P1".to_owned()), ("B".to_owned(), "P3".to_owned())]);
+        for _ in 0..200 {
+            if !db.tree_names().iter().any(|name| name.as_ref() == trees::BY_CATEGORY.as_bytes()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the old sled index is dropped");
+    }
 
-        rm.inner.trees.load().by_category.remove(category_key("A", "P1")).unwrap();
-        let v2 = state("P1", &[created("P1", "A"), serde_json::json!({"productId":"P1","quantity":3})]);
-        assert_eq!(rm.apply([&v2]).unwrap(), 1);
-        assert_eq!(rm.page("A", None, 10).unwrap().items.len(), 1, "a later version in the same category repairs it");
+    #[test]
+    fn a_page_trusts_the_record_over_an_index_entry_it_moved_away_from() {
+        let (_d, rm) = model();
+        for id in ["P1", "P2", "P3"] {
+            rm.apply(&[state(id, &[created(id, "A")])]).unwrap();
+        }
+        // What a page sees while a fold moves P2 to B: listed in both, its record in B.
+        rm.apply(&[state("P2", &[created("P2", "A"), created("P2", "B")])]).unwrap();
+        rm.inner.trees.load().index.insert("A", "P2");
+        let first = rm.page("A", None, 1).unwrap();
+        assert_eq!(first.next_cursor.as_deref(), Some("P1"));
+        let second = rm.page("A", first.next_cursor.as_deref(), 1).unwrap();
+        assert_eq!((second.items.len(), second.next_cursor), (1, None), "P3, with P2 skipped");
+        assert_eq!(rm.page("B", None, 10).unwrap().items.len(), 1);
     }
 
     #[test]

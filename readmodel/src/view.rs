@@ -130,6 +130,16 @@ impl StoredView {
         Some(Self { raw, revision, refreshed_at_ms, listed, category, parts, state })
     }
 
+    /// The category a record is listed in, read from its header alone: `None` for a tombstone,
+    /// a product without a category, or bytes that are no record.
+    pub fn listing_of(raw: &[u8]) -> Option<&str> {
+        if !matches!(raw.first(), Some(&FORMAT | &FORMAT_WITH_STATE)) || *raw.get(17)? != 1 {
+            return None;
+        }
+        let (start, end) = take(raw, &mut 18)?;
+        std::str::from_utf8(&raw[start..end]).ok().filter(|c| !c.is_empty())
+    }
+
     /// Whether the record holds its product's state (it does wherever the read model is the store).
     pub fn has_state(&self) -> bool {
         self.state.is_some()

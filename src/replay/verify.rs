@@ -54,7 +54,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
             let repaired = catalog_replay::repair_views(&model, &states, &view_drifts)?;
             views.flush().context("flushing the repaired read model")?;
             let (left, _) = catalog_replay::compare_views(&model, &states)?;
-            println!("repaired the views and listings of {repaired} products from the store");
+            println!("repaired the views and listings of {repaired} product(s) from the store");
             drifts.extend(left);
         } else {
             drifts.extend(view_drifts);

@@ -1,0 +1,108 @@
+//! The category index, in memory: derived from the records, built when a generation's trees
+//! open, so that a write of a product is one sled write (its record) and nothing else.
+//!
+//! Kept in sled, the index cost a second copy-on-write insert per new product, which measured
+//! about half of the whole write path's CPU (BENCHMARKS.md, round four); in memory it costs an
+//! id per listed product (sled's inline `IVec`, no allocation for ids of up to 22 bytes) and a
+//! scan of the records at start.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use sled::IVec;
+
+#[derive(Default)]
+pub(crate) struct CategoryIndex {
+    categories: RwLock<HashMap<Box<str>, BTreeSet<IVec>>>,
+}
+
+impl CategoryIndex {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<Box<str>, BTreeSet<IVec>>> {
+        self.categories.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Box<str>, BTreeSet<IVec>>> {
+        self.categories.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn insert(&self, category: &str, id: &str) {
+        let mut categories = self.write();
+        match categories.get_mut(category) {
+            Some(ids) => ids.insert(IVec::from(id.as_bytes())),
+            None => categories.entry(category.into()).or_default().insert(IVec::from(id.as_bytes())),
+        };
+    }
+
+    pub(crate) fn remove(&self, category: &str, id: &str) {
+        let mut categories = self.write();
+        if let Some(ids) = categories.get_mut(category) {
+            ids.remove(id.as_bytes());
+            if ids.is_empty() {
+                categories.remove(category);
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, category: &str, id: &str) -> bool {
+        self.read().get(category).is_some_and(|ids| ids.contains(id.as_bytes()))
+    }
+
+    /// Up to `n` ids of the category in order, after `after` (from the first without it). The
+    /// lock is held only while they are copied, never while their records are read.
+    pub(crate) fn after(&self, category: &str, after: Option<&[u8]>, n: usize) -> Vec<IVec> {
+        let categories = self.read();
+        let Some(ids) = categories.get(category) else { return Vec::new() };
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        ids.range::<[u8], _>((start, Bound::Unbounded)).take(n).cloned().collect()
+    }
+
+    /// Every entry as `(category, id)`, categories in no particular order.
+    pub(crate) fn entries(&self) -> Vec<(String, String)> {
+        let categories = self.read();
+        let mut out = Vec::with_capacity(categories.values().map(BTreeSet::len).sum());
+        for (category, ids) in categories.iter() {
+            out.extend(ids.iter().map(|id| (category.to_string(), String::from_utf8_lossy(id).into_owned())));
+        }
+        out
+    }
+
+    pub(crate) fn clear(&self) {
+        self.write().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(index: &CategoryIndex, category: &str, after: Option<&str>, n: usize) -> Vec<String> {
+        index.after(category, after.map(str::as_bytes), n).iter().map(|id| String::from_utf8_lossy(id).into_owned()).collect()
+    }
+
+    #[test]
+    fn pages_in_id_order_from_a_cursor_within_one_category() {
+        let index = CategoryIndex::default();
+        for id in ["P3", "P1", "P2"] {
+            index.insert("Tools", id);
+        }
+        index.insert("Toolsets", "P0");
+        assert_eq!(ids(&index, "Tools", None, 10), ["P1", "P2", "P3"]);
+        assert_eq!(ids(&index, "Tools", Some("P1"), 1), ["P2"]);
+        assert_eq!(ids(&index, "Tools", Some("P3"), 10), Vec::<String>::new());
+        assert_eq!(ids(&index, "Toolsets", None, 10), ["P0"]);
+        assert!(index.contains("Tools", "P2") && !index.contains("Tools", "P0"));
+    }
+
+    #[test]
+    fn a_removed_entry_is_gone_and_an_empty_category_with_it() {
+        let index = CategoryIndex::default();
+        index.insert("Tools", "P1");
+        index.insert("Tools", "P1");
+        index.remove("Tools", "P1");
+        index.remove("Garden", "P1");
+        assert!(!index.contains("Tools", "P1"));
+        assert!(index.entries().is_empty());
+        assert!(index.read().is_empty(), "an empty category is dropped");
+    }
+}
