@@ -3,13 +3,13 @@
 //!
 //! Layout:
 //! - `view`: the stored form of a view: bodies, gzip bodies and ETags, so a GET only slices bytes.
-//! - `listing`: the category index, in memory, derived from the records.
+//! - `derived`: what is kept in memory beside the records: the category index.
 //! - `model`: `ReadModel`, reads (by id, by category, many ids) and monotonic writes.
 //! - `refresh`: the task that turns invalidations into fresh views (refresh-ahead).
 //! - `online`: a rebuild beside the live model, swapped in while reads go on.
 //! - `store`: the embedded store, which is the read model's records themselves.
 
-mod listing;
+mod derived;
 mod model;
 mod online;
 mod refresh;

@@ -5,7 +5,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -16,7 +16,7 @@ use catalog_domain::state::Applied;
 use catalog_domain::{ProductId, ProductState, ViewSettings};
 use catalog_pipeline::{ProductChanged, SequencedEvent, StoreError, WriteOutcome};
 
-use crate::listing::CategoryIndex;
+use crate::derived::Derived;
 use crate::view::StoredView;
 
 /// The largest page a list route may ask for (docs/contract.md).
@@ -101,24 +101,36 @@ struct Inner {
 struct Trees {
     generation: u64,
     views: sled::Tree,
-    /// Derived from `views` when the trees open, kept beside them after.
-    index: CategoryIndex,
     meta: sled::Tree,
+    /// Derived from `views` by a scan on first use (a tool that never lists nor writes never
+    /// pays for it), kept up to date by every write after. Every writer takes it before it
+    /// writes, so no write can fall before the scan and be missed by it.
+    derived: OnceLock<Derived>,
+    deriving: Mutex<()>,
 }
 
 impl Trees {
     fn open(db: &sled::Db, generation: u64) -> Result<Self, ReadModelError> {
         let open = storage("open");
-        let views = db.open_tree(trees::name(trees::VIEWS, generation)).map_err(&open)?;
-        let index = CategoryIndex::default();
-        for item in views.iter() {
-            let (id, raw) = item.map_err(&open)?;
-            // A record that cannot be decoded lists nothing; `replay verify` names it.
-            if let (Some(category), Ok(id)) = (StoredView::listing_of(&raw), std::str::from_utf8(&id)) {
-                index.insert(category, id);
-            }
+        Ok(Self {
+            generation,
+            views: db.open_tree(trees::name(trees::VIEWS, generation)).map_err(&open)?,
+            meta: db.open_tree(trees::name(trees::META, generation)).map_err(&open)?,
+            derived: OnceLock::new(),
+            deriving: Mutex::new(()),
+        })
+    }
+
+    fn derived(&self) -> Result<&Derived, ReadModelError> {
+        if let Some(derived) = self.derived.get() {
+            return Ok(derived);
         }
-        Ok(Self { generation, views, index, meta: db.open_tree(trees::name(trees::META, generation)).map_err(&open)? })
+        let _alone = self.deriving.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(derived) = self.derived.get() {
+            return Ok(derived);
+        }
+        let scanned = Derived::scan(&self.views).map_err(storage("scan views"))?;
+        Ok(self.derived.get_or_init(|| scanned))
     }
 }
 
@@ -193,23 +205,37 @@ fn listing(view: &StoredView) -> Option<String> {
     Some(view.category()).filter(|c| view.listed && !c.is_empty()).map(str::to_owned)
 }
 
+/// Moves a product's category entry after its record was written (a fold lists first, for the
+/// pages it races with; the writes that come here seldom race a page, and a page trusts the
+/// record anyway).
+fn reindex(derived: &Derived, id: &str, old: Option<&str>, new: Option<&str>) {
+    // Always listed anew: cheap in memory, and what puts back an entry a repair found missing.
+    if let Some(new) = new {
+        derived.index.insert(new, id);
+    }
+    if let Some(old) = old.filter(|old| Some(*old) != new) {
+        derived.index.remove(old, id);
+    }
+}
+
 /// Carries one product's record, and its listing, from the old generation into the new one:
 /// written meanwhile, the old generation's record is the newest.
 fn carry(old: &Trees, new: &Trees, id: &str) -> Result<(), ReadModelError> {
     let Some(raw) = old.views.get(id).map_err(storage("swap"))? else { return Ok(()) };
+    let derived = new.derived()?;
     let now_in = listing(&decode_record(id, raw.clone())?);
     let before = new.views.get(id).map_err(storage("swap"))?.map(|v| decode_record(id, v)).transpose()?;
     let before = before.as_ref().and_then(listing);
     if now_in != before
         && let Some(category) = &now_in
     {
-        new.index.insert(category, id);
+        derived.index.insert(category, id);
     }
     new.views.insert(id, raw).map_err(storage("swap"))?;
     if now_in != before
         && let Some(category) = &before
     {
-        new.index.remove(category, id);
+        derived.index.remove(category, id);
     }
     Ok(())
 }
@@ -371,7 +397,7 @@ impl ReadModel {
         // One more than the page, to know whether a next page exists.
         let step = limit.saturating_add(1).min(DEFAULT_MAX_PAGE + 1);
         loop {
-            let ids = trees.index.after(category, scanned.as_deref(), step);
+            let ids = trees.derived()?.index.after(category, scanned.as_deref(), step);
             for id in &ids {
                 let id = std::str::from_utf8(id).unwrap_or_default();
                 // The index may briefly hold an entry its view has moved away from (a write
@@ -486,13 +512,15 @@ impl ReadModel {
         products: &[(&ProductId, Vec<&SequencedEvent>)],
         now: u64,
     ) -> Result<Vec<Folded>, ReadModelError> {
+        let derived = trees.derived()?;
         let mut out = Vec::with_capacity(products.len());
         for (id, events) in products {
             let key = id.as_str();
+            let mut current = trees.views.get(key).map_err(storage("get"))?;
             // Compare-and-swap: a cache-aside fill or a repair may write the same record
-            // meanwhile; losing that race folds the product again over what it wrote.
+            // meanwhile; losing that race folds the product again over what it wrote, which
+            // the failed swap hands back.
             let (state, changed, stale) = loop {
-                let current = trees.views.get(key).map_err(storage("get"))?;
                 let (mut state, listed_in) = match &current {
                     None => (ProductState::new((*id).clone()), None),
                     Some(raw) => {
@@ -516,15 +544,18 @@ impl ReadModel {
                 // extra entry, which it skips since it trusts the record, and never a listed
                 // record missing from its category.
                 if let Some(category) = now_in.filter(|_| moved) {
-                    trees.index.insert(category, key);
+                    derived.index.insert(category, key);
                 }
-                let swapped =
-                    trees.views.compare_and_swap(key, current, Some(self.encode(&state, now))).map_err(storage("write view"))?;
-                if swapped.is_err() {
+                let swapped = trees
+                    .views
+                    .compare_and_swap(key, current.as_deref(), Some(self.encode(&state, now)))
+                    .map_err(storage("write view"))?;
+                if let Err(lost) = swapped {
+                    current = lost.current;
                     continue;
                 }
                 if let Some(category) = listed_in.as_deref().filter(|_| moved) {
-                    trees.index.remove(category, key);
+                    derived.index.remove(category, key);
                 }
                 break (state, changed, stale);
             };
@@ -569,9 +600,11 @@ impl ReadModel {
 
     fn apply_one(&self, state: &ProductState) -> Result<bool, ReadModelError> {
         let key = state.id.as_str();
+        let trees = self.inner.trees.load();
+        let derived = trees.derived()?;
         let mut encoded = None;
+        let mut current = trees.views.get(key).map_err(storage("get"))?;
         loop {
-            let current = self.inner.trees.load().views.get(key).map_err(storage("get"))?;
             let current_view = current.clone().and_then(|v| StoredView::decode(Bytes::from_owner(v)));
             // Newer always wins; the same revision only renews an expired view's timestamp, or
             // gives a record of the store the state it lacks (a data dir from before records
@@ -585,14 +618,14 @@ impl ReadModel {
             }
             let now = millis_since_epoch(SystemTime::now());
             let value = encoded.get_or_insert_with(|| self.encode(state, now)).clone();
-            match self.inner.trees.load().views.compare_and_swap(key, current, Some(value)).map_err(storage("write view"))? {
+            match trees.views.compare_and_swap(key, current.as_deref(), Some(value)).map_err(storage("write view"))? {
                 Ok(()) => {
                     self.note_written(key);
                     let old = current_view.filter(|v| v.listed).map(|v| v.category().to_owned()).filter(|c| !c.is_empty());
-                    self.reindex(key, old.as_deref(), state.category());
+                    reindex(derived, key, old.as_deref(), state.category());
                     return Ok(true);
                 }
-                Err(_) => continue,
+                Err(lost) => current = lost.current,
             }
         }
     }
@@ -605,20 +638,6 @@ impl ReadModel {
         }
     }
 
-    /// Moves a product's category entry after its view was written (a fold lists first, for
-    /// the pages it races with; here, the caller's writes are not concurrent with a fold of
-    /// the same product but for the rare cache-aside fill, and a page trusts the record).
-    fn reindex(&self, id: &str, old: Option<&str>, new: Option<&str>) {
-        let index = &self.inner.trees.load().index;
-        // Always listed anew: cheap in memory, and what puts back an entry a repair found missing.
-        if let Some(new) = new {
-            index.insert(new, id);
-        }
-        if let Some(old) = old.filter(|old| Some(*old) != new) {
-            index.remove(old, id);
-        }
-    }
-
     /// Every stored view in id order, tombstones included: the replay tools' view.
     pub fn views(&self) -> impl Iterator<Item = Result<(String, Option<StoredView>), ReadModelError>> + use<> {
         self.inner.trees.load().views.iter().map(|item| {
@@ -628,12 +647,18 @@ impl ReadModel {
     }
 
     /// Every category-index entry as `(category, id)`, categories in no particular order.
-    pub fn listings(&self) -> Vec<(String, String)> {
-        self.inner.trees.load().index.entries()
+    pub fn listings(&self) -> Result<Vec<(String, String)>, ReadModelError> {
+        Ok(self.inner.trees.load().derived()?.index.entries())
     }
 
-    pub fn is_indexed(&self, category: &str, id: &str) -> bool {
-        self.inner.trees.load().index.contains(category, id)
+    pub fn is_indexed(&self, category: &str, id: &str) -> Result<bool, ReadModelError> {
+        Ok(self.inner.trees.load().derived()?.index.contains(category, id))
+    }
+
+    /// Scans the records for what is kept in memory beside them (the category index), if no
+    /// read or write has yet: `serve` does it before it listens, so no request waits for it.
+    pub fn prepare(&self) -> Result<(), ReadModelError> {
+        self.inner.trees.load().derived().map(drop)
     }
 
     /// Writes the view of `state` whatever revision is stored, and fixes its index entry:
@@ -641,29 +666,34 @@ impl ReadModel {
     pub fn overwrite(&self, state: &ProductState) -> Result<(), ReadModelError> {
         let _writer = self.writer();
         let key = state.id.as_str();
+        let trees = self.inner.trees.load();
+        let derived = trees.derived()?;
         let value = self.encode(state, millis_since_epoch(SystemTime::now()));
-        let old = self.inner.trees.load().views.insert(key, value).map_err(storage("write view"))?;
+        let old = trees.views.insert(key, value).map_err(storage("write view"))?;
         self.note_written(key);
         let old = old.and_then(|v| StoredView::decode(Bytes::from_owner(v))).filter(|v| v.listed);
         let old = old.as_ref().map(StoredView::category).filter(|c| !c.is_empty()).map(str::to_owned);
-        self.reindex(key, old.as_deref(), state.category());
+        reindex(derived, key, old.as_deref(), state.category());
         Ok(())
     }
 
     /// Drops a product's view and its index entry (a view the store knows nothing of).
     pub fn remove(&self, id: &str) -> Result<(), ReadModelError> {
         let _writer = self.writer();
-        if let Some(old) = self.inner.trees.load().views.remove(id).map_err(storage("remove view"))?
+        let trees = self.inner.trees.load();
+        let derived = trees.derived()?;
+        if let Some(old) = trees.views.remove(id).map_err(storage("remove view"))?
             && let Some(view) = StoredView::decode(Bytes::from_owner(old))
         {
-            self.unindex(view.category(), id);
+            derived.index.remove(view.category(), id);
         }
         Ok(())
     }
 
     /// Drops one index entry.
-    pub fn unindex(&self, category: &str, id: &str) {
-        self.inner.trees.load().index.remove(category, id);
+    pub fn unindex(&self, category: &str, id: &str) -> Result<(), ReadModelError> {
+        self.inner.trees.load().derived()?.index.remove(category, id);
+        Ok(())
     }
 
     pub fn settings(&self) -> ViewSettings {
@@ -688,9 +718,12 @@ impl ReadModel {
     /// Drops every view, index entry and the checkpoint (before a rebuild).
     pub fn clear(&self) -> Result<(), ReadModelError> {
         let clear = storage("clear");
-        self.inner.trees.load().views.clear().map_err(&clear)?;
-        self.inner.trees.load().index.clear();
-        self.inner.trees.load().meta.clear().map_err(&clear)?;
+        let trees = self.inner.trees.load();
+        trees.views.clear().map_err(&clear)?;
+        if let Some(derived) = trees.derived.get() {
+            derived.clear();
+        }
+        trees.meta.clear().map_err(&clear)?;
         Ok(())
     }
 }
@@ -790,7 +823,7 @@ mod tests {
         };
         assert_eq!(ids("A").len(), 1, "P1 only: P2 is a tombstone, P9 was only in the old index");
         assert_eq!(ids("B").len(), 1);
-        let mut listed = rm.listings();
+        let mut listed = rm.listings().unwrap();
         listed.sort();
         assert_eq!(listed, [("A".to_owned(), "P1".to_owned()), ("B".to_owned(), "P3".to_owned())]);
         for _ in 0..200 {
@@ -810,7 +843,7 @@ mod tests {
         }
         // What a page sees while a fold moves P2 to B: listed in both, its record in B.
         rm.apply(&[state("P2", &[created("P2", "A"), created("P2", "B")])]).unwrap();
-        rm.inner.trees.load().index.insert("A", "P2");
+        rm.inner.trees.load().derived().unwrap().index.insert("A", "P2");
         let first = rm.page("A", None, 1).unwrap();
         assert_eq!(first.next_cursor.as_deref(), Some("P1"));
         let second = rm.page("A", first.next_cursor.as_deref(), 1).unwrap();

@@ -235,7 +235,7 @@ mod tests {
     }
 
     fn listed(model: &ReadModel, category: &str) -> Vec<String> {
-        model.listings().into_iter().filter(|(c, _)| c == category).map(|(_, id)| id).collect()
+        model.listings().unwrap().into_iter().filter(|(c, _)| c == category).map(|(_, id)| id).collect()
     }
 
     #[test]

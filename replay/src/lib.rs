@@ -131,7 +131,7 @@ mod tests {
         log.append(&BODIES.map(|b| Bytes::from_static(b.as_bytes()))).await.unwrap();
         let (_store, states) = store_from_log(dir.path(), &log).await;
         model.apply(&states).unwrap();
-        model.unindex("C", "P1");
+        model.unindex("C", "P1").unwrap();
         let (drifts, _) = compare_views(&model, &states).unwrap();
         assert_eq!(
             drifts.iter().map(ToString::to_string).collect::<Vec<_>>(),

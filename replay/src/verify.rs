@@ -94,7 +94,7 @@ pub fn compare_views(model: &ReadModel, store: &[ProductState]) -> Result<(Vec<D
             Some(state) => {
                 seen.insert(state.id.as_str());
                 out.extend(view_differences(&view, state, settings).into_iter().map(|d| drift(DriftKind::View, &id, d)));
-                if view.listed && !view.category().is_empty() && !model.is_indexed(view.category(), &id) {
+                if view.listed && !view.category().is_empty() && !model.is_indexed(view.category(), &id)? {
                     out.push(drift(
                         DriftKind::Listing,
                         &id,
@@ -115,7 +115,7 @@ pub fn compare_views(model: &ReadModel, store: &[ProductState]) -> Result<(Vec<D
             ));
         }
     }
-    for (category, id) in model.listings() {
+    for (category, id) in model.listings()? {
         report.listings += 1;
         let view = model.get(&id)?;
         if !view.as_ref().is_some_and(|v| v.listed && v.category() == category) {
@@ -170,9 +170,9 @@ pub fn repair_views(model: &ReadModel, store: &[ProductState], drifts: &[Drift])
             None => model.remove(id)?,
         }
     }
-    for (category, id) in model.listings() {
+    for (category, id) in model.listings()? {
         if !model.get(&id)?.is_some_and(|v| v.listed && v.category() == category) {
-            model.unindex(&category, &id);
+            model.unindex(&category, &id)?;
         }
     }
     Ok(ids.len())

@@ -90,6 +90,14 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         "the data dir {} holds an embedded catalog (its read model is the embedded store): an AWS instance needs a --data-dir of its own",
         args.data.data_dir.display()
     );
+    // The category index is a scan of the records: done before listening, so that no request
+    // waits for it.
+    tokio::task::spawn_blocking({
+        let model = model.clone();
+        move || model.prepare()
+    })
+    .await?
+    .context("reading the read model's records")?;
     let clients = AwsClients::from_env().await?;
     let settings = args.aws_settings();
     let mut registry = Registry::default();

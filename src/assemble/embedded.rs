@@ -47,7 +47,14 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     }
     let recovery = {
         let (store, db, log, limits) = (store.clone(), db.clone(), log.clone(), args.data.parse_limits());
-        tokio::task::spawn_blocking(move || store.recover(&db, &log, limits)).await?
+        tokio::task::spawn_blocking(move || {
+            let recovery = store.recover(&db, &log, limits)?;
+            // The category index is a scan of the records: done before listening, so that no
+            // request waits for it.
+            store.model().prepare()?;
+            Ok::<_, catalog_pipeline::StoreError>(recovery)
+        })
+        .await?
     }
     .context("bringing the store up to the event log")?;
     if recovery.moved > 0 || recovery.redone > 0 || recovery.from_snapshot > 0 {

@@ -1,16 +1,43 @@
-//! The category index, in memory: derived from the records, built when a generation's trees
-//! open, so that a write of a product is one sled write (its record) and nothing else.
+//! What the read model keeps in memory beside its records, derived from them by one scan: the
+//! category index. So a write of a product is one sled write (its record) and nothing else.
 //!
 //! Kept in sled, the index cost a second copy-on-write insert per new product, which measured
-//! about half of the whole write path's CPU (BENCHMARKS.md, round four); in memory it costs an
-//! id per listed product (sled's inline `IVec`, no allocation for ids of up to 22 bytes) and a
-//! scan of the records at start.
+//! about half of the whole write path's CPU (BENCHMARKS.md, round four). In memory it costs an
+//! id per listed product (sled's inline `IVec`: no allocation for ids of up to 22 bytes) and
+//! the scan.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sled::IVec;
+
+use crate::view::StoredView;
+
+/// Complete for the records it was derived from, and kept so by every write after.
+#[derive(Default)]
+pub(crate) struct Derived {
+    pub(crate) index: CategoryIndex,
+}
+
+impl Derived {
+    /// One scan of every record.
+    pub(crate) fn scan(views: &sled::Tree) -> Result<Self, sled::Error> {
+        let derived = Self::default();
+        for item in views.iter() {
+            let (id, raw) = item?;
+            // A record that cannot be decoded lists nothing; `replay verify` names it.
+            if let (Some(category), Ok(id)) = (StoredView::listing_of(&raw), std::str::from_utf8(&id)) {
+                derived.index.insert(category, id);
+            }
+        }
+        Ok(derived)
+    }
+
+    pub(crate) fn clear(&self) {
+        self.index.clear();
+    }
+}
 
 #[derive(Default)]
 pub(crate) struct CategoryIndex {
@@ -67,7 +94,7 @@ impl CategoryIndex {
         out
     }
 
-    pub(crate) fn clear(&self) {
+    fn clear(&self) {
         self.write().clear();
     }
 }
