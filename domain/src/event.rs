@@ -188,6 +188,13 @@ impl CatalogEvent {
         if body.len() > limits.max_body_bytes {
             return Err(ValidationError::TooLarge { size: body.len(), limit: limits.max_body_bytes });
         }
+        // The common case, an envelope read straight into fields; anything else, and every
+        // error, goes through the `Value` reader, which alone says what is wrong.
+        if let Ok(envelope) = serde_json::from_slice::<typed::Envelope>(body)
+            && let Some(event) = envelope.event(accepted_at)
+        {
+            return Ok(event);
+        }
         let value: Value = serde_json::from_slice(body).map_err(|e| ValidationError::MalformedJson(e.to_string()))?;
         Self::from_value(&value, accepted_at)
     }
@@ -218,25 +225,8 @@ impl CatalogEvent {
             Some(env) => optional_str(env, "id")?.map(str::to_owned),
             None => None,
         };
-        let time = match envelope.map(|env| optional_str(env, "time")).transpose()?.flatten() {
-            Some(text) => parse_time(text).map_err(|e| ValidationError::InvalidValue {
-                field: "time",
-                reason: format!("{text:?} is not an RFC 3339 time ({e})"),
-            })?,
-            None => accepted_at,
-        };
-        let product_id = parse_product_id(detail)?;
-        let version = parse_version(detail)?;
-        let change = match kind {
-            EventKind::ProductUpdate => Change::Product(parse_product_change(detail)?),
-            EventKind::InventoryUpdate => Change::Inventory { quantity: parse_quantity(detail)? },
-            EventKind::PriceUpdate => {
-                let currency = parse_currency(detail)?.ok_or(ValidationError::MissingField("currency"))?;
-                let price = parse_price(detail, currency)?.ok_or(ValidationError::MissingField("price"))?;
-                Change::Price { price }
-            }
-        };
-        Ok(CatalogEvent { event_id, product_id, version, time, change })
+        let time = envelope.map(|env| optional_str(env, "time")).transpose()?.flatten();
+        build(kind, event_id, time, detail, accepted_at)
     }
 
     pub fn kind(&self) -> EventKind {
@@ -312,6 +302,36 @@ pub fn time_from_millis(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// The event, from its kind and its detail's fields as either reader found them: the checks
+/// both readers share.
+fn build(
+    kind: EventKind,
+    event_id: Option<String>,
+    time: Option<&str>,
+    detail: &impl Fields,
+    accepted_at: SystemTime,
+) -> Result<CatalogEvent, ValidationError> {
+    let time = match time {
+        Some(text) => parse_time(text).map_err(|e| ValidationError::InvalidValue {
+            field: "time",
+            reason: format!("{text:?} is not an RFC 3339 time ({e})"),
+        })?,
+        None => accepted_at,
+    };
+    let product_id = parse_product_id(detail)?;
+    let version = parse_version(detail)?;
+    let change = match kind {
+        EventKind::ProductUpdate => Change::Product(parse_product_change(detail)?),
+        EventKind::InventoryUpdate => Change::Inventory { quantity: parse_quantity(detail)? },
+        EventKind::PriceUpdate => {
+            let currency = parse_currency(detail)?.ok_or(ValidationError::MissingField("currency"))?;
+            let price = parse_price(detail, currency)?.ok_or(ValidationError::MissingField("price"))?;
+            Change::Price { price }
+        }
+    };
+    Ok(CatalogEvent { event_id, product_id, version, time, change })
+}
+
 /// A bare detail (the seed's `InputTemplate "<detail>"`) says its kind only through its fields.
 fn infer_kind(obj: &Map<String, Value>) -> Result<EventKind, ValidationError> {
     let has = |k: &str| obj.contains_key(k);
@@ -360,8 +380,29 @@ fn required_str<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<
     optional_str(obj, field)?.ok_or(ValidationError::MissingField(field))
 }
 
-fn text_field(obj: &Map<String, Value>, field: &'static str, max_chars: usize) -> Result<Option<String>, ValidationError> {
-    let Some(text) = optional_str(obj, field)? else { return Ok(None) };
+/// A detail's fields as one of the two readers found them: a string, a number, or absent (null
+/// counts as absent); `Err` for a value of another type.
+trait Fields {
+    fn text(&self, field: &'static str) -> Result<Option<&str>, ValidationError>;
+    fn number(&self, field: &'static str, expected: &'static str) -> Result<Option<&serde_json::Number>, ValidationError>;
+}
+
+impl Fields for Map<String, Value> {
+    fn text(&self, field: &'static str) -> Result<Option<&str>, ValidationError> {
+        optional_str(self, field)
+    }
+
+    fn number(&self, field: &'static str, expected: &'static str) -> Result<Option<&serde_json::Number>, ValidationError> {
+        match self.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => Ok(Some(n)),
+            Some(other) => Err(wrong_type(field, expected, other)),
+        }
+    }
+}
+
+fn text_field(obj: &impl Fields, field: &'static str, max_chars: usize) -> Result<Option<String>, ValidationError> {
+    let Some(text) = obj.text(field)? else { return Ok(None) };
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(ValidationError::InvalidValue { field, reason: "it is empty".into() });
@@ -403,8 +444,8 @@ fn parse_time(text: &str) -> Result<SystemTime, String> {
     }
 }
 
-fn parse_product_id(detail: &Map<String, Value>) -> Result<ProductId, ValidationError> {
-    let raw = required_str(detail, "productId")?;
+fn parse_product_id(detail: &impl Fields) -> Result<ProductId, ValidationError> {
+    let raw = detail.text("productId")?.ok_or(ValidationError::MissingField("productId"))?;
     ProductId::parse(raw).map_err(|e| ValidationError::InvalidValue { field: "productId", reason: e.to_string() })
 }
 
@@ -412,10 +453,10 @@ fn parse_product_id(detail: &Map<String, Value>) -> Result<ProductId, Validation
 /// above it would reach browsers rounded, so they are refused at the door.
 pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
-fn parse_u64(detail: &Map<String, Value>, field: &'static str, what: &'static str) -> Result<Option<u64>, ValidationError> {
-    match detail.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
+fn parse_u64(detail: &impl Fields, field: &'static str, what: &'static str) -> Result<Option<u64>, ValidationError> {
+    match detail.number(field, "a number")? {
+        None => Ok(None),
+        Some(n) => match n.as_u64() {
             Some(v) if v <= MAX_SAFE_INTEGER => Ok(Some(v)),
             Some(_) => Err(ValidationError::InvalidValue {
                 field,
@@ -423,39 +464,37 @@ fn parse_u64(detail: &Map<String, Value>, field: &'static str, what: &'static st
             }),
             None => Err(ValidationError::InvalidValue { field, reason: format!("{n} is not {what}") }),
         },
-        Some(other) => Err(wrong_type(field, "a number", other)),
     }
 }
 
-fn parse_version(detail: &Map<String, Value>) -> Result<Option<u64>, ValidationError> {
+fn parse_version(detail: &impl Fields) -> Result<Option<u64>, ValidationError> {
     parse_u64(detail, "version", "a non-negative integer")
 }
 
-fn parse_quantity(detail: &Map<String, Value>) -> Result<u64, ValidationError> {
+fn parse_quantity(detail: &impl Fields) -> Result<u64, ValidationError> {
     parse_u64(detail, "quantity", "an integer ≥ 0")?.ok_or(ValidationError::MissingField("quantity"))
 }
 
-fn parse_currency(detail: &Map<String, Value>) -> Result<Option<Currency>, ValidationError> {
-    let Some(code) = optional_str(detail, "currency")? else { return Ok(None) };
+fn parse_currency(detail: &impl Fields) -> Result<Option<Currency>, ValidationError> {
+    let Some(code) = detail.text("currency")? else { return Ok(None) };
     Currency::parse(code).map(Some).ok_or_else(|| ValidationError::InvalidValue {
         field: "currency",
         reason: format!("{code:?} is not an ISO 4217 currency code this catalog knows (e.g. USD, EUR, JPY)"),
     })
 }
 
-fn parse_price(detail: &Map<String, Value>, currency: Currency) -> Result<Option<Money>, ValidationError> {
-    match detail.get("price") {
-        None | Some(Value::Null) => Ok(None),
+fn parse_price(detail: &impl Fields, currency: Currency) -> Result<Option<Money>, ValidationError> {
+    match detail.number("price", "a decimal number")? {
+        None => Ok(None),
         // With serde_json's arbitrary_precision the number keeps its exact source text.
-        Some(Value::Number(n)) => Money::parse(&n.to_string(), currency)
+        Some(n) => Money::parse(&n.to_string(), currency)
             .map(Some)
             .map_err(|e: MoneyError| ValidationError::InvalidValue { field: "price", reason: e.to_string() }),
-        Some(other) => Err(wrong_type("price", "a decimal number", other)),
     }
 }
 
-fn parse_product_change(detail: &Map<String, Value>) -> Result<ProductChange, ValidationError> {
-    let status = match required_str(detail, "status")? {
+fn parse_product_change(detail: &impl Fields) -> Result<ProductChange, ValidationError> {
+    let status = match detail.text("status")?.ok_or(ValidationError::MissingField("status"))? {
         "created" => ProductStatus::Created,
         "updated" => ProductStatus::Updated,
         "deleted" => ProductStatus::Deleted,
@@ -479,6 +518,89 @@ fn parse_product_change(detail: &Map<String, Value>) -> Result<ProductChange, Va
     let currency = parse_currency(detail)?.unwrap_or(Currency::USD);
     let list_price = parse_price(detail, currency)?;
     Ok(ProductChange { status, name: Some(name), description, category, list_price })
+}
+
+/// The envelope shapes read straight into their fields, without a `serde_json::Value` (going
+/// through one was about a tenth of ingest's CPU). It takes only what it reads exactly as the
+/// `Value` reader does: a body it cannot read whole, or any error, goes there (`None`).
+mod typed {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Number;
+
+    use super::{CatalogEvent, EventKind, Fields, ValidationError, build};
+
+    /// Borrowed strings: one with an escape in it fails the whole read, and the `Value`
+    /// reader takes the body, as it does every other body this one cannot read.
+    #[derive(Deserialize)]
+    pub(super) struct Envelope<'a> {
+        id: Option<&'a str>,
+        source: Option<&'a str>,
+        /// Present at all (null too), it names the type, as in the `Value` reader.
+        #[serde(borrow, default, rename = "detail-type", deserialize_with = "present")]
+        detail_type: Option<Option<&'a str>>,
+        #[serde(rename = "type")]
+        type_: Option<&'a str>,
+        time: Option<&'a str>,
+        #[serde(borrow)]
+        detail: Option<Detail<'a>>,
+    }
+
+    fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<&'de str>>, D::Error> {
+        Option::<&'de str>::deserialize(d).map(Some)
+    }
+
+    /// Every field [`build`] reads; `Fields` below maps each name to its own.
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(super) struct Detail<'a> {
+        product_id: Option<&'a str>,
+        version: Option<Number>,
+        status: Option<&'a str>,
+        name: Option<String>,
+        description: Option<String>,
+        category: Option<String>,
+        currency: Option<&'a str>,
+        price: Option<Number>,
+        quantity: Option<Number>,
+    }
+
+    impl Fields for Detail<'_> {
+        fn text(&self, field: &'static str) -> Result<Option<&str>, ValidationError> {
+            Ok(match field {
+                "productId" => self.product_id,
+                "status" => self.status,
+                "name" => self.name.as_deref(),
+                "description" => self.description.as_deref(),
+                "category" => self.category.as_deref(),
+                "currency" => self.currency,
+                other => unreachable!("the typed reader has no text field {other}"),
+            })
+        }
+
+        fn number(&self, field: &'static str, _expected: &'static str) -> Result<Option<&Number>, ValidationError> {
+            Ok(match field {
+                "version" => self.version.as_ref(),
+                "price" => self.price.as_ref(),
+                "quantity" => self.quantity.as_ref(),
+                other => unreachable!("the typed reader has no number field {other}"),
+            })
+        }
+    }
+
+    impl Envelope<'_> {
+        pub(super) fn event(&self, accepted_at: SystemTime) -> Option<CatalogEvent> {
+            // No detail (or a null one) is the bare shape, or an error: the `Value` reader's.
+            let detail = self.detail.as_ref()?;
+            let detail_type = match self.detail_type {
+                Some(named) => named?,
+                None => self.type_?,
+            };
+            let kind = EventKind::from_source_and_type(self.source?, detail_type)?;
+            build(kind, self.id.map(str::to_owned), self.time, detail, accepted_at).ok()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -547,12 +669,59 @@ mod tests {
 
     #[test]
     fn every_invalid_case_has_its_code() {
+        for (body, expected) in invalid_cases() {
+            assert_eq!(code(&body), expected, "{body}");
+            assert!(ValidationError::CODES.contains(&expected), "{expected} is missing from CODES");
+        }
+    }
+
+    /// What the typed reader makes of a body: `None` sends it to the `Value` reader.
+    fn typed(body: &str) -> Option<CatalogEvent> {
+        serde_json::from_str::<typed::Envelope>(body).ok()?.event(SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn the_typed_reader_takes_the_common_envelopes_and_agrees_with_the_value_reader() {
+        let valid = [
+            SEED.to_owned(),
+            r#"{"version":"0","id":"e1","detail-type":"Price Update","source":"pricing.service","account":"1","time":"2026-01-01T10:00:00+02:00","region":"us-east-1","resources":[],"detail":{"productId":"P1","price":29.99,"currency":"EUR","version":3}}"#.to_owned(),
+            r#"{"id":"e1","type":"Inventory Update","source":"inventory.service","time":"2026-01-01T10:00:00Z","detail":{"productId":"P1","quantity":0,"version":null}}"#.to_owned(),
+            r#"{"source":"product.service","detail-type":"Product Update","detail":{"productId":"P1","name":"  Caf\u00e9 \"Noir\"  ","description":"d","category":"Coffee","status":"created","price":4.5,"currency":"EUR","version":2,"extra":{"a":[1,2]}}}"#.to_owned(),
+            r#"{"source":"product.service","detail-type":"Product Update","detail":{"productId":"P1","status":"deleted","name":7}}"#.to_owned(),
+        ];
+        for body in &valid {
+            let by_value = CatalogEvent::from_value(&serde_json::from_str(body).unwrap(), SystemTime::UNIX_EPOCH).unwrap();
+            let Some(by_type) = typed(body) else {
+                // The deleted product's numeric name is read only by the `Value` reader.
+                assert!(body.contains(r#""name":7"#), "the typed reader takes {body}");
+                continue;
+            };
+            assert_eq!(by_type, by_value, "{body}");
+        }
+        // Whatever the `Value` reader refuses, the typed one leaves to it, so its error is the one given.
+        for (body, _) in invalid_cases() {
+            assert_eq!(typed(&body), None, "{body}");
+        }
+        // Ambiguities it leaves to the `Value` reader too: a null detail, a null detail-type beside
+        // a type, a duplicate key, an escaped id.
+        for body in [
+            r#"{"source":"product.service","detail-type":"Product Update","detail":null}"#,
+            r#"{"source":"product.service","detail-type":null,"type":"Product Update","detail":{"productId":"P1","name":"A","status":"updated"}}"#,
+            r#"{"source":"product.service","detail-type":"Product Update","detail":{"productId":"P1","name":"A","name":"B","status":"updated"}}"#,
+            r#"{"source":"product.service","detail-type":"Product Update","detail":{"productId":"P\u0031","name":"A","status":"updated"}}"#,
+        ] {
+            assert_eq!(typed(body), None, "{body}");
+        }
+        assert_eq!(parse(r#"{"source":"product.service","detail-type":"Product Update","detail":{"productId":"P\u0031","name":"A","status":"updated"}}"#).unwrap().product_id.as_str(), "P1");
+    }
+
+    fn invalid_cases() -> Vec<(String, &'static str)> {
         let inv =
             |detail: &str| format!(r#"{{"source":"inventory.service","detail-type":"Inventory Update","detail":{detail}}}"#);
         let price = |detail: &str| format!(r#"{{"source":"pricing.service","detail-type":"Price Update","detail":{detail}}}"#);
         let product =
             |detail: &str| format!(r#"{{"source":"product.service","detail-type":"Product Update","detail":{detail}}}"#);
-        let cases: Vec<(String, &str)> = vec![
+        vec![
             ("{not json".into(), "malformed_json"),
             ("".into(), "malformed_json"),
             ("[1,2]".into(), "unknown_shape"),
@@ -590,11 +759,7 @@ mod tests {
             (product(r#"{"productId":"P1","name":"A","status":"created"}"#), "missing_field"),
             (product(r#"{"productId":"P1","name":"A","status":"updated","price":"9.99"}"#), "wrong_type"),
             (product(r#"{"productId":"P1","name":"A","status":"updated","price":9.99,"currency":"ZZZ"}"#), "invalid_currency"),
-        ];
-        for (body, expected) in cases {
-            assert_eq!(code(&body), expected, "{body}");
-            assert!(ValidationError::CODES.contains(&expected), "{expected} is missing from CODES");
-        }
+        ]
     }
 
     #[test]

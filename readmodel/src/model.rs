@@ -463,6 +463,10 @@ impl ReadModel {
     /// atomic across products, nor needs to be: a start folds in again whatever a crash cut off.
     pub fn fold(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, ReadModelError> {
         debug_assert!(self.inner.holds_state, "only a read model that is the store folds events");
+        if events.is_empty() {
+            // Nothing to write, so no reason to derive the index (a scan of every record).
+            return Ok(WriteOutcome::default());
+        }
         let _writer = self.writer();
         let trees = self.inner.trees.load_full();
         // Each product's events in their order, the products in the order they first appear.
