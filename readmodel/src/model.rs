@@ -16,7 +16,7 @@ use catalog_domain::state::Applied;
 use catalog_domain::{ProductId, ProductState, ViewSettings};
 use catalog_pipeline::{ProductChanged, SequencedEvent, StoreError, WriteOutcome};
 
-use crate::derived::Derived;
+use crate::derived::{Derived, Id};
 use crate::view::StoredView;
 
 /// The largest page a list route may ask for (docs/contract.md).
@@ -393,13 +393,13 @@ impl ReadModel {
         let trees = self.inner.trees.load_full();
         let mut items = Vec::with_capacity(limit.min(DEFAULT_MAX_PAGE));
         let mut last_id = String::new();
-        let mut scanned: Option<sled::IVec> = after.map(|id| id.as_bytes().into());
+        let mut scanned: Option<Id> = after.map(|id| Id::new(id.as_bytes()));
         // One more than the page, to know whether a next page exists.
         let step = limit.saturating_add(1).min(DEFAULT_MAX_PAGE + 1);
         loop {
-            let ids = trees.derived()?.index.after(category, scanned.as_deref(), step);
+            let ids = trees.derived()?.index.after(category, scanned.as_ref().map(Id::as_bytes), step);
             for id in &ids {
-                let id = std::str::from_utf8(id).unwrap_or_default();
+                let id = std::str::from_utf8(id.as_bytes()).unwrap_or_default();
                 // The index may briefly hold an entry its view has moved away from (a write
                 // lists before it writes the record, and unlists after): trust the view.
                 let Some(view) = self.get(id)?.filter(|v| v.listed && v.category() == category) else { continue };
