@@ -14,31 +14,6 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::view::StoredView;
 
-/// Complete for the records it was derived from, and kept so by every write after.
-#[derive(Default)]
-pub(crate) struct Derived {
-    pub(crate) index: CategoryIndex,
-}
-
-impl Derived {
-    /// One scan of every record.
-    pub(crate) fn scan(views: &sled::Tree) -> Result<Self, sled::Error> {
-        let derived = Self::default();
-        for item in views.iter() {
-            let (id, raw) = item?;
-            // A record that cannot be decoded lists nothing; `replay verify` names it.
-            if let (Some(category), Ok(id)) = (StoredView::listing_of(&raw), std::str::from_utf8(&id)) {
-                derived.index.insert(category, id);
-            }
-        }
-        Ok(derived)
-    }
-
-    pub(crate) fn clear(&self) {
-        self.index.clear();
-    }
-}
-
 /// Ids no longer than this are kept inline.
 const INLINE_ID: usize = 22;
 
@@ -98,12 +73,26 @@ impl Ord for Id {
     }
 }
 
+/// Complete for the records it was derived from, and kept so by every write after.
 #[derive(Default)]
 pub(crate) struct CategoryIndex {
     categories: RwLock<HashMap<Box<str>, BTreeSet<Id>>>,
 }
 
 impl CategoryIndex {
+    /// One scan of every record.
+    pub(crate) fn scan(views: &sled::Tree) -> Result<Self, sled::Error> {
+        let index = Self::default();
+        for item in views.iter() {
+            let (id, raw) = item?;
+            // A record that cannot be decoded lists nothing; `replay verify` names it.
+            if let (Some(category), Ok(id)) = (StoredView::listing_of(&raw), std::str::from_utf8(&id)) {
+                index.insert(category, id);
+            }
+        }
+        Ok(index)
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, HashMap<Box<str>, BTreeSet<Id>>> {
         self.categories.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -153,7 +142,7 @@ impl CategoryIndex {
         out
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.write().clear();
     }
 }

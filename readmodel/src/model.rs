@@ -16,7 +16,7 @@ use catalog_domain::state::Applied;
 use catalog_domain::{ProductId, ProductState, ViewSettings};
 use catalog_pipeline::{ProductChanged, SequencedEvent, StoreError, WriteOutcome};
 
-use crate::derived::{Derived, Id};
+use crate::derived::{CategoryIndex, Id};
 use crate::view::StoredView;
 
 /// The largest page a list route may ask for (docs/contract.md).
@@ -29,7 +29,7 @@ const CHECKPOINT_KEY: &[u8] = b"applied_sequence";
 mod trees {
     pub const VIEWS: &str = "views";
     /// The category index, when it was kept in sled: a data dir from before it moved into
-    /// memory (`listing`) has one per generation, dropped when it opens.
+    /// memory (`derived`) has one per generation, dropped when it opens.
     pub const BY_CATEGORY: &str = "views_by_category";
     pub const META: &str = "readmodel_meta";
     /// Which generation of the trees above is live (see `ReadModel::begin_rebuild`).
@@ -105,7 +105,7 @@ struct Trees {
     /// Derived from `views` by a scan on first use (a tool that never lists nor writes never
     /// pays for it), kept up to date by every write after. Every writer takes it before it
     /// writes, so no write can fall before the scan and be missed by it.
-    derived: OnceLock<Derived>,
+    index: OnceLock<CategoryIndex>,
     deriving: Mutex<()>,
 }
 
@@ -116,21 +116,21 @@ impl Trees {
             generation,
             views: db.open_tree(trees::name(trees::VIEWS, generation)).map_err(&open)?,
             meta: db.open_tree(trees::name(trees::META, generation)).map_err(&open)?,
-            derived: OnceLock::new(),
+            index: OnceLock::new(),
             deriving: Mutex::new(()),
         })
     }
 
-    fn derived(&self) -> Result<&Derived, ReadModelError> {
-        if let Some(derived) = self.derived.get() {
-            return Ok(derived);
+    fn index(&self) -> Result<&CategoryIndex, ReadModelError> {
+        if let Some(index) = self.index.get() {
+            return Ok(index);
         }
         let _alone = self.deriving.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(derived) = self.derived.get() {
-            return Ok(derived);
+        if let Some(index) = self.index.get() {
+            return Ok(index);
         }
-        let scanned = Derived::scan(&self.views).map_err(storage("scan views"))?;
-        Ok(self.derived.get_or_init(|| scanned))
+        let scanned = CategoryIndex::scan(&self.views).map_err(storage("scan views"))?;
+        Ok(self.index.get_or_init(|| scanned))
     }
 }
 
@@ -208,13 +208,13 @@ fn listing(view: &StoredView) -> Option<String> {
 /// Moves a product's category entry after its record was written (a fold lists first, for the
 /// pages it races with; the writes that come here seldom race a page, and a page trusts the
 /// record anyway).
-fn reindex(derived: &Derived, id: &str, old: Option<&str>, new: Option<&str>) {
+fn reindex(index: &CategoryIndex, id: &str, old: Option<&str>, new: Option<&str>) {
     // Always listed anew: cheap in memory, and what puts back an entry a repair found missing.
     if let Some(new) = new {
-        derived.index.insert(new, id);
+        index.insert(new, id);
     }
     if let Some(old) = old.filter(|old| Some(*old) != new) {
-        derived.index.remove(old, id);
+        index.remove(old, id);
     }
 }
 
@@ -222,20 +222,20 @@ fn reindex(derived: &Derived, id: &str, old: Option<&str>, new: Option<&str>) {
 /// written meanwhile, the old generation's record is the newest.
 fn carry(old: &Trees, new: &Trees, id: &str) -> Result<(), ReadModelError> {
     let Some(raw) = old.views.get(id).map_err(storage("swap"))? else { return Ok(()) };
-    let derived = new.derived()?;
+    let index = new.index()?;
     let now_in = listing(&decode_record(id, raw.clone())?);
     let before = new.views.get(id).map_err(storage("swap"))?.map(|v| decode_record(id, v)).transpose()?;
     let before = before.as_ref().and_then(listing);
     if now_in != before
         && let Some(category) = &now_in
     {
-        derived.index.insert(category, id);
+        index.insert(category, id);
     }
     new.views.insert(id, raw).map_err(storage("swap"))?;
     if now_in != before
         && let Some(category) = &before
     {
-        derived.index.remove(category, id);
+        index.remove(category, id);
     }
     Ok(())
 }
@@ -397,7 +397,7 @@ impl ReadModel {
         // One more than the page, to know whether a next page exists.
         let step = limit.saturating_add(1).min(DEFAULT_MAX_PAGE + 1);
         loop {
-            let ids = trees.derived()?.index.after(category, scanned.as_ref().map(Id::as_bytes), step);
+            let ids = trees.index()?.after(category, scanned.as_ref().map(Id::as_bytes), step);
             for id in &ids {
                 let id = std::str::from_utf8(id.as_bytes()).unwrap_or_default();
                 // The index may briefly hold an entry its view has moved away from (a write
@@ -516,7 +516,7 @@ impl ReadModel {
         products: &[(&ProductId, Vec<&SequencedEvent>)],
         now: u64,
     ) -> Result<Vec<Folded>, ReadModelError> {
-        let derived = trees.derived()?;
+        let index = trees.index()?;
         let mut out = Vec::with_capacity(products.len());
         for (id, events) in products {
             let key = id.as_str();
@@ -548,7 +548,7 @@ impl ReadModel {
                 // extra entry, which it skips since it trusts the record, and never a listed
                 // record missing from its category.
                 if let Some(category) = now_in.filter(|_| moved) {
-                    derived.index.insert(category, key);
+                    index.insert(category, key);
                 }
                 let swapped = trees
                     .views
@@ -559,7 +559,7 @@ impl ReadModel {
                     continue;
                 }
                 if let Some(category) = listed_in.as_deref().filter(|_| moved) {
-                    derived.index.remove(category, key);
+                    index.remove(category, key);
                 }
                 break (state, changed, stale);
             };
@@ -605,7 +605,7 @@ impl ReadModel {
     fn apply_one(&self, state: &ProductState) -> Result<bool, ReadModelError> {
         let key = state.id.as_str();
         let trees = self.inner.trees.load();
-        let derived = trees.derived()?;
+        let index = trees.index()?;
         let mut encoded = None;
         let mut current = trees.views.get(key).map_err(storage("get"))?;
         loop {
@@ -626,7 +626,7 @@ impl ReadModel {
                 Ok(()) => {
                     self.note_written(key);
                     let old = current_view.filter(|v| v.listed).map(|v| v.category().to_owned()).filter(|c| !c.is_empty());
-                    reindex(derived, key, old.as_deref(), state.category());
+                    reindex(index, key, old.as_deref(), state.category());
                     return Ok(true);
                 }
                 Err(lost) => current = lost.current,
@@ -652,17 +652,17 @@ impl ReadModel {
 
     /// Every category-index entry as `(category, id)`, categories in no particular order.
     pub fn listings(&self) -> Result<Vec<(String, String)>, ReadModelError> {
-        Ok(self.inner.trees.load().derived()?.index.entries())
+        Ok(self.inner.trees.load().index()?.entries())
     }
 
     pub fn is_indexed(&self, category: &str, id: &str) -> Result<bool, ReadModelError> {
-        Ok(self.inner.trees.load().derived()?.index.contains(category, id))
+        Ok(self.inner.trees.load().index()?.contains(category, id))
     }
 
     /// Scans the records for what is kept in memory beside them (the category index), if no
     /// read or write has yet: `serve` does it before it listens, so no request waits for it.
     pub fn prepare(&self) -> Result<(), ReadModelError> {
-        self.inner.trees.load().derived().map(drop)
+        self.inner.trees.load().index().map(drop)
     }
 
     /// Writes the view of `state` whatever revision is stored, and fixes its index entry:
@@ -671,13 +671,13 @@ impl ReadModel {
         let _writer = self.writer();
         let key = state.id.as_str();
         let trees = self.inner.trees.load();
-        let derived = trees.derived()?;
+        let index = trees.index()?;
         let value = self.encode(state, millis_since_epoch(SystemTime::now()));
         let old = trees.views.insert(key, value).map_err(storage("write view"))?;
         self.note_written(key);
         let old = old.and_then(|v| StoredView::decode(Bytes::from_owner(v))).filter(|v| v.listed);
         let old = old.as_ref().map(StoredView::category).filter(|c| !c.is_empty()).map(str::to_owned);
-        reindex(derived, key, old.as_deref(), state.category());
+        reindex(index, key, old.as_deref(), state.category());
         Ok(())
     }
 
@@ -685,18 +685,18 @@ impl ReadModel {
     pub fn remove(&self, id: &str) -> Result<(), ReadModelError> {
         let _writer = self.writer();
         let trees = self.inner.trees.load();
-        let derived = trees.derived()?;
+        let index = trees.index()?;
         if let Some(old) = trees.views.remove(id).map_err(storage("remove view"))?
             && let Some(view) = StoredView::decode(Bytes::from_owner(old))
         {
-            derived.index.remove(view.category(), id);
+            index.remove(view.category(), id);
         }
         Ok(())
     }
 
     /// Drops one index entry.
     pub fn unindex(&self, category: &str, id: &str) -> Result<(), ReadModelError> {
-        self.inner.trees.load().derived()?.index.remove(category, id);
+        self.inner.trees.load().index()?.remove(category, id);
         Ok(())
     }
 
@@ -724,8 +724,8 @@ impl ReadModel {
         let clear = storage("clear");
         let trees = self.inner.trees.load();
         trees.views.clear().map_err(&clear)?;
-        if let Some(derived) = trees.derived.get() {
-            derived.clear();
+        if let Some(index) = trees.index.get() {
+            index.clear();
         }
         trees.meta.clear().map_err(&clear)?;
         Ok(())
@@ -847,7 +847,7 @@ mod tests {
         }
         // What a page sees while a fold moves P2 to B: listed in both, its record in B.
         rm.apply(&[state("P2", &[created("P2", "A"), created("P2", "B")])]).unwrap();
-        rm.inner.trees.load().derived().unwrap().index.insert("A", "P2");
+        rm.inner.trees.load().index().unwrap().insert("A", "P2");
         let first = rm.page("A", None, 1).unwrap();
         assert_eq!(first.next_cursor.as_deref(), Some("P1"));
         let second = rm.page("A", first.next_cursor.as_deref(), 1).unwrap();
