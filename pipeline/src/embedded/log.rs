@@ -716,6 +716,22 @@ impl EventSource for EmbeddedLog {
 mod tests {
     use super::*;
 
+    /// The database again, after a scope dropped it: sled's background writer may hold the
+    /// file lock for a moment after the last handle went (bounded, 5 s).
+    fn reopen(path: &std::path::Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match sled::open(path) {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                opened => return opened.unwrap(),
+            }
+        }
+    }
+
     fn open(config: LogConfig) -> (tempfile::TempDir, sled::Db, EmbeddedLog) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
@@ -828,7 +844,7 @@ mod tests {
             db.flush().unwrap();
         }
         for _ in 0..2 {
-            let db = sled::open(dir.path()).unwrap();
+            let db = reopen(dir.path());
             let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), fast()).unwrap();
             assert!(!db.tree_names().iter().any(|n| n.as_ref() == trees::LOG.as_bytes()), "the tree is gone");
             let entries: Vec<_> = log.entries_from(1).map(|e| e.unwrap()).map(|e| (e.sequence, e.body)).collect();
@@ -837,7 +853,7 @@ mod tests {
             drop(log);
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), fast()).unwrap();
         assert_eq!(log.receive(10).await.unwrap().iter().map(|r| r.receipt).collect::<Vec<_>>(), [4]);
         assert_eq!(log.append(&[Bytes::from_static(b"five")]).await.unwrap(), 5);
@@ -859,7 +875,7 @@ mod tests {
             log.append_blocking(&[encode_entry(9, None, Some(1), b"x")]).unwrap();
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         let log = EmbeddedLog::open(&db, &path, fast()).unwrap();
         assert_eq!(log.dead_letter_count(), 0, "the move was finished");
         assert_eq!(log.skipped_sequences().unwrap(), [1].into());
@@ -878,7 +894,7 @@ mod tests {
             log.ack(vec![got[0].receipt]).await.unwrap();
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), fast()).unwrap();
         let got = log.receive(10).await.unwrap();
         assert_eq!(got.iter().map(|r| r.receipt).collect::<Vec<_>>(), [2]);
