@@ -91,10 +91,13 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
 /// half-finished restore, would leave. (The state follows the bodies, length first.)
 fn mismatched_record(state: &ProductState, bodies_of: &ProductState) -> Vec<u8> {
     let mut record = StoredView::encode(bodies_of, ViewSettings::default(), 0, true);
-    record.truncate(record.len() - 4 - serde_json::to_vec(bodies_of).unwrap().len());
-    let json = serde_json::to_vec(state).unwrap();
-    record.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    record.extend_from_slice(&json);
+    let mut stored = Vec::new();
+    bodies_of.encode_stored(&mut stored);
+    record.truncate(record.len() - 4 - stored.len());
+    stored.clear();
+    state.encode_stored(&mut stored);
+    record.extend_from_slice(&(stored.len() as u32).to_be_bytes());
+    record.extend_from_slice(&stored);
     record
 }
 

@@ -190,7 +190,7 @@ fn decode_record(id: &str, raw: sled::IVec) -> Result<StoredView, ReadModelError
 
 /// The state a record of the store holds; a record without one is damage, not a new product.
 fn record_state(id: &str, view: &StoredView) -> Result<ProductState, ReadModelError> {
-    match view.state() {
+    match view.state(id) {
         Some(Ok(state)) => Ok(state),
         Some(Err(e)) => Err(corrupt(id, format!("holds a state that cannot be decoded: {e}"))),
         None => Err(corrupt(
@@ -827,7 +827,12 @@ mod tests {
                 .unwrap()
                 .items
                 .iter()
-                .map(|v| v.state().unwrap().unwrap().id.as_str().to_owned())
+                .map(|v| {
+                    serde_json::from_slice::<serde_json::Value>(&v.body(crate::Variant::Mobile)).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
                 .collect()
         };
         assert_eq!(ids("A"), ["P1"], "P2 is a tombstone, P9 was only in the old index");

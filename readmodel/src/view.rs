@@ -5,8 +5,8 @@ use std::hash::{DefaultHasher, Hasher};
 use std::io::Write;
 
 use bytes::Bytes;
-use catalog_domain::ProductState;
 use catalog_domain::view::{RenderedView, ViewSettings, render};
+use catalog_domain::{ProductState, StoredStateError};
 
 /// Bodies at least this large are also stored gzipped (docs/contract.md §2: over 1 KiB).
 pub const GZIP_MIN_BYTES: usize = 1024;
@@ -34,7 +34,7 @@ pub struct StoredView {
     category: (usize, usize),
     /// For each variant: ETag, body, gzipped body (empty when not worth it).
     parts: [[(usize, usize); 3]; 2],
-    /// The product's state as JSON, when the record holds it.
+    /// The product's state in its stored form (compact, or JSON from before), when the record holds it.
     state: Option<(usize, usize)>,
 }
 
@@ -94,10 +94,10 @@ impl StoredView {
             }
         }
         if with_state {
-            // Written in place: the JSON's length is known only after it.
+            // Written in place: its length is known only after it.
             let at = out.len();
             out.extend_from_slice(&[0; 4]);
-            serde_json::to_writer(&mut out, state).expect("a state serializes");
+            state.encode_stored(&mut out);
             let len = (out.len() - at - 4) as u32;
             out[at..at + 4].copy_from_slice(&len.to_be_bytes());
         }
@@ -145,10 +145,10 @@ impl StoredView {
         self.state.is_some()
     }
 
-    /// The product's state the record holds: `None` when it holds none, `Some(Err)` when it
-    /// cannot be decoded.
-    pub fn state(&self) -> Option<Result<ProductState, serde_json::Error>> {
-        self.state.map(|(s, e)| serde_json::from_slice(&self.raw[s..e]))
+    /// The state the record of product `id` holds: `None` when it holds none, `Some(Err)` when
+    /// it cannot be decoded.
+    pub fn state(&self, id: &str) -> Option<Result<ProductState, StoredStateError>> {
+        self.state.map(|(s, e)| ProductState::decode_stored(id, &self.raw[s..e]))
     }
 
     /// The whole record as stored.
@@ -234,17 +234,29 @@ mod tests {
     fn a_record_of_the_store_carries_its_state_after_the_bodies() {
         let s = state(10);
         let v = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default(), 7, true))).unwrap();
-        assert_eq!(v.state().unwrap().unwrap(), s);
+        assert_eq!(v.state("P1").unwrap().unwrap(), s);
         let web: serde_json::Value = serde_json::from_slice(&v.body(Variant::Web)).unwrap();
         assert_eq!(web["product"]["name"], "Laptop");
         let alone = StoredView::decode(Bytes::from(StoredView::encode(&s, ViewSettings::default(), 7, false))).unwrap();
-        assert!(alone.state().is_none() && !alone.has_state());
+        assert!(alone.state("P1").is_none() && !alone.has_state());
         let mut deleted = s.clone();
         let del = serde_json::json!({"productId":"P1","status":"deleted"});
         deleted.apply(&CatalogEvent::from_value(&del, SystemTime::UNIX_EPOCH).unwrap());
         let tombstone = StoredView::decode(Bytes::from(StoredView::encode(&deleted, ViewSettings::default(), 7, true))).unwrap();
         assert!(!tombstone.listed);
-        assert_eq!(tombstone.state().unwrap().unwrap(), deleted, "a tombstone keeps the whole state");
+        assert_eq!(tombstone.state("P1").unwrap().unwrap(), deleted, "a tombstone keeps the whole state");
+    }
+
+    #[test]
+    fn a_record_from_before_holds_its_state_as_json_and_still_reads() {
+        let s = state(10);
+        let mut raw = StoredView::encode(&s, ViewSettings::default(), 7, true);
+        let (start, _) = StoredView::decode(Bytes::from(raw.clone())).unwrap().state.unwrap();
+        raw.truncate(start - 4);
+        put(&mut raw, &serde_json::to_vec(&s).unwrap());
+        let v = StoredView::decode(Bytes::from(raw)).unwrap();
+        assert_eq!(v.state("P1").unwrap().unwrap(), s);
+        assert_eq!(v.category(), "Electronics");
     }
 
     #[test]

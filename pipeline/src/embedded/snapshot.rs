@@ -147,12 +147,15 @@ pub fn compact(
     Ok(report)
 }
 
+/// The compact form records use too; snapshots written as JSON before still read.
 fn encode(state: &ProductState) -> Vec<u8> {
-    serde_json::to_vec(state).expect("a state serializes")
+    let mut out = Vec::with_capacity(64);
+    state.encode_stored(&mut out);
+    out
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, crate::StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| crate::StoreError::corrupt(format!("snapshot state of product {id}"), e))
+    ProductState::decode_stored(id, bytes).map_err(|e| crate::StoreError::corrupt(format!("snapshot state of product {id}"), e))
 }
 
 #[cfg(test)]
