@@ -66,10 +66,13 @@ impl DataDir {
         self.root.join(format!("{VIEWS_DB}.old"))
     }
 
-    /// The main database, holding the data dir's lock for as long as it is open. A read
-    /// model's database is always open beside it, so each gets half the cache.
+    /// The main database, holding the data dir's lock for as long as it is open: an eighth of
+    /// the cache. It holds the log's cursor, the dead letters and the snapshot, which `serve`
+    /// only writes (compaction), so little of it is ever read back; with half the cache, a
+    /// compaction's snapshot writes took serve's peak RSS from about 350 to 630 MB at 1M
+    /// products (BENCHMARKS.md, "Write path, round five").
     pub fn open_main(&self) -> anyhow::Result<sled::Db> {
-        self.open(&self.root.join(MAIN_DB), self.cache_mb / 2)
+        self.open(&self.root.join(MAIN_DB), self.cache_mb / 8)
     }
 
     /// The read model's database beside the main one (half the cache).
