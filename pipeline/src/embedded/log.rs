@@ -716,21 +716,7 @@ impl EventSource for EmbeddedLog {
 mod tests {
     use super::*;
 
-    /// The database again, after a scope dropped it: sled's background writer may hold the
-    /// file lock for a moment after the last handle went (bounded, 5 s).
-    fn reopen(path: &std::path::Path) -> sled::Db {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match sled::open(path) {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                opened => return opened.unwrap(),
-            }
-        }
-    }
+    use super::super::reopen;
 
     fn open(config: LogConfig) -> (tempfile::TempDir, sled::Db, EmbeddedLog) {
         let dir = tempfile::tempdir().unwrap();

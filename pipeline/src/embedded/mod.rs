@@ -47,3 +47,20 @@ pub(crate) fn storage_error(operation: &'static str) -> impl Fn(sled::Error) -> 
         crate::BackendError::new(class, format!("embedded {operation}"), e)
     }
 }
+
+/// The database again, after a scope dropped it: sled's background writer may hold the file
+/// lock for a moment after the last handle went (bounded, 5 s).
+#[cfg(test)]
+pub(crate) fn reopen(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(path) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+}

@@ -297,7 +297,7 @@ mod tests {
             compact(&log, &LogSnapshot::open(&db).unwrap(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = super::super::reopen(dir.path());
         let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
         assert_eq!(log.append(&[Bytes::from_static(b"x")]).await.unwrap(), 3, "never 1 again: sequences order events");
     }
