@@ -308,8 +308,9 @@ pub struct DataArgs {
     /// Where the embedded databases live.
     #[arg(long, env = "CATALOG_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// sled page cache, in MiB: shared evenly by the event-log/state database and the read
-    /// model's (embedded), or all the read model's (AWS, where it is the only one).
+    /// sled page cache, in MiB: half for the read model's database and an eighth for the main
+    /// one, which `serve` mostly writes (embedded); all the read model's (AWS, where it is the
+    /// only one).
     #[arg(long, env = "CATALOG_CACHE_MB", default_value_t = DEFAULT_CACHE_MB, value_parser = InRange::new(1, 1 << 20))]
     pub cache_mb: u64,
     /// Largest event body accepted; larger ones are dead-lettered.
