@@ -23,10 +23,9 @@ use crate::ports::SourceError;
 const SEQUENCE_KEY: &[u8] = b"\0sequence";
 /// Entries folded per step: bounds the memory one step holds.
 const CHUNK: usize = 10_000;
-/// States written per sled batch. A batch holds sled's process-wide write lock, so every fold
-/// of the read model waits behind it, and one epoch guard, so no thread's freed pages are
-/// reclaimed until it ends: one batch of a whole step's states (up to 10,000) raised a 10M-event
-/// run's peak RSS by about 300 MB.
+/// States written per sled batch. A batch holds sled's process-wide write lock, so every read
+/// and every fold of the read model waits behind it for as long as it runs: a whole step's
+/// states (up to 10,000) in one batch made that wait long, a few hundred keep it short.
 const STATES_PER_BATCH: usize = 256;
 
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
