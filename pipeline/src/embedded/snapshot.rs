@@ -10,7 +10,7 @@
 //! holds (by version, else by log position). A crash before the entries go leaves entries the
 //! snapshot already holds, which the next run removes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
@@ -84,8 +84,9 @@ impl LogSnapshot {
     /// Folds `entries` (in log order, right after the snapshot's sequence) into the snapshot.
     fn fold(&self, entries: &[LogEntry], skipped: &HashSet<u64>, limits: ParseLimits) -> Result<(), SourceError> {
         let Some(last) = entries.last() else { return Ok(()) };
-        // Sized once: growing it step by step reallocated megabytes of table per step.
-        let mut touched: HashMap<ProductId, ProductState> = HashMap::with_capacity(entries.len());
+        // In id order, as the batches below write them: neighbours share leaves, so a batch
+        // touches fewer of them.
+        let mut touched: BTreeMap<ProductId, ProductState> = BTreeMap::new();
         for entry in entries.iter().filter(|e| !skipped.contains(&e.sequence)) {
             // The store never applied an invalid entry (it was dead-lettered): neither does this.
             let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) else { continue };
@@ -99,9 +100,7 @@ impl LogSnapshot {
             }
             touched.get_mut(&id).expect("inserted above").apply_at(&event, Some(entry.sequence));
         }
-        // In id order: neighbours share leaves, so a batch touches fewer of them.
-        let mut touched: Vec<(ProductId, ProductState)> = touched.into_iter().collect();
-        touched.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let touched: Vec<(ProductId, ProductState)> = touched.into_iter().collect();
         for part in touched.chunks(STATES_PER_BATCH) {
             let mut batch = sled::Batch::default();
             for (id, state) in part {
