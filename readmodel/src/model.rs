@@ -752,6 +752,11 @@ mod tests {
         s
     }
 
+    /// The product id a view's mobile body names.
+    fn body_id(body: &[u8]) -> String {
+        serde_json::from_slice::<serde_json::Value>(body).unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
     fn created(id: &str, category: &str) -> serde_json::Value {
         serde_json::json!({"productId": id, "name": format!("Product {id}"), "category": category, "status": "created"})
     }
@@ -783,10 +788,7 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 25);
-        let ids: Vec<String> = seen
-            .iter()
-            .map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap()["id"].as_str().unwrap().to_owned())
-            .collect();
+        let ids: Vec<String> = seen.iter().map(|b| body_id(b)).collect();
         let mut sorted = ids.clone();
         sorted.sort();
         sorted.dedup();
@@ -823,17 +825,7 @@ mod tests {
         db.open_tree(trees::BY_CATEGORY).unwrap().insert(b"A\0P9", &[]).unwrap();
         let rm = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
         let ids = |category| -> Vec<String> {
-            rm.page(category, None, 10)
-                .unwrap()
-                .items
-                .iter()
-                .map(|v| {
-                    serde_json::from_slice::<serde_json::Value>(&v.body(crate::Variant::Mobile)).unwrap()["id"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned()
-                })
-                .collect()
+            rm.page(category, None, 10).unwrap().items.iter().map(|v| body_id(&v.body(crate::Variant::Mobile))).collect()
         };
         assert_eq!(ids("A"), ["P1"], "P2 is a tombstone, P9 was only in the old index");
         assert_eq!(ids("B"), ["P3"]);
