@@ -5,7 +5,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -102,11 +102,12 @@ struct Trees {
     generation: u64,
     views: sled::Tree,
     meta: sled::Tree,
-    /// Derived from `views` by a scan on first use (a tool that never lists nor writes never
-    /// pays for it), kept up to date by every write after. Every writer takes it before it
-    /// writes, so no write can fall before the scan and be missed by it.
+    /// Derived from `views` by a scan when first read (a tool that never lists never pays for
+    /// it, and `replay rebuild`'s million writes skip it), kept up to date by every write after.
     index: OnceLock<CategoryIndex>,
-    deriving: Mutex<()>,
+    /// Shared by every write of a record until its listing is moved, held alone by the scan:
+    /// a write is either seen by the scan or finds the index it derived.
+    deriving: RwLock<()>,
 }
 
 impl Trees {
@@ -117,20 +118,29 @@ impl Trees {
             views: db.open_tree(trees::name(trees::VIEWS, generation)).map_err(&open)?,
             meta: db.open_tree(trees::name(trees::META, generation)).map_err(&open)?,
             index: OnceLock::new(),
-            deriving: Mutex::new(()),
+            deriving: RwLock::new(()),
         })
     }
 
+    /// The index for a reader of it, derived first if no one has yet. Never called while this
+    /// thread holds [`Trees::writing`]'s guard.
     fn index(&self) -> Result<&CategoryIndex, ReadModelError> {
         if let Some(index) = self.index.get() {
             return Ok(index);
         }
-        let _alone = self.deriving.lock().unwrap_or_else(|p| p.into_inner());
+        let _alone = self.deriving.write().unwrap_or_else(|p| p.into_inner());
         if let Some(index) = self.index.get() {
             return Ok(index);
         }
         let scanned = CategoryIndex::scan(&self.views).map_err(storage("scan views"))?;
         Ok(self.index.get_or_init(|| scanned))
+    }
+
+    /// For a writer: the index to move its listings in, `None` while none is derived (the scan
+    /// that derives it will read the record instead). Hold the guard until the listing moved.
+    fn writing(&self) -> (RwLockReadGuard<'_, ()>, Option<&CategoryIndex>) {
+        let guard = self.deriving.read().unwrap_or_else(|p| p.into_inner());
+        (guard, self.index.get())
     }
 }
 
@@ -208,7 +218,8 @@ fn listing(view: &StoredView) -> Option<String> {
 /// Moves a product's category entry after its record was written (a fold lists first, for the
 /// pages it races with; the writes that come here seldom race a page, and a page trusts the
 /// record anyway).
-fn reindex(index: &CategoryIndex, id: &str, old: Option<&str>, new: Option<&str>) {
+fn reindex(index: Option<&CategoryIndex>, id: &str, old: Option<&str>, new: Option<&str>) {
+    let Some(index) = index else { return };
     // Always listed anew: cheap in memory, and what puts back an entry a repair found missing.
     if let Some(new) = new {
         index.insert(new, id);
@@ -222,18 +233,18 @@ fn reindex(index: &CategoryIndex, id: &str, old: Option<&str>, new: Option<&str>
 /// written meanwhile, the old generation's record is the newest.
 fn carry(old: &Trees, new: &Trees, id: &str) -> Result<(), ReadModelError> {
     let Some(raw) = old.views.get(id).map_err(storage("swap"))? else { return Ok(()) };
-    let index = new.index()?;
+    let (_listing, index) = new.writing();
     let now_in = listing(&decode_record(id, raw.clone())?);
     let before = new.views.get(id).map_err(storage("swap"))?.map(|v| decode_record(id, v)).transpose()?;
     let before = before.as_ref().and_then(listing);
     if now_in != before
-        && let Some(category) = &now_in
+        && let (Some(category), Some(index)) = (&now_in, index)
     {
         index.insert(category, id);
     }
     new.views.insert(id, raw).map_err(storage("swap"))?;
     if now_in != before
-        && let Some(category) = &before
+        && let (Some(category), Some(index)) = (&before, index)
     {
         index.remove(category, id);
     }
@@ -336,7 +347,10 @@ impl ReadModel {
             // A rebuild interrupted before its swap left these behind.
             db.drop_tree(trees::name(base, next)).map_err(storage("rebuild"))?;
         }
-        Ok(Self::over(db.clone(), Trees::open(db, next)?, self.inner.settings, self.inner.ttl, self.inner.holds_state))
+        let fresh = Trees::open(db, next)?;
+        // Derived now, while it is empty, so the fill keeps it and the swap serves pages at once.
+        fresh.index()?;
+        Ok(Self::over(db.clone(), fresh, self.inner.settings, self.inner.ttl, self.inner.holds_state))
     }
 
     /// Makes a rebuilt model's trees the live ones, atomically for readers, and persists the
@@ -421,9 +435,11 @@ impl ReadModel {
     /// same product can only ever leave the newer revision behind.
     pub fn apply<'a>(&self, states: impl IntoIterator<Item = &'a ProductState>) -> Result<usize, ReadModelError> {
         let _writer = self.writer();
+        let trees = self.inner.trees.load();
+        let (_listing, index) = trees.writing();
         let mut written = 0;
         for state in states {
-            if self.apply_one(state)? {
+            if self.apply_one(&trees, index, state)? {
                 written += 1;
             }
         }
@@ -464,7 +480,6 @@ impl ReadModel {
     pub fn fold(&self, events: &[SequencedEvent]) -> Result<WriteOutcome, ReadModelError> {
         debug_assert!(self.inner.holds_state, "only a read model that is the store folds events");
         if events.is_empty() {
-            // Nothing to write, so no reason to derive the index (a scan of every record).
             return Ok(WriteOutcome::default());
         }
         let _writer = self.writer();
@@ -516,7 +531,7 @@ impl ReadModel {
         products: &[(&ProductId, Vec<&SequencedEvent>)],
         now: u64,
     ) -> Result<Vec<Folded>, ReadModelError> {
-        let index = trees.index()?;
+        let (_listing, index) = trees.writing();
         let mut out = Vec::with_capacity(products.len());
         for (id, events) in products {
             let key = id.as_str();
@@ -547,7 +562,7 @@ impl ReadModel {
                 // A new listing before the record, the old one after: a page meanwhile may see an
                 // extra entry, which it skips since it trusts the record, and never a listed
                 // record missing from its category.
-                if let Some(category) = now_in.filter(|_| moved) {
+                if let (Some(category), Some(index)) = (now_in.filter(|_| moved), index) {
                     index.insert(category, key);
                 }
                 let swapped = trees
@@ -558,7 +573,7 @@ impl ReadModel {
                     current = lost.current;
                     continue;
                 }
-                if let Some(category) = listed_in.as_deref().filter(|_| moved) {
+                if let (Some(category), Some(index)) = (listed_in.as_deref().filter(|_| moved), index) {
                     index.remove(category, key);
                 }
                 break (state, changed, stale);
@@ -602,10 +617,8 @@ impl ReadModel {
         })
     }
 
-    fn apply_one(&self, state: &ProductState) -> Result<bool, ReadModelError> {
+    fn apply_one(&self, trees: &Trees, index: Option<&CategoryIndex>, state: &ProductState) -> Result<bool, ReadModelError> {
         let key = state.id.as_str();
-        let trees = self.inner.trees.load();
-        let index = trees.index()?;
         let mut encoded = None;
         let mut current = trees.views.get(key).map_err(storage("get"))?;
         loop {
@@ -660,7 +673,8 @@ impl ReadModel {
     }
 
     /// Scans the records for what is kept in memory beside them (the category index), if no
-    /// read or write has yet: `serve` does it before it listens, so no request waits for it.
+    /// read has yet: `serve` does it before it listens, so no request waits for it, and every
+    /// write after keeps it.
     pub fn prepare(&self) -> Result<(), ReadModelError> {
         self.inner.trees.load().index().map(drop)
     }
@@ -671,7 +685,7 @@ impl ReadModel {
         let _writer = self.writer();
         let key = state.id.as_str();
         let trees = self.inner.trees.load();
-        let index = trees.index()?;
+        let (_listing, index) = trees.writing();
         let value = self.encode(state, millis_since_epoch(SystemTime::now()));
         let old = trees.views.insert(key, value).map_err(storage("write view"))?;
         self.note_written(key);
@@ -685,9 +699,10 @@ impl ReadModel {
     pub fn remove(&self, id: &str) -> Result<(), ReadModelError> {
         let _writer = self.writer();
         let trees = self.inner.trees.load();
-        let index = trees.index()?;
+        let (_listing, index) = trees.writing();
         if let Some(old) = trees.views.remove(id).map_err(storage("remove view"))?
             && let Some(view) = StoredView::decode(Bytes::from_owner(old))
+            && let Some(index) = index
         {
             index.remove(view.category(), id);
         }
@@ -839,6 +854,36 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("the old sled index is dropped");
+    }
+
+    #[test]
+    fn writes_before_the_index_is_derived_and_while_it_is_are_all_listed() {
+        let (_d, rm) = model();
+        let id = |i: usize| format!("P{i:04}");
+        for i in 0..200 {
+            rm.apply(&[state(&id(i), &[created(&id(i), "A")])]).unwrap();
+        }
+        assert!(rm.inner.trees.load().index.get().is_none(), "a write derives nothing");
+        // Writers move products while a page derives the index: each write lands before the
+        // scan, which reads it, or after, and moves the listing itself.
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                for i in 0..400 {
+                    let category = if i % 2 == 0 { "B" } else { "A" };
+                    rm.apply(&[state(&id(i), &[created(&id(i), "A"), created(&id(i), category)])]).unwrap();
+                }
+            });
+            while !writer.is_finished() && rm.inner.trees.load().index.get().is_none() {
+                rm.page("A", None, 1).unwrap();
+            }
+            writer.join().unwrap();
+        });
+        let mut listed = rm.listings().unwrap();
+        listed.sort();
+        let mut expected: Vec<(String, String)> =
+            (0..400).map(|i| ((if i % 2 == 0 { "B" } else { "A" }).to_owned(), id(i))).collect();
+        expected.sort();
+        assert_eq!(listed, expected);
     }
 
     #[test]
