@@ -98,7 +98,7 @@ mod tests {
         let (store, mut states) = store_from_log(dir.path(), &log).await;
         model.apply(&states).unwrap();
         let projection = project_embedded(&log, ParseLimits::default(), |_| {}).unwrap();
-        assert_eq!(compare_store(&projection.states, &states), []);
+        assert_eq!(compare_store(&projection, &states), []);
         let (drifts, report) = compare_views(&model, &states).unwrap();
         assert_eq!((drifts, report), (vec![], ViewReport { views: 2, listings: 1 }));
 
@@ -109,7 +109,7 @@ mod tests {
         behind.revision += 1;
         store.put(std::slice::from_ref(&behind)).unwrap();
         *p1 = behind.clone();
-        let drifts = compare_store(&projection.states, &states);
+        let drifts = compare_store(&projection, &states);
         assert_eq!(drifts.len(), 1);
         assert_eq!(drifts[0].to_string(), r#"store≠log P1: name: log "New", store "Old""#);
 

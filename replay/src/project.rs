@@ -1,7 +1,10 @@
 //! The log's projection: the state every product reaches when its events are folded in log
 //! order under the same rule the store applies (versions, else positions).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use catalog_domain::state::Applied;
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
@@ -12,6 +15,9 @@ use crate::ReplayError;
 
 /// Log entries parsed together (in parallel) before they are folded in order.
 const PARSE_CHUNK: usize = 16 * 1024;
+/// The most states a projection makes room for up front (about 4 GiB of address space); past
+/// it, the room grows as products come.
+const MAX_ROOM: usize = 16 << 20;
 
 /// What a fold read and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -27,24 +33,91 @@ pub struct FoldReport {
     pub snapshot_sequence: u64,
 }
 
-#[derive(Debug, Default)]
+/// Every product's state, in the order the log first names it, found by id through a table
+/// of positions: the states are written once, where they stay. Held as a map of id to state,
+/// 1M products took a 2M-slot table of whole states that grew by rehashing, and its fresh
+/// pages were a sixth of a rebuild's CPU (BENCHMARKS.md, round six).
+#[derive(Default)]
 pub struct Projection {
-    pub states: HashMap<ProductId, ProductState>,
+    states: Vec<ProductState>,
+    slots: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     pub report: FoldReport,
 }
 
+impl std::fmt::Debug for Projection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projection").field("products", &self.states.len()).field("report", &self.report).finish()
+    }
+}
+
 impl Projection {
+    /// A projection with room for `products` states, if memory allows (untouched room costs
+    /// address space, not memory).
+    fn with_room(products: usize) -> Self {
+        let mut projection = Self::default();
+        let _ = projection.states.try_reserve_exact(products);
+        projection
+    }
+
     /// Folds one event in; call in log order.
     pub fn apply(&mut self, event: &CatalogEvent, position: Option<u64>) {
-        let state = self.states.entry(event.product_id.clone()).or_insert_with(|| ProductState::new(event.product_id.clone()));
+        let state = self.state_mut(&event.product_id);
         if state.apply_at(event, position) == Applied::Changed {
             self.report.events_applied += 1;
         }
     }
 
+    /// The product's state, a new one if the projection has none yet.
+    fn state_mut(&mut self, id: &ProductId) -> &mut ProductState {
+        let hash = self.hasher.hash_one(id);
+        let states = &mut self.states;
+        let slot = match self.slots.find(hash, |&at| states[at as usize].id == *id) {
+            Some(&at) => at,
+            None => {
+                let at = u32::try_from(states.len()).expect("fewer than 2^32 products");
+                states.push(ProductState::new(id.clone()));
+                let hasher = &self.hasher;
+                self.slots.insert_unique(hash, at, |&at| hasher.hash_one(&states[at as usize].id));
+                at
+            }
+        };
+        &mut states[slot as usize]
+    }
+
+    /// Sets a product's state outright (from a snapshot).
+    fn insert(&mut self, state: ProductState) {
+        let id = state.id.clone();
+        *self.state_mut(&id) = state;
+    }
+
+    pub fn get(&self, id: &ProductId) -> Option<&ProductState> {
+        let hash = self.hasher.hash_one(id);
+        self.slots.find(hash, |&at| self.states[at as usize].id == *id).map(|&at| &self.states[at as usize])
+    }
+
+    pub fn contains(&self, id: &ProductId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// How many products the log names.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// The states in the order the log first names their products.
+    pub fn states(&self) -> impl Iterator<Item = &ProductState> {
+        self.states.iter()
+    }
+
     /// The states in id order.
     pub fn into_sorted(self) -> Vec<ProductState> {
-        let mut states: Vec<ProductState> = self.states.into_values().collect();
+        drop(self.slots);
+        let mut states = self.states;
         states.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         states
     }
@@ -60,12 +133,15 @@ pub fn project_embedded(
 ) -> Result<Projection, ReplayError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let skipped: HashSet<u64> = log.skipped_sequences()?;
-    let mut projection = Projection::default();
     let snapshot = log.snapshot()?;
     let from = snapshot.sequence()? + 1;
+    // Room for a product per entry of the tail (where most rebuilds find most products; the
+    // snapshot's count is not kept), capped so that a long log asks for no more address space
+    // than a machine may grant.
+    let tail = usize::try_from(log.last_sequence().saturating_sub(from - 1)).unwrap_or(usize::MAX);
+    let mut projection = Projection::with_room(tail.min(MAX_ROOM));
     for state in snapshot.states() {
-        let state = state?;
-        projection.states.insert(state.id.clone(), state);
+        projection.insert(state?);
         projection.report.snapshot_products += 1;
     }
     projection.report.snapshot_sequence = from - 1;
@@ -119,4 +195,36 @@ fn parse_in_parallel(chunk: &[LogEntry], limits: ParseLimits, threads: usize) ->
         let workers: Vec<_> = chunk.chunks(per_thread).map(|part| scope.spawn(move || parse(part))).collect();
         workers.into_iter().flat_map(|w| w.join().expect("parser thread panicked")).collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn event(id: &str, quantity: u64) -> CatalogEvent {
+        let body = serde_json::json!({"productId": id, "quantity": quantity});
+        CatalogEvent::from_value(&body, SystemTime::UNIX_EPOCH).unwrap()
+    }
+
+    #[test]
+    fn each_product_keeps_one_state_however_its_events_interleave() {
+        let mut projection = Projection::with_room(2);
+        let id = |i: u32| format!("P{:05}", (i * 7919) % 3000);
+        // More products than the room made up front, each named many times.
+        for round in 0..3u64 {
+            for i in 0..3000 {
+                projection.apply(&event(&id(i), round * 10_000 + u64::from(i)), None);
+            }
+        }
+        assert_eq!(projection.len(), 3000);
+        assert_eq!(projection.report.events_applied, 9000);
+        let p = ProductId::parse(&id(5)).unwrap();
+        assert_eq!(projection.get(&p).unwrap().quantity, Some(20_005));
+        assert!(!projection.contains(&ProductId::parse("P99999").unwrap()));
+        projection.insert(ProductState::new(p.clone()));
+        assert_eq!((projection.len(), projection.get(&p).unwrap().quantity), (3000, None), "replaced, not added");
+        let sorted = projection.into_sorted();
+        assert!(sorted.windows(2).all(|w| w[0].id < w[1].id));
+    }
 }

@@ -44,7 +44,7 @@ pub fn rebuild(
         invalid_skipped: fold.invalid_skipped,
         dead_lettered_skipped: fold.dead_lettered_skipped,
         last_sequence: fold.last_sequence,
-        products: projection.states.len() as u64,
+        products: projection.len() as u64,
         fold_elapsed: started.elapsed(),
         ..RebuildReport::default()
     };

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use catalog_domain::{ProductId, ProductState};
 use catalog_readmodel::{ReadModel, StoredView, Variant};
 
-use crate::ReplayError;
+use crate::{Projection, ReplayError};
 
 /// Which two sides disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -49,7 +49,7 @@ fn drift(kind: DriftKind, product: &str, detail: impl Into<String>) -> Drift {
 }
 
 /// Compares the store with the log's projection; `store` in any order.
-pub fn compare_store(log: &HashMap<ProductId, ProductState>, store: &[ProductState]) -> Vec<Drift> {
+pub fn compare_store(log: &Projection, store: &[ProductState]) -> Vec<Drift> {
     let mut out = Vec::new();
     let mut seen = HashSet::with_capacity(store.len());
     for state in store {
@@ -61,7 +61,7 @@ pub fn compare_store(log: &HashMap<ProductId, ProductState>, store: &[ProductSta
             None => out.push(drift(DriftKind::Store, state.id.as_str(), "in the store, but no event of the log names it")),
         }
     }
-    let mut missing: Vec<&ProductId> = log.keys().filter(|id| !seen.contains(id)).collect();
+    let mut missing: Vec<&ProductId> = log.states().map(|s| &s.id).filter(|id| !seen.contains(id)).collect();
     missing.sort_unstable();
     out.extend(missing.into_iter().map(|id| drift(DriftKind::Store, id.as_str(), "in the log, but not in the store")));
     out

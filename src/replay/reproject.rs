@@ -74,7 +74,7 @@ fn embedded(
     let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
     let projection = catalog_replay::project_embedded(&log, data.parse_limits(), |n| progress.set(n))?;
     progress.finish();
-    let store_only = store.states().filter(|s| s.as_ref().is_ok_and(|s| !projection.states.contains_key(&s.id))).count() as u64;
+    let store_only = store.states().filter(|s| s.as_ref().is_ok_and(|s| !projection.contains(&s.id))).count() as u64;
     let states = remaining(projection.into_sorted(), resume_after);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let mut tally = Tally::default();

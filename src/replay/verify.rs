@@ -41,7 +41,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
             (projection, states, views, None)
         }
     };
-    let mut drifts = catalog_replay::compare_store(&projection.states, &states);
+    let mut drifts = catalog_replay::compare_store(&projection, &states);
     let mut summary = describe_sources(&projection.report, states.len());
     if let Some(views) = &views {
         let model = ReadModel::open(views, data.view_settings(), None).context("opening the read model")?;
