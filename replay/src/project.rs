@@ -71,29 +71,38 @@ impl Projection {
     /// The product's state, a new one if the projection has none yet.
     fn state_mut(&mut self, id: &ProductId) -> &mut ProductState {
         let hash = self.hasher.hash_one(id);
-        let states = &mut self.states;
-        let slot = match self.slots.find(hash, |&at| states[at as usize].id == *id) {
-            Some(&at) => at,
-            None => {
-                let at = u32::try_from(states.len()).expect("fewer than 2^32 products");
-                states.push(ProductState::new(id.clone()));
-                let hasher = &self.hasher;
-                self.slots.insert_unique(hash, at, |&at| hasher.hash_one(&states[at as usize].id));
-                at
-            }
+        let at = match self.slot(hash, id) {
+            Some(at) => at,
+            None => self.push(hash, ProductState::new(id.clone())),
         };
-        &mut states[slot as usize]
+        &mut self.states[at]
     }
 
     /// Sets a product's state outright (from a snapshot).
     fn insert(&mut self, state: ProductState) {
-        let id = state.id.clone();
-        *self.state_mut(&id) = state;
+        let hash = self.hasher.hash_one(&state.id);
+        match self.slot(hash, &state.id) {
+            Some(at) => self.states[at] = state,
+            None => drop(self.push(hash, state)),
+        }
+    }
+
+    fn slot(&self, hash: u64, id: &ProductId) -> Option<usize> {
+        self.slots.find(hash, |&at| self.states[at as usize].id == *id).map(|&at| at as usize)
+    }
+
+    /// Adds the state of a product the projection does not hold; returns where it is.
+    fn push(&mut self, hash: u64, state: ProductState) -> usize {
+        let at = self.states.len();
+        self.states.push(state);
+        let (states, hasher) = (&self.states, &self.hasher);
+        let slot = u32::try_from(at).expect("fewer than 2^32 products");
+        self.slots.insert_unique(hash, slot, |&at| hasher.hash_one(&states[at as usize].id));
+        at
     }
 
     pub fn get(&self, id: &ProductId) -> Option<&ProductState> {
-        let hash = self.hasher.hash_one(id);
-        self.slots.find(hash, |&at| self.states[at as usize].id == *id).map(|&at| &self.states[at as usize])
+        self.slot(self.hasher.hash_one(id), id).map(|at| &self.states[at])
     }
 
     pub fn contains(&self, id: &ProductId) -> bool {
