@@ -188,6 +188,9 @@ async fn an_open_breaker_stops_writes_and_receives_until_the_store_is_back() {
     assert_eq!(attempts.load(Ordering::SeqCst), seen);
     down.store(false, Ordering::SeqCst);
     until(|| h.store.get(&id("P4")).unwrap().is_some()).await;
+    // The record is visible as soon as the store wrote it; the pipeline tells the breaker
+    // of that success right after, so the test waits for that too.
+    until(|| breaker.state() == BreakerState::Closed).await;
     assert_eq!(breaker.state(), BreakerState::Closed, "a successful trial closed it");
     assert_eq!(h.log.dead_letter_count(), 0);
     h.shutdown.cancel();
