@@ -8,7 +8,7 @@
 //! left as it is and whatever did not is redone.
 
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
-use catalog_pipeline::embedded::{EmbeddedLog, LEGACY_STATE_TREE};
+use catalog_pipeline::embedded::{EmbeddedLog, LEGACY_STATE_TREE, holds_legacy_states};
 use catalog_pipeline::{BackendError, FailureClass, ProductStore, SequencedEvent, StoreError, WriteOutcome};
 
 use crate::model::{ReadModel, ReadModelError};
@@ -126,8 +126,7 @@ impl EmbeddedStore {
 
     /// Moves the states of a data dir from before records held them into the records.
     fn adopt_legacy(&self, main: &sled::Db) -> Result<u64, StoreError> {
-        let exists = main.tree_names().iter().any(|name| name.as_ref() == LEGACY_STATE_TREE.as_bytes());
-        if !exists {
+        if !holds_legacy_states(main) {
             return Ok(0);
         }
         let legacy = main.open_tree(LEGACY_STATE_TREE).map_err(sled_error("open the old state tree"))?;
@@ -318,7 +317,7 @@ mod tests {
 
         let report = store.recover(&main, &log, ParseLimits::default()).unwrap();
         assert_eq!(report, Recovery { moved: 1, from_snapshot: 0, refolded: 2, redone: 2 });
-        assert!(!main.tree_names().iter().any(|n| n.as_ref() == LEGACY_STATE_TREE.as_bytes()), "the old tree is gone");
+        assert!(!holds_legacy_states(&main), "the old tree is gone");
         let p1 = store.get(&ProductId::parse("P1").unwrap()).unwrap().unwrap();
         assert_eq!((p1.quantity, p1.revision), (Some(7), 2));
         assert!(store.get(&ProductId::parse("P2").unwrap()).unwrap().is_some());

@@ -83,7 +83,9 @@ impl Projection {
         let hash = self.hasher.hash_one(&state.id);
         match self.slot(hash, &state.id) {
             Some(at) => self.states[at] = state,
-            None => drop(self.push(hash, state)),
+            None => {
+                self.push(hash, state);
+            }
         }
     }
 
@@ -118,7 +120,8 @@ impl Projection {
         self.states.is_empty()
     }
 
-    /// The states in the order the log first names their products.
+    /// The states in the order the projection first met their products (the snapshot's, then
+    /// the tail's).
     pub fn states(&self) -> impl Iterator<Item = &ProductState> {
         self.states.iter()
     }

@@ -80,8 +80,7 @@ fn embedded(args: DataArgs) -> anyhow::Result<()> {
     // An older data dir's states are moved out of the main database first, as `serve` would,
     // so none are left there to be mistaken for the store's later. Only then is the live store
     // opened: its recovery is work the rebuild redoes anyway (about a second at 1M products).
-    let legacy = db.tree_names().iter().any(|name| name.as_ref() == catalog_pipeline::embedded::LEGACY_STATE_TREE.as_bytes());
-    if live.exists() && legacy {
+    if live.exists() && catalog_pipeline::embedded::holds_legacy_states(&db) {
         drop(super::open_embedded_store(&data, &db, &log, &args)?);
     }
     let fresh = data.open_rebuild()?;

@@ -23,6 +23,12 @@ pub use snapshot::{
 /// the first start (`catalog_readmodel::EmbeddedStore::recover`).
 pub const LEGACY_STATE_TREE: &str = trees::STATE;
 
+/// Whether the main database still holds [`LEGACY_STATE_TREE`] (without creating it, as
+/// opening it would).
+pub fn holds_legacy_states(main: &sled::Db) -> bool {
+    main.tree_names().iter().any(|name| name.as_ref() == LEGACY_STATE_TREE.as_bytes())
+}
+
 /// Trees of the embedded database, named in one place so tools can find them.
 pub(crate) mod trees {
     /// Where the log was kept before segment files; moved out on open.
