@@ -4,8 +4,8 @@
 //!
 //! Only entries below both the consumed watermark (nothing hands them out again) and the read
 //! model's checkpoint (start-up catch-up never needs them) are compacted. The states are
-//! written first, a few hundred per sled batch, then the last sequence they hold, and only then
-//! do the entries go. A crash among the states leaves some of them past the recorded sequence:
+//! written first, in id order, then the last sequence they hold, and only then do the entries
+//! go. A crash among the states leaves some of them past the recorded sequence:
 //! folding those entries again changes nothing, since the fold ignores an event a facet already
 //! holds (by version, else by log position). A crash before the entries go leaves entries the
 //! snapshot already holds, which the next run removes.
@@ -23,10 +23,6 @@ use crate::ports::SourceError;
 const SEQUENCE_KEY: &[u8] = b"\0sequence";
 /// Entries folded per step: bounds the memory one step holds.
 const CHUNK: usize = 10_000;
-/// States written per sled batch. A batch holds sled's process-wide write lock, so every read
-/// and every fold of the read model waits behind it for as long as it runs: a whole step's
-/// states (up to 10,000) in one batch made that wait long, a few hundred keep it short.
-const STATES_PER_BATCH: usize = 256;
 
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_RETENTION_BYTES: u64 = 1024 * 1024 * 1024;
@@ -84,8 +80,8 @@ impl LogSnapshot {
     /// Folds `entries` (in log order, right after the snapshot's sequence) into the snapshot.
     fn fold(&self, entries: &[LogEntry], skipped: &HashSet<u64>, limits: ParseLimits) -> Result<(), SourceError> {
         let Some(last) = entries.last() else { return Ok(()) };
-        // In id order, as the batches below write them: neighbours share leaves, so a batch
-        // touches fewer of them.
+        // In id order, as they are written below: neighbours share leaves, so consecutive
+        // inserts find theirs in the cache.
         let mut touched: BTreeMap<ProductId, ProductState> = BTreeMap::new();
         for entry in entries.iter().filter(|e| !skipped.contains(&e.sequence)) {
             // The store never applied an invalid entry (it was dead-lettered): neither does this.
@@ -100,13 +96,13 @@ impl LogSnapshot {
             }
             touched.get_mut(&id).expect("inserted above").apply_at(&event, Some(entry.sequence));
         }
-        let touched: Vec<(ProductId, ProductState)> = touched.into_iter().collect();
-        for part in touched.chunks(STATES_PER_BATCH) {
-            let mut batch = sled::Batch::default();
-            for (id, state) in part {
-                batch.insert(id.as_str(), encode(state));
-            }
-            self.tree.apply_batch(batch).map_err(storage_error("write the snapshot"))?;
+        // One insert at a time, never a `sled::Batch`: the first batch a process applies turns
+        // on sled's process-wide lock for good, after which every batch stops every read and
+        // fold of the read model for as long as it runs. Under a steady load a compaction
+        // then put seconds between an event and its view. Nothing here needs a batch's
+        // atomicity (see the module's comment on a crash among the states).
+        for (id, state) in touched {
+            self.tree.insert(id.as_str(), encode(&state)).map_err(storage_error("write the snapshot"))?;
         }
         self.tree.insert(SEQUENCE_KEY, &last.sequence.to_be_bytes()).map_err(storage_error("write the snapshot"))?;
         Ok(())
@@ -253,8 +249,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_crash_among_the_states_folds_the_same_snapshot_when_run_again() {
-        // Versioned and unversioned events of more products than one batch writes.
-        let bodies: Vec<String> = (0..STATES_PER_BATCH * 2 + 7)
+        // Versioned and unversioned events of a few hundred products.
+        const WRITTEN_BEFORE_THE_CRASH: usize = 256;
+        let bodies: Vec<String> = (0..WRITTEN_BEFORE_THE_CRASH * 2 + 7)
             .flat_map(|i| {
                 [
                     format!(r#"{{"productId":"P{i:04}","name":"N{i}","category":"C","status":"created","version":2}}"#),
@@ -269,10 +266,15 @@ mod tests {
         let entries: Vec<LogEntry> = log.entries_from(1).map(Result::unwrap).collect();
         snapshot.fold(&entries, &HashSet::new(), ParseLimits::default()).unwrap();
         let clean: Vec<ProductState> = snapshot.states().map(Result::unwrap).collect();
-        // What a crash after the first batch leaves: its states written (batches go in id
+        // What a crash among the states leaves: the first of them written (they go in id
         // order), the sequence not.
-        let ahead: Vec<(sled::IVec, sled::IVec)> =
-            snapshot.tree.iter().map(Result::unwrap).filter(|(k, _)| k.as_ref() != SEQUENCE_KEY).take(STATES_PER_BATCH).collect();
+        let ahead: Vec<(sled::IVec, sled::IVec)> = snapshot
+            .tree
+            .iter()
+            .map(Result::unwrap)
+            .filter(|(k, _)| k.as_ref() != SEQUENCE_KEY)
+            .take(WRITTEN_BEFORE_THE_CRASH)
+            .collect();
         snapshot.tree.clear().unwrap();
         for (k, v) in ahead {
             snapshot.tree.insert(k, v).unwrap();
