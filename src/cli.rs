@@ -20,6 +20,8 @@ use catalog_pipeline::embedded;
 pub const DEFAULT_CACHE_MB: u64 = 128;
 /// Longest a graceful shutdown waits for in-flight batches.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The embedded log's compaction thread runs at this nice value (`--log-compact-nice`).
+pub const DEFAULT_COMPACT_NICE: i32 = 10;
 
 #[derive(Parser)]
 #[command(name = "catalog", version, about = "Event-sourced product catalog: pipeline, read model and BFF in one binary")]
@@ -415,6 +417,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CATALOG_LOG_COMPACT_INTERVAL_SECS", default_value_t = embedded::DEFAULT_COMPACT_INTERVAL.as_secs(),
           value_parser = InRange::new(1, 24 * 3600))]
     pub log_compact_interval_secs: u64,
+    /// Scheduling priority of the embedded log's compaction thread, as nice(1) counts (0: the
+    /// pipeline's own, 19: lowest): it then takes only CPU the pipeline and the GETs leave.
+    #[arg(long, env = "CATALOG_LOG_COMPACT_NICE", default_value_t = DEFAULT_COMPACT_NICE, value_parser = InRange::new(0, 19).map(|v| v as i32))]
+    pub log_compact_nice: i32,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "CATALOG_WORKER_THREADS", value_parser = usize_in(1, 1024))]
     pub worker_threads: Option<usize>,

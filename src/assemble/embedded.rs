@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Assembly;
+use super::background::Background;
 use crate::cli::ServeArgs;
 use crate::datadir::DataDir;
 
@@ -153,6 +154,9 @@ fn spawn_compactor(
     let every = Duration::from_secs(args.log_compact_interval_secs);
     let compacted: Counter = Counter::default();
     registry.register("catalog_event_log_compacted", "Log entries folded into the snapshot and removed", compacted.clone());
+    // A compaction folds a whole interval's events at once: at the thread's own priority it
+    // took a core from a pipeline that needed both, and events waited behind it.
+    let thread = Background::spawn("catalog-compact", args.log_compact_nice)?;
     Ok(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
@@ -161,7 +165,8 @@ fn spawn_compactor(
                 _ = tick.tick() => {}
             }
             let (log, snapshot, model) = (log.clone(), snapshot.clone(), model.clone());
-            let run = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let run = thread.run(move || {
                 let keep_from = model.checkpoint().map_err(|e| e.to_string())?.saturating_add(1);
                 // The records are the store and are flushed apart from the log: what the
                 // checkpoint covers must be on disk before the entries a start would fold in
@@ -172,19 +177,23 @@ fn spawn_compactor(
                 Ok::<_, String>((report, log.log_bytes()))
             });
             match run.await {
-                Ok(Ok((report, now))) => {
+                Some(Ok((report, now))) => {
                     compacted.inc_by(report.entries_removed);
                     if report.entries_folded > 0 {
                         tracing::info!(
                             folded = report.entries_folded,
                             through = report.snapshot_sequence,
                             log_bytes = now,
+                            took_ms = started.elapsed().as_millis() as u64,
                             "event log compacted"
                         );
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "compacting the event log failed; retrying next interval"),
-                Err(e) => tracing::error!(error = %e, "the compaction task panicked"),
+                Some(Err(e)) => tracing::warn!(error = %e, "compacting the event log failed; retrying next interval"),
+                None => {
+                    tracing::error!("the compaction thread panicked; the event log is no longer compacted");
+                    return;
+                }
             }
         }
     }))
