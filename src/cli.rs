@@ -418,7 +418,7 @@ pub struct ServeArgs {
           value_parser = InRange::new(1, 24 * 3600))]
     pub log_compact_interval_secs: u64,
     /// Scheduling priority of the embedded log's compaction thread, as nice(1) counts (0: the
-    /// pipeline's own, 19: lowest): it then takes only CPU the pipeline and the GETs leave.
+    /// pipeline's own, 19: lowest): on a busy machine the pipeline and the GETs come first.
     #[arg(long, env = "CATALOG_LOG_COMPACT_NICE", default_value_t = DEFAULT_COMPACT_NICE, value_parser = InRange::new(0, 19).map(|v| v as i32))]
     pub log_compact_nice: i32,
     /// Runtime worker threads (default: one per core).

@@ -1,5 +1,5 @@
 //! A thread of its own, at a lower scheduling priority, for background work (the log's
-//! compaction) that must take CPU only where the pipeline and the GETs leave some.
+//! compaction) that should yield the CPU to the pipeline and the GETs whenever they want it.
 
 use std::sync::mpsc;
 
@@ -7,7 +7,8 @@ use anyhow::Context;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Runs jobs one at a time on its thread, which ends once this is dropped and its last job is done.
+/// Runs jobs one at a time on its thread, which ends once this is dropped and its last job is
+/// done; a job that panics fails alone, the thread goes on with the next.
 pub struct Background {
     jobs: mpsc::Sender<Job>,
 }
@@ -31,12 +32,14 @@ impl Background {
     }
 
     /// Runs `work` on the thread and waits for its result without blocking the runtime.
-    /// `None` if the thread is gone (it panicked).
+    /// `None` if it panicked.
     pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         let (done, result) = tokio::sync::oneshot::channel();
         self.jobs
             .send(Box::new(move || {
-                let _ = done.send(work());
+                if let Ok(value) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+                    let _ = done.send(value);
+                }
             }))
             .ok()?;
         result.await.ok()
@@ -77,7 +80,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn jobs_run_in_order_on_a_thread_at_the_priority_asked() {
+    async fn jobs_run_in_order_on_a_thread_at_the_priority_asked_past_a_panic() {
         let background = Background::spawn("test-background", 7).unwrap();
         let first = background.run(|| std::thread::current().name().map(str::to_owned)).await.unwrap();
         assert_eq!(first.as_deref(), Some("test-background"));
@@ -87,10 +90,11 @@ mod tests {
             assert_eq!(background.run(thread_nice).await, Some(7.max(ours)));
             assert_eq!(thread_nice(), ours, "only the background thread is lowered");
         }
+        assert_eq!(background.run(|| -> u32 { panic!("a failing job") }).await, None);
         let mut seen = Vec::new();
         for i in 0..3 {
             seen.push(background.run(move || i).await.unwrap());
         }
-        assert_eq!(seen, [0, 1, 2]);
+        assert_eq!(seen, [0, 1, 2], "the jobs after a panic still run, in order");
     }
 }
