@@ -147,11 +147,13 @@ pub fn project_embedded(
     let skipped: HashSet<u64> = log.skipped_sequences()?;
     let snapshot = log.snapshot()?;
     let from = snapshot.sequence()? + 1;
-    // Room for a product per entry of the tail (where most rebuilds find most products; the
-    // snapshot's count is not kept), capped so that a long log asks for no more address space
-    // than a machine may grant.
+    // Room for every product of the snapshot and one per entry of the tail, capped so that a
+    // long log asks for no more address space than a machine may grant. Room for the tail
+    // alone was outgrown by a snapshot of 1M products, and growing the vector held it twice:
+    // 730-750 MB where 590-610 MB came of the room for both (BENCHMARKS.md, round seven).
     let tail = usize::try_from(log.last_sequence().saturating_sub(from - 1)).unwrap_or(usize::MAX);
-    let mut projection = Projection::with_room(tail.min(MAX_ROOM));
+    let in_snapshot = usize::try_from(snapshot.products_hint()?.unwrap_or(0)).unwrap_or(usize::MAX);
+    let mut projection = Projection::with_room(tail.saturating_add(in_snapshot).min(MAX_ROOM));
     for state in snapshot.states() {
         projection.insert(state?);
         projection.report.snapshot_products += 1;
