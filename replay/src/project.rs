@@ -150,7 +150,7 @@ pub fn project_embedded(
     // Room for every product of the snapshot and one per entry of the tail, capped so that a
     // long log asks for no more address space than a machine may grant. Room for the tail
     // alone was outgrown by a snapshot of 1M products, and growing the vector held it twice:
-    // 730-750 MB where 590-610 MB came of the room for both (BENCHMARKS.md, round seven).
+    // a 734-814 MB peak, 595-632 MB with room for both (BENCHMARKS.md, round seven).
     let tail = usize::try_from(log.last_sequence().saturating_sub(from - 1)).unwrap_or(usize::MAX);
     let in_snapshot = usize::try_from(snapshot.products_hint()?.unwrap_or(0)).unwrap_or(usize::MAX);
     let mut projection = Projection::with_room(tail.saturating_add(in_snapshot).min(MAX_ROOM));

@@ -13,7 +13,7 @@ use opentelemetry::trace::SpanContext;
 use tokio::sync::Notify;
 
 use super::segments::{DEFAULT_SEGMENT_BYTES, SegmentLog};
-use super::{storage_error, trees};
+use super::{be_u64, storage_error, trees};
 use crate::ports::{DeadLetter, EventSource, Received, SourceError};
 
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -193,8 +193,7 @@ impl EmbeddedLog {
         let dlq = db.open_tree(trees::DLQ).map_err(&open)?;
         let redriven = db.open_tree(trees::REDRIVEN).map_err(&open)?;
         let meta = db.open_tree(trees::META).map_err(&open)?;
-        let watermark =
-            meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(1);
+        let watermark = meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| be_u64(&v)).unwrap_or(1);
         let start = super::LogSnapshot::open(db)?.sequence()? + 1;
         // Redrives whose entries are written but whose dead letters may not be gone yet.
         let mut redrives = Vec::new();
@@ -243,7 +242,7 @@ impl EmbeddedLog {
         let mut end = self.inner.segments.end();
         for item in tree.iter() {
             let (key, value) = item.map_err(&write)?;
-            let Some(sequence) = key.as_ref().try_into().ok().map(u64::from_be_bytes) else { continue };
+            let Some(sequence) = be_u64(&key) else { continue };
             match end {
                 Some(end) if sequence < end => continue,
                 Some(_) => {}
@@ -440,7 +439,7 @@ impl EmbeddedLog {
         let mut out = std::collections::HashSet::new();
         for tree in [&self.inner.dlq, &self.inner.redriven] {
             for key in tree.iter().keys() {
-                out.extend(key.map_err(&read)?.as_ref().try_into().ok().map(u64::from_be_bytes));
+                out.extend(be_u64(&key.map_err(&read)?));
             }
         }
         Ok(out)

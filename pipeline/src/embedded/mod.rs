@@ -42,6 +42,11 @@ pub(crate) mod trees {
     pub const SNAPSHOT: &str = "log_snapshot";
 }
 
+/// A value or key stored as a big-endian u64 (sequences, counts); `None` if it is not 8 bytes.
+pub(crate) fn be_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
 /// A sled failure, classified: a corrupt file is not an outage, anything else (I/O) is.
 pub(crate) fn storage_error(operation: &'static str) -> impl Fn(sled::Error) -> crate::BackendError {
     move |e| {

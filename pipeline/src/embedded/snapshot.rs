@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
 
-use super::{EmbeddedLog, LogEntry, storage_error, trees};
+use super::{EmbeddedLog, LogEntry, be_u64, storage_error, trees};
 use crate::ports::SourceError;
 
 /// Where the snapshot's last folded sequence is kept, in the snapshot's own tree: no product id
@@ -74,13 +74,13 @@ impl LogSnapshot {
     /// and a snapshot from before the count was kept has none (`None`).
     pub fn products_hint(&self) -> Result<Option<u64>, SourceError> {
         let value = self.meta.get(PRODUCTS_KEY).map_err(storage_error("read the snapshot"))?;
-        Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+        Ok(value.and_then(|v| be_u64(&v)))
     }
 
     /// The last log sequence folded in (0: no snapshot yet, the log is whole).
     pub fn sequence(&self) -> Result<u64, SourceError> {
         let value = self.tree.get(SEQUENCE_KEY).map_err(storage_error("read the snapshot"))?;
-        Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+        Ok(value.and_then(|v| be_u64(&v)).unwrap_or(0))
     }
 
     /// Every product's state in the snapshot, in id order.
