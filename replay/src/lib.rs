@@ -12,7 +12,7 @@ mod rebuild;
 mod reproject;
 mod verify;
 
-pub use project::{FoldReport, Projection, project_embedded};
+pub use project::{FoldReport, Projection, project_embedded, project_tail};
 pub use rebuild::{RebuildReport, rebuild, write_views};
 pub use reproject::reconcile;
 pub use verify::{Drift, DriftKind, ViewReport, compare_store, compare_views, repair_views};
@@ -33,8 +33,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use catalog_domain::{ParseLimits, ViewSettings};
-    use catalog_pipeline::ProductStore;
     use catalog_pipeline::embedded::EmbeddedLog;
+    use catalog_pipeline::{EventSource, ProductStore};
     use catalog_readmodel::{EmbeddedStore, ReadModel};
 
     const BODIES: [&str; 6] = [
@@ -65,6 +65,64 @@ mod tests {
         let web: serde_json::Value = serde_json::from_slice(&page.items[0].body(catalog_readmodel::Variant::Web)).unwrap();
         assert_eq!(web["product"]["name"], "New");
         assert_eq!(model.checkpoint().unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn rebuild_from_snapshot_and_tail_writes_what_the_whole_log_folds_to() {
+        let (_dir, _db, log, model) = open();
+        let (_whole_dir, _whole_db, whole_log, _) = open();
+        let round = |r: u32, ids: std::ops::Range<u32>| -> Vec<Bytes> {
+            ids.map(|i| {
+                Bytes::from(format!(r#"{{"productId":"P{i:04}","name":"N{r}","category":"C{}","status":"created"}}"#, i % 3))
+            })
+            .collect()
+        };
+        // More products than a write batch: some only in the snapshot, some only in the tail,
+        // some in both.
+        for log in [&log, &whole_log] {
+            log.append(&round(1, 0..6000)).await.unwrap();
+            let received = log.receive(6000).await.unwrap();
+            log.ack(received.into_iter().map(|r| r.receipt).collect()).await.unwrap();
+        }
+        let retention = catalog_pipeline::embedded::Retention { retention: Some(std::time::Duration::ZERO), max_bytes: None };
+        catalog_pipeline::embedded::compact(&log, &log.snapshot().unwrap(), retention, u64::MAX, ParseLimits::default()).unwrap();
+        for log in [&log, &whole_log] {
+            log.append(&round(2, 3000..9000)).await.unwrap();
+        }
+
+        let report = rebuild(&log, &model, ParseLimits::default(), |_| {}).unwrap();
+        assert_eq!(
+            (report.entries_read, report.products, report.views_written, report.last_sequence),
+            (6000, 9000, 9000, 12_000)
+        );
+        let whole = project_embedded(&whole_log, ParseLimits::default(), |_| {}).unwrap();
+        assert_eq!((whole.report.snapshot_sequence, whole.len()), (0, 9000));
+        let name = |id: &str| {
+            let view = model.get(id).unwrap().expect("every product has its view");
+            let web: serde_json::Value = serde_json::from_slice(&view.body(catalog_readmodel::Variant::Web)).unwrap();
+            web["product"]["name"].as_str().unwrap().to_owned()
+        };
+        for state in whole.states() {
+            assert_eq!(name(state.id.as_str()), state.info.as_ref().unwrap().name, "{}", state.id);
+        }
+        assert_eq!([name("P0000"), name("P2999"), name("P3000"), name("P8999")], ["N1", "N1", "N2", "N2"]);
+        assert_eq!(model.page("C0", None, 5000).unwrap().items.len(), 3000);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_snapshot_state_fails_the_rebuild_by_name() {
+        let (_dir, db, log, model) = open();
+        let bodies: Vec<Bytes> =
+            (0..5000).map(|i| Bytes::from(format!(r#"{{"productId":"P{i:04}","name":"N","status":"created"}}"#))).collect();
+        log.append(&bodies).await.unwrap();
+        let received = log.receive(5000).await.unwrap();
+        log.ack(received.into_iter().map(|r| r.receipt).collect()).await.unwrap();
+        let retention = catalog_pipeline::embedded::Retention { retention: Some(std::time::Duration::ZERO), max_bytes: None };
+        catalog_pipeline::embedded::compact(&log, &log.snapshot().unwrap(), retention, u64::MAX, ParseLimits::default()).unwrap();
+        // Past the first write batch, so the writers are busy when it is reached.
+        db.open_tree("log_snapshot").unwrap().insert("P4321", &b"\xff\xff"[..]).unwrap();
+        let err = rebuild(&log, &model, ParseLimits::default(), |_| {}).unwrap_err().to_string();
+        assert!(err.contains("P4321"), "{err}");
     }
 
     /// A store as the pipeline would leave it, each event applied at its log sequence, beside

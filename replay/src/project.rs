@@ -9,7 +9,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use catalog_domain::state::Applied;
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
 use catalog_pipeline::SourceError;
-use catalog_pipeline::embedded::{EmbeddedLog, LogEntry};
+use catalog_pipeline::embedded::{EmbeddedLog, LogEntry, LogSnapshot};
 
 use crate::ReplayError;
 
@@ -27,8 +27,8 @@ pub struct FoldReport {
     pub invalid_skipped: u64,
     pub dead_lettered_skipped: u64,
     pub last_sequence: u64,
-    /// Products the fold started from, and the last sequence their snapshot holds (0: none,
-    /// the log was whole).
+    /// Products the fold took from the snapshot (all of them, or with [`project_tail`] those
+    /// the tail names), and the last sequence the snapshot holds (0: none, the log was whole).
     pub snapshot_products: u64,
     pub snapshot_sequence: u64,
 }
@@ -138,25 +138,62 @@ impl Projection {
 /// Folds the embedded log: the snapshot compaction left, then the entries after it.
 /// Dead-lettered entries are skipped, since the store never applied them (a redriven one
 /// applies at the sequence it came back as); `progress` gets the entries read so far.
-pub fn project_embedded(
+pub fn project_embedded(log: &EmbeddedLog, limits: ParseLimits, progress: impl FnMut(u64)) -> Result<Projection, ReplayError> {
+    fold(log, &log.snapshot()?, FromSnapshot::Load, limits, progress)
+}
+
+/// Folds the log's tail onto the snapshot's states of the products it names, and no others:
+/// the projection holds those, and the rest are read in id order from the snapshot when they
+/// are needed ([`LogSnapshot::merged_with`]). With all of a snapshot's 1M states held,
+/// `replay rebuild` peaked at 586-625 MB; holding those a tail of 529k entries names, at
+/// 436-460 MB (BENCHMARKS.md, round eight).
+pub fn project_tail(
     log: &EmbeddedLog,
+    limits: ParseLimits,
+    progress: impl FnMut(u64),
+) -> Result<(Projection, LogSnapshot), ReplayError> {
+    let snapshot = log.snapshot()?;
+    let projection = fold(log, &snapshot, FromSnapshot::LookUp, limits, progress)?;
+    Ok((projection, snapshot))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FromSnapshot {
+    /// Every state, before the tail.
+    Load,
+    /// A product's state when the tail first names it.
+    LookUp,
+}
+
+fn fold(
+    log: &EmbeddedLog,
+    snapshot: &LogSnapshot,
+    from_snapshot: FromSnapshot,
     limits: ParseLimits,
     mut progress: impl FnMut(u64),
 ) -> Result<Projection, ReplayError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let skipped: HashSet<u64> = log.skipped_sequences()?;
-    let snapshot = log.snapshot()?;
     let from = snapshot.sequence()? + 1;
     // Room for every product of the snapshot and one per entry of the tail, capped so that a
     // long log asks for no more address space than a machine may grant. Room for the tail
     // alone was outgrown by a snapshot of 1M products, and growing the vector held it twice:
     // a 734-814 MB peak, 595-632 MB with room for both (BENCHMARKS.md, round seven).
     let tail = usize::try_from(log.last_sequence().saturating_sub(from - 1)).unwrap_or(usize::MAX);
-    let in_snapshot = usize::try_from(snapshot.products_hint()?.unwrap_or(0)).unwrap_or(usize::MAX);
+    let in_snapshot = match from_snapshot {
+        FromSnapshot::Load => usize::try_from(snapshot.products_hint()?.unwrap_or(0)).unwrap_or(usize::MAX),
+        FromSnapshot::LookUp => 0,
+    };
     let mut projection = Projection::with_room(tail.saturating_add(in_snapshot).min(MAX_ROOM));
-    for state in snapshot.states() {
-        projection.insert(state?);
-        projection.report.snapshot_products += 1;
+    // A log never compacted has nothing to look up (a first compaction cut short may have left
+    // states, but the whole log is folded, so they add nothing): an empty tree's lookup for each
+    // of 1M products made a rebuild's fold a fifth slower.
+    let look_up = from_snapshot == FromSnapshot::LookUp && from > 1;
+    if from_snapshot == FromSnapshot::Load {
+        for state in snapshot.states() {
+            projection.insert(state?);
+            projection.report.snapshot_products += 1;
+        }
     }
     projection.report.snapshot_sequence = from - 1;
     projection.report.last_sequence = from - 1;
@@ -184,11 +221,29 @@ pub fn project_embedded(
         let before = chunk.len();
         chunk.retain(|e| !skipped.contains(&e.sequence));
         report.dead_lettered_skipped += (before - chunk.len()) as u64;
-        for (entry, event) in chunk.iter().zip(parse_in_parallel(&chunk, limits, threads)) {
-            match event {
-                Some(event) => projection.apply(&event, Some(entry.sequence)),
-                None => projection.report.invalid_skipped += 1,
+        // The parsers also look up the snapshot's state of each product the projection lacks:
+        // on the folding thread, the lookups took a 529k-entry tail's fold from 1.5-1.8 s to
+        // 1.8-2.4 s.
+        let known = &projection;
+        let parsed = map_in_parallel(&chunk, threads, |entry| {
+            let event = CatalogEvent::parse(&entry.body, entry.accepted_at, limits).ok()?;
+            let earlier =
+                if look_up && !known.contains(&event.product_id) { snapshot.get(&event.product_id).transpose() } else { None };
+            Some((event, earlier))
+        });
+        for (entry, parsed) in chunk.iter().zip(parsed) {
+            let Some((event, earlier)) = parsed else {
+                projection.report.invalid_skipped += 1;
+                continue;
+            };
+            // An earlier entry of this chunk may have brought the product in already.
+            if let Some(state) = earlier.transpose()?
+                && !projection.contains(&state.id)
+            {
+                projection.insert(state);
+                projection.report.snapshot_products += 1;
             }
+            projection.apply(&event, Some(entry.sequence));
         }
         progress(projection.report.entries_read);
     }
@@ -196,17 +251,16 @@ pub fn project_embedded(
     Ok(projection)
 }
 
-/// Parses a chunk of log entries on `threads` threads; `None` for an entry that is invalid.
-fn parse_in_parallel(chunk: &[LogEntry], limits: ParseLimits, threads: usize) -> Vec<Option<CatalogEvent>> {
-    let parse = |part: &[LogEntry]| -> Vec<Option<CatalogEvent>> {
-        part.iter().map(|e| CatalogEvent::parse(&e.body, e.accepted_at, limits).ok()).collect()
-    };
+/// `f` of every log entry of a chunk, on `threads` threads.
+fn map_in_parallel<T: Send>(chunk: &[LogEntry], threads: usize, f: impl Fn(&LogEntry) -> T + Sync) -> Vec<T> {
     if threads < 2 || chunk.len() < 2 * 1024 {
-        return parse(chunk);
+        return chunk.iter().map(f).collect();
     }
     let per_thread = chunk.len().div_ceil(threads);
+    let f = &f;
     std::thread::scope(|scope| {
-        let workers: Vec<_> = chunk.chunks(per_thread).map(|part| scope.spawn(move || parse(part))).collect();
+        let workers: Vec<_> =
+            chunk.chunks(per_thread).map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<T>>())).collect();
         workers.into_iter().flat_map(|w| w.join().expect("parser thread panicked")).collect()
     })
 }

@@ -10,6 +10,7 @@
 //! holds (by version, else by log position). A crash before the entries go leaves entries the
 //! snapshot already holds, which the next run removes.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
@@ -85,10 +86,42 @@ impl LogSnapshot {
 
     /// Every product's state in the snapshot, in id order.
     pub fn states(&self) -> impl Iterator<Item = Result<ProductState, SourceError>> + use<> {
-        self.tree.iter().filter_map(|item| match item {
-            Ok((k, _)) if k.as_ref() == SEQUENCE_KEY => None,
-            Ok((k, v)) => Some(decode(&String::from_utf8_lossy(&k), &v)),
-            Err(e) => Some(Err(storage_error("read the snapshot")(e))),
+        self.merged_with(std::iter::empty())
+    }
+
+    /// One product's state in the snapshot.
+    pub fn get(&self, id: &ProductId) -> Result<Option<ProductState>, SourceError> {
+        let value = self.tree.get(id.as_str()).map_err(storage_error("read the snapshot"))?;
+        value.map(|v| decode(id.as_str(), &v)).transpose()
+    }
+
+    /// Every product's state in id order, each of `newer` (in id order, as sled orders keys:
+    /// by bytes) in place of the snapshot's. The snapshot's states are decoded one at a time
+    /// as they are reached, and not at all where `newer` replaces them.
+    pub fn merged_with<I: IntoIterator<Item = ProductState>>(
+        &self,
+        newer: I,
+    ) -> impl Iterator<Item = Result<ProductState, SourceError>> + use<I> {
+        let mut older =
+            self.tree.iter().filter(|item| item.as_ref().map_or(true, |(k, _)| k.as_ref() != SEQUENCE_KEY)).peekable();
+        let mut newer = newer.into_iter().peekable();
+        std::iter::from_fn(move || {
+            let order = match (older.peek(), newer.peek()) {
+                (None, None) => return None,
+                (Some(Err(_)), _) | (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(Ok((k, _))), Some(state)) => k.as_ref().cmp(state.id.as_str().as_bytes()),
+            };
+            if order != Ordering::Less {
+                if order == Ordering::Equal {
+                    older.next();
+                }
+                return newer.next().map(Ok);
+            }
+            Some(match older.next()? {
+                Ok((k, v)) => decode(&String::from_utf8_lossy(&k), &v),
+                Err(e) => Err(storage_error("read the snapshot")(e)),
+            })
         })
     }
 
@@ -247,6 +280,29 @@ mod tests {
         assert_eq!(states[0].info.as_ref().map(|p| p.name.as_str()), Some("New"), "versions decide, as in the store");
         assert_eq!(states[1].quantity, Some(4));
         assert_eq!(compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap().entries_folded, 0);
+    }
+
+    #[tokio::test]
+    async fn newer_states_take_their_place_among_the_snapshot_s_in_id_order() {
+        let (_dir, _db, log, snapshot) = open();
+        append_and_ack(
+            &log,
+            &[r#"{"productId":"A","quantity":1}"#, r#"{"productId":"C","quantity":1}"#, r#"{"productId":"E","quantity":1}"#],
+        )
+        .await;
+        compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        let state =
+            |id: &str, quantity| ProductState { quantity: Some(quantity), ..ProductState::new(ProductId::parse(id).unwrap()) };
+        let get = |id: &str| snapshot.get(&ProductId::parse(id).unwrap()).unwrap().map(|s| s.quantity);
+        assert_eq!((get("C"), get("B")), (Some(Some(1)), None));
+        // Before the first, between, in place of one, and after the last.
+        let merged: Vec<(String, Option<u64>)> = snapshot
+            .merged_with([state("0", 2), state("B", 2), state("C", 2), state("F", 2)])
+            .map(|s| s.map(|s| (s.id.as_str().to_owned(), s.quantity)).unwrap())
+            .collect();
+        let expected = [("0", 2), ("A", 1), ("B", 2), ("C", 2), ("E", 1), ("F", 2)].map(|(id, q)| (id.to_owned(), Some(q)));
+        assert_eq!(merged, expected);
+        assert_eq!(snapshot.states().count(), 3, "the sequence key is no state");
     }
 
     #[tokio::test]
