@@ -15,7 +15,10 @@ mod verify;
 pub use project::{FoldReport, Projection, project_embedded, project_tail};
 pub use rebuild::{RebuildReport, rebuild, write_views};
 pub use reproject::reconcile;
-pub use verify::{Drift, DriftKind, ViewReport, compare_store, compare_views, repair_views};
+pub use verify::{
+    Drift, DriftKind, StoreComparison, ViewReport, compare_sorted, compare_store, compare_views, compare_views_sorted,
+    repair_views,
+};
 
 use catalog_pipeline::SourceError;
 use catalog_readmodel::ReadModelError;

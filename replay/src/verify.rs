@@ -2,9 +2,11 @@
 //! every disagreement listed with what differs; `repair_views` puts the read model right
 //! from the store.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
-use catalog_domain::{ProductId, ProductState};
+use catalog_domain::ProductState;
 use catalog_readmodel::{ReadModel, StoredView, Variant};
 
 use crate::{Projection, ReplayError};
@@ -48,23 +50,78 @@ fn drift(kind: DriftKind, product: &str, detail: impl Into<String>) -> Drift {
     Drift { kind, product: product.to_owned(), detail: detail.into() }
 }
 
-/// Compares the store with the log's projection; `store` in any order.
-pub fn compare_store(log: &Projection, store: &[ProductState]) -> Vec<Drift> {
-    let mut out = Vec::new();
-    let mut seen = HashSet::with_capacity(store.len());
-    for state in store {
-        seen.insert(&state.id);
-        match log.get(&state.id) {
-            Some(projected) => out.extend(
-                projected.differences(state, ("log", "store")).into_iter().map(|d| drift(DriftKind::Store, state.id.as_str(), d)),
-            ),
-            None => out.push(drift(DriftKind::Store, state.id.as_str(), "in the store, but no event of the log names it")),
+/// What [`compare_sorted`] found, and how many products each side holds.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoreComparison {
+    pub drifts: Vec<Drift>,
+    pub log_products: u64,
+    pub store_products: u64,
+}
+
+/// Compares the store with the log's projection, both in id order (as the embedded store,
+/// the snapshot merged with its tail, and a sorted projection are), one state of each side at
+/// a time: at 1M products, holding both sides took `replay verify` to 1.15 GB.
+pub fn compare_sorted<L, S, E, F>(
+    log: impl IntoIterator<Item = Result<L, E>>,
+    store: impl IntoIterator<Item = Result<S, F>>,
+) -> Result<StoreComparison, ReplayError>
+where
+    L: Borrow<ProductState>,
+    S: Borrow<ProductState>,
+    E: Into<ReplayError>,
+    F: Into<ReplayError>,
+{
+    let mut log = log.into_iter().map(|r| r.map_err(Into::into));
+    let mut store = store.into_iter().map(|r| r.map_err(Into::into));
+    let mut out = StoreComparison::default();
+    let (mut projected, mut stored) = (log.next().transpose()?, store.next().transpose()?);
+    loop {
+        let order = match (&projected, &stored) {
+            (None, None) => return Ok(out),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(p), Some(s)) => p.borrow().id.cmp(&s.borrow().id),
+        };
+        match (order, &projected, &stored) {
+            (Ordering::Equal, Some(p), Some(s)) => {
+                let (p, s) = (p.borrow(), s.borrow());
+                out.drifts
+                    .extend(p.differences(s, ("log", "store")).into_iter().map(|d| drift(DriftKind::Store, s.id.as_str(), d)));
+            }
+            (Ordering::Less, Some(p), _) => {
+                out.drifts.push(drift(DriftKind::Store, p.borrow().id.as_str(), "in the log, but not in the store"));
+            }
+            (_, _, Some(s)) => {
+                out.drifts.push(drift(
+                    DriftKind::Store,
+                    s.borrow().id.as_str(),
+                    "in the store, but no event of the log names it",
+                ));
+            }
+            _ => unreachable!("one side holds a state"),
+        }
+        if order != Ordering::Greater {
+            out.log_products += 1;
+            projected = log.next().transpose()?;
+        }
+        if order != Ordering::Less {
+            out.store_products += 1;
+            stored = store.next().transpose()?;
         }
     }
-    let mut missing: Vec<&ProductId> = log.states().map(|s| &s.id).filter(|id| !seen.contains(id)).collect();
-    missing.sort_unstable();
-    out.extend(missing.into_iter().map(|id| drift(DriftKind::Store, id.as_str(), "in the log, but not in the store")));
-    out
+}
+
+/// Compares the store with the log's projection; `store` in any order.
+pub fn compare_store(log: &Projection, store: &[ProductState]) -> Vec<Drift> {
+    let (log, store) = (sorted(log.states()), sorted(store.iter()));
+    let ok = |s| Ok::<_, ReplayError>(s);
+    compare_sorted(log.into_iter().map(ok), store.into_iter().map(ok)).expect("states in memory are read without error").drifts
+}
+
+fn sorted<'a>(states: impl Iterator<Item = &'a ProductState>) -> Vec<&'a ProductState> {
+    let mut states: Vec<&ProductState> = states.collect();
+    states.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    states
 }
 
 /// What `compare_views` looked at.
@@ -76,43 +133,71 @@ pub struct ViewReport {
 
 /// Compares every view and category listing with the store's states: a listed product has a
 /// view of the same revision with the bodies its state renders to, and an entry in its
-/// category's listing; nothing else is served or listed.
+/// category's listing; nothing else is served or listed. `store` in any order.
 pub fn compare_views(model: &ReadModel, store: &[ProductState]) -> Result<(Vec<Drift>, ViewReport), ReplayError> {
+    compare_views_sorted(model, sorted(store.iter()).into_iter().map(Ok::<_, ReplayError>))
+}
+
+/// [`compare_views`] with the store's states in id order, read one at a time beside the views.
+pub fn compare_views_sorted<S, F>(
+    model: &ReadModel,
+    store: impl IntoIterator<Item = Result<S, F>>,
+) -> Result<(Vec<Drift>, ViewReport), ReplayError>
+where
+    S: Borrow<ProductState>,
+    F: Into<ReplayError>,
+{
     let settings = model.settings();
-    let by_id: HashMap<&str, &ProductState> = store.iter().map(|s| (s.id.as_str(), s)).collect();
     let mut out = Vec::new();
     let mut report = ViewReport::default();
-    let mut seen = HashSet::with_capacity(store.len());
-    for item in model.views() {
-        let (id, view) = item?;
-        report.views += 1;
-        let Some(view) = view else {
-            out.push(drift(DriftKind::View, &id, "the stored view cannot be decoded"));
-            continue;
+    let mut views = model.views();
+    let mut store = store.into_iter().map(|r| r.map_err(Into::into));
+    let (mut viewed, mut stored) = (views.next().transpose()?, store.next().transpose()?);
+    loop {
+        let order = match (&viewed, &stored) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((id, _)), Some(s)) => id.as_str().cmp(s.borrow().id.as_str()),
         };
-        match by_id.get(id.as_str()) {
-            Some(state) => {
-                seen.insert(state.id.as_str());
-                out.extend(view_differences(&view, state, settings).into_iter().map(|d| drift(DriftKind::View, &id, d)));
-                if view.listed && !view.category().is_empty() && !model.is_indexed(view.category(), &id)? {
-                    out.push(drift(
-                        DriftKind::Listing,
-                        &id,
-                        format!("missing from the listing of category {:?}", view.category()),
-                    ));
+        if let (Ordering::Less | Ordering::Equal, Some((id, view))) = (order, &viewed) {
+            report.views += 1;
+            match (view, &stored) {
+                (None, _) => out.push(drift(DriftKind::View, id, "the stored view cannot be decoded")),
+                (Some(view), Some(state)) if order == Ordering::Equal => {
+                    let state = state.borrow();
+                    out.extend(view_differences(view, state, settings).into_iter().map(|d| drift(DriftKind::View, id, d)));
+                    if view.listed && !view.category().is_empty() && !model.is_indexed(view.category(), id)? {
+                        out.push(drift(
+                            DriftKind::Listing,
+                            id,
+                            format!("missing from the listing of category {:?}", view.category()),
+                        ));
+                    }
                 }
+                (Some(view), _) if view.listed => {
+                    out.push(drift(DriftKind::View, id, "served, but the store has no such product"))
+                }
+                (Some(_), _) => {}
             }
-            None if view.listed => out.push(drift(DriftKind::View, &id, "served, but the store has no such product")),
-            None => {}
         }
-    }
-    for state in store {
-        if state.is_listed() && !seen.contains(state.id.as_str()) {
-            out.push(drift(
-                DriftKind::View,
-                state.id.as_str(),
-                format!("listed in the store (revision {}), but no view", state.revision),
-            ));
+        // A state with no view, or only one that cannot be decoded.
+        let unviewed = order == Ordering::Greater || matches!(&viewed, Some((_, None)));
+        if let (Ordering::Greater | Ordering::Equal, Some(state)) = (order, &stored) {
+            let state = state.borrow();
+            if unviewed && state.is_listed() {
+                out.push(drift(
+                    DriftKind::View,
+                    state.id.as_str(),
+                    format!("listed in the store (revision {}), but no view", state.revision),
+                ));
+            }
+        }
+        if order != Ordering::Greater {
+            viewed = views.next().transpose()?;
+        }
+        if order != Ordering::Less {
+            stored = store.next().transpose()?;
         }
     }
     for (category, id) in model.listings()? {
@@ -176,4 +261,66 @@ pub fn repair_views(model: &ReadModel, store: &[ProductState], drifts: &[Drift])
         }
     }
     Ok(ids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catalog_domain::{ProductId, ViewSettings};
+
+    fn state(id: &str, quantity: u64) -> ProductState {
+        ProductState { quantity: Some(quantity), revision: 1, ..ProductState::new(ProductId::parse(id).unwrap()) }
+    }
+
+    #[test]
+    fn each_side_s_missing_and_differing_products_are_found_in_one_pass() {
+        let log = [state("A", 1), state("B", 1), state("D", 1), state("E", 1)];
+        let store = [state("B", 2), state("C", 1), state("D", 1)];
+        let ok = Ok::<_, ReplayError>;
+        let compared = compare_sorted(log.iter().map(ok), store.iter().map(ok)).unwrap();
+        let text: Vec<String> = compared.drifts.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "store≠log A: in the log, but not in the store",
+                "store≠log B: quantity: log 1, store 2",
+                "store≠log C: in the store, but no event of the log names it",
+                "store≠log E: in the log, but not in the store",
+            ]
+        );
+        assert_eq!((compared.log_products, compared.store_products), (4, 3));
+    }
+
+    #[test]
+    fn views_are_checked_beside_the_store_s_states_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let model = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
+        let listed = |id: &str| {
+            let mut s = state(id, 3);
+            s.info = Some(catalog_domain::state::ProductInfo {
+                name: id.into(),
+                description: None,
+                category: Some("C".into()),
+                list_price: None,
+            });
+            s
+        };
+        let (a, b, c, d) = (listed("A"), listed("B"), listed("C"), listed("D"));
+        model.apply([&a, &b, &d]).unwrap();
+        // B's view is behind the store; C has no view; D is served but gone from the store.
+        let mut b2 = b.clone();
+        b2.revision = 2;
+        let (drifts, report) = compare_views_sorted(&model, [&a, &b2, &c].map(Ok::<_, ReplayError>)).unwrap();
+        let text: Vec<String> = drifts.iter().map(ToString::to_string).collect();
+        assert_eq!(report, ViewReport { views: 3, listings: 3 });
+        assert!(text[0].starts_with("view≠store B: revision: view 1, store 2"), "{text:?}");
+        assert_eq!(
+            &text[1..],
+            [
+                "view≠store C: listed in the store (revision 1), but no view",
+                "view≠store D: served, but the store has no such product"
+            ]
+        );
+    }
 }

@@ -8,7 +8,7 @@ use catalog_aws::dynamodb::DynamoStore;
 use catalog_aws::{AwsClients, AwsMetrics};
 use catalog_domain::ProductState;
 use catalog_pipeline::budget::Budget;
-use catalog_readmodel::ReadModel;
+use catalog_readmodel::{EmbeddedStore, ReadModel};
 use catalog_replay::{Drift, DriftKind, FoldReport, Projection};
 
 use super::Verdict;
@@ -20,40 +20,50 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
     let started = Instant::now();
     let data = &args.target.data;
     // `_main` holds the embedded data dir's lock until the end: no `serve` may start meanwhile.
-    let (projection, states, views, _main) = match args.target.backend {
+    let (compared, fold, store, views, _main) = match args.target.backend {
         Backend::Embedded => {
             let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
             let db = dir.open_main()?;
             let log = dir.open_log(&db, Default::default())?;
             let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
-            let projection = catalog_replay::project_embedded(&log, data.parse_limits(), |n| progress.set(n))?;
+            // The tail's products in memory, the snapshot's others read in id order beside the
+            // store's records: 1M products verified in about a rebuild's memory.
+            let (tail, snapshot) = catalog_replay::project_tail(&log, data.parse_limits(), |n| progress.set(n))?;
             progress.finish();
+            let fold = tail.report.clone();
             // The store is the read model's records: their states against the log, their
             // bodies and listings against those states.
             let (views, store) = super::open_embedded_store(&dir, &db, &log, data)?;
-            let states = store.states().collect::<Result<Vec<_>, _>>().context("reading the store")?;
-            (projection, states, Some(views), Some(db))
+            let compared = catalog_replay::compare_sorted(snapshot.merged_with(tail.into_sorted()), store.states())
+                .context("comparing the store with the event log")?;
+            (compared, fold, Store::Embedded(store), Some(views), Some(db))
         }
         Backend::Aws => {
-            let (projection, states) = super::runtime()?.block_on(read_aws(&args))?;
+            let (projection, mut states) = super::runtime()?.block_on(read_aws(&args))?;
+            let fold = projection.report.clone();
+            states.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            let compared = catalog_replay::compare_sorted(
+                projection.into_sorted().into_iter().map(Ok::<_, catalog_replay::ReplayError>),
+                states.iter().map(Ok::<_, catalog_replay::ReplayError>),
+            )?;
             let dir = DataDir::new(&data.data_dir, data.cache_mb);
             let views = if dir.views_path().exists() { Some(dir.open_views_alone()?) } else { None };
-            (projection, states, views, None)
+            (compared, fold, Store::Aws(states), views, None)
         }
     };
-    let mut drifts = catalog_replay::compare_store(&projection, &states);
-    let mut summary = describe_sources(&projection.report, states.len());
+    let mut drifts = compared.drifts;
+    let mut summary = describe_sources(&fold, compared.log_products, compared.store_products);
     if let Some(views) = &views {
         let model = ReadModel::open(views, data.view_settings(), None).context("opening the read model")?;
-        let (view_drifts, report) = catalog_replay::compare_views(&model, &states)?;
+        let (view_drifts, report) = store.compare_views(&model)?;
         summary.push_str(&format!(", read model {} views and {} listing entries", report.views, report.listings));
         for d in &view_drifts {
             println!("{d}");
         }
         if args.repair && !view_drifts.is_empty() {
-            let repaired = catalog_replay::repair_views(&model, &states, &view_drifts)?;
+            let repaired = catalog_replay::repair_views(&model, &store.states_of(&view_drifts)?, &view_drifts)?;
             views.flush().context("flushing the repaired read model")?;
-            let (left, _) = catalog_replay::compare_views(&model, &states)?;
+            let (left, _) = store.compare_views(&model)?;
             println!("repaired the views and listings of {repaired} product(s) from the store");
             drifts.extend(left);
         } else {
@@ -83,13 +93,47 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
     Ok(Verdict::Unfinished)
 }
 
-fn describe_sources(fold: &FoldReport, states: usize) -> String {
+/// The store's states the views are checked against: read from the records as needed
+/// (embedded), or the products table as read, in id order (AWS).
+enum Store {
+    Embedded(EmbeddedStore),
+    Aws(Vec<ProductState>),
+}
+
+impl Store {
+    fn compare_views(&self, model: &ReadModel) -> anyhow::Result<(Vec<Drift>, catalog_replay::ViewReport)> {
+        let compared = match self {
+            Self::Embedded(store) => catalog_replay::compare_views_sorted(model, store.states()),
+            Self::Aws(states) => {
+                catalog_replay::compare_views_sorted(model, states.iter().map(Ok::<_, catalog_replay::ReplayError>))
+            }
+        };
+        compared.context("comparing the read model with the store")
+    }
+
+    /// The states of the products these drifts name, those the store has.
+    fn states_of(&self, drifts: &[Drift]) -> anyhow::Result<Vec<ProductState>> {
+        let ids: std::collections::BTreeSet<&str> = drifts.iter().map(|d| d.product.as_str()).collect();
+        match self {
+            Self::Embedded(store) => {
+                let mut states = Vec::with_capacity(ids.len());
+                for id in ids {
+                    states.extend(store.model().state(id).context("reading the store")?);
+                }
+                Ok(states)
+            }
+            Self::Aws(states) => Ok(states.iter().filter(|s| ids.contains(s.id.as_str())).cloned().collect()),
+        }
+    }
+}
+
+fn describe_sources(fold: &FoldReport, log_products: u64, store_products: u64) -> String {
     let snapshot = match fold.snapshot_sequence {
         0 => String::new(),
-        seq => format!("its snapshot through sequence {seq} ({} products) and ", fold.snapshot_products),
+        seq => format!("its snapshot through sequence {seq} and "),
     };
     format!(
-        "the event log ({snapshot}{} entries, {} invalid and {} dead-lettered skipped), the store ({states} products)",
+        "the event log ({snapshot}{} entries, {} invalid and {} dead-lettered skipped; {log_products} products), the store ({store_products} products)",
         fold.entries_read, fold.invalid_skipped, fold.dead_lettered_skipped
     )
 }
