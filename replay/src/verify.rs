@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use catalog_domain::ProductState;
 use catalog_readmodel::{ReadModel, StoredView, Variant};
+use itertools::{EitherOrBoth, Itertools};
 
 use crate::{Projection, ReplayError};
 
@@ -60,7 +61,8 @@ pub struct StoreComparison {
 
 /// Compares the store with the log's projection, both in id order (as the embedded store,
 /// the snapshot merged with its tail, and a sorted projection are), one state of each side at
-/// a time: at 1M products, holding both sides took `replay verify` to 1.15 GB.
+/// a time: at 1M products, holding both sides took `replay verify` to 1.15 GB (BENCHMARKS.md,
+/// round eight).
 pub fn compare_sorted<L, S, E, F>(
     log: impl IntoIterator<Item = Result<L, E>>,
     store: impl IntoIterator<Item = Result<S, F>>,
@@ -71,43 +73,48 @@ where
     E: Into<ReplayError>,
     F: Into<ReplayError>,
 {
-    let mut log = log.into_iter().map(|r| r.map_err(Into::into));
-    let mut store = store.into_iter().map(|r| r.map_err(Into::into));
+    let log = log.into_iter().map(|r| r.map_err(Into::into));
+    let store = store.into_iter().map(|r| r.map_err(Into::into));
     let mut out = StoreComparison::default();
-    let (mut projected, mut stored) = (log.next().transpose()?, store.next().transpose()?);
-    loop {
-        let order = match (&projected, &stored) {
-            (None, None) => return Ok(out),
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some(p), Some(s)) => p.borrow().id.cmp(&s.borrow().id),
-        };
-        match (order, &projected, &stored) {
-            (Ordering::Equal, Some(p), Some(s)) => {
+    for pair in log.merge_join_by(store, |p, s| by_id(p, s, |p| p.borrow().id.as_str(), |s| s.borrow().id.as_str())) {
+        match pair {
+            EitherOrBoth::Both(p, s) => {
+                let (p, s) = (p?, s?);
                 let (p, s) = (p.borrow(), s.borrow());
                 out.drifts
                     .extend(p.differences(s, ("log", "store")).into_iter().map(|d| drift(DriftKind::Store, s.id.as_str(), d)));
+                out.log_products += 1;
+                out.store_products += 1;
             }
-            (Ordering::Less, Some(p), _) => {
-                out.drifts.push(drift(DriftKind::Store, p.borrow().id.as_str(), "in the log, but not in the store"));
+            EitherOrBoth::Left(p) => {
+                out.drifts.push(drift(DriftKind::Store, p?.borrow().id.as_str(), "in the log, but not in the store"));
+                out.log_products += 1;
             }
-            (_, _, Some(s)) => {
+            EitherOrBoth::Right(s) => {
                 out.drifts.push(drift(
                     DriftKind::Store,
-                    s.borrow().id.as_str(),
+                    s?.borrow().id.as_str(),
                     "in the store, but no event of the log names it",
                 ));
+                out.store_products += 1;
             }
-            _ => unreachable!("one side holds a state"),
         }
-        if order != Ordering::Greater {
-            out.log_products += 1;
-            projected = log.next().transpose()?;
-        }
-        if order != Ordering::Less {
-            out.store_products += 1;
-            stored = store.next().transpose()?;
-        }
+    }
+    Ok(out)
+}
+
+/// How two sides read in id order line up: by id, a read error first (it is returned where it
+/// happened; it never pairs).
+fn by_id<A, B>(
+    a: &Result<A, ReplayError>,
+    b: &Result<B, ReplayError>,
+    a_id: impl Fn(&A) -> &str,
+    b_id: impl Fn(&B) -> &str,
+) -> Ordering {
+    match (a, b) {
+        (Ok(a), Ok(b)) => a_id(a).cmp(b_id(b)),
+        (Err(_), _) => Ordering::Less,
+        (_, Err(_)) => Ordering::Greater,
     }
 }
 
@@ -150,54 +157,48 @@ where
     let settings = model.settings();
     let mut out = Vec::new();
     let mut report = ViewReport::default();
-    let mut views = model.views();
-    let mut store = store.into_iter().map(|r| r.map_err(Into::into));
-    let (mut viewed, mut stored) = (views.next().transpose()?, store.next().transpose()?);
-    loop {
-        let order = match (&viewed, &stored) {
-            (None, None) => break,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some((id, _)), Some(s)) => id.as_str().cmp(s.borrow().id.as_str()),
+    let views = model.views().map(|r| r.map_err(ReplayError::from));
+    let store = store.into_iter().map(|r| r.map_err(Into::into));
+    for pair in views.merge_join_by(store, |v, s| by_id(v, s, |(id, _)| id.as_str(), |s| s.borrow().id.as_str())) {
+        let (view, state) = match pair {
+            EitherOrBoth::Both(v, s) => (Some(v?), Some(s?)),
+            EitherOrBoth::Left(v) => (Some(v?), None),
+            EitherOrBoth::Right(s) => (None, Some(s?)),
         };
-        if let (Ordering::Less | Ordering::Equal, Some((id, view))) = (order, &viewed) {
+        let state = state.as_ref().map(Borrow::borrow);
+        let decoded = match &view {
+            Some((id, None)) => {
+                out.push(drift(DriftKind::View, id, "the stored view cannot be decoded"));
+                None
+            }
+            Some((id, Some(view))) => Some((id, view)),
+            None => None,
+        };
+        if view.is_some() {
             report.views += 1;
-            match (view, &stored) {
-                (None, _) => out.push(drift(DriftKind::View, id, "the stored view cannot be decoded")),
-                (Some(view), Some(state)) if order == Ordering::Equal => {
-                    let state = state.borrow();
-                    out.extend(view_differences(view, state, settings).into_iter().map(|d| drift(DriftKind::View, id, d)));
-                    if view.listed && !view.category().is_empty() && !model.is_indexed(view.category(), id)? {
-                        out.push(drift(
-                            DriftKind::Listing,
-                            id,
-                            format!("missing from the listing of category {:?}", view.category()),
-                        ));
-                    }
+        }
+        match (decoded, state) {
+            (Some((id, view)), Some(state)) => {
+                out.extend(view_differences(view, state, settings).into_iter().map(|d| drift(DriftKind::View, id, d)));
+                if view.listed && !view.category().is_empty() && !model.is_indexed(view.category(), id)? {
+                    out.push(drift(
+                        DriftKind::Listing,
+                        id,
+                        format!("missing from the listing of category {:?}", view.category()),
+                    ));
                 }
-                (Some(view), _) if view.listed => {
-                    out.push(drift(DriftKind::View, id, "served, but the store has no such product"))
-                }
-                (Some(_), _) => {}
             }
-        }
-        // A state with no view, or only one that cannot be decoded.
-        let unviewed = order == Ordering::Greater || matches!(&viewed, Some((_, None)));
-        if let (Ordering::Greater | Ordering::Equal, Some(state)) = (order, &stored) {
-            let state = state.borrow();
-            if unviewed && state.is_listed() {
-                out.push(drift(
-                    DriftKind::View,
-                    state.id.as_str(),
-                    format!("listed in the store (revision {}), but no view", state.revision),
-                ));
+            (Some((id, view)), None) if view.listed => {
+                out.push(drift(DriftKind::View, id, "served, but the store has no such product"))
             }
-        }
-        if order != Ordering::Greater {
-            viewed = views.next().transpose()?;
-        }
-        if order != Ordering::Less {
-            stored = store.next().transpose()?;
+            (Some(_), None) => {}
+            // No view, or only one that cannot be decoded.
+            (None, Some(state)) if state.is_listed() => out.push(drift(
+                DriftKind::View,
+                state.id.as_str(),
+                format!("listed in the store (revision {}), but no view", state.revision),
+            )),
+            (None, _) => {}
         }
     }
     for (category, id) in model.listings()? {

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
+use itertools::{EitherOrBoth, Itertools};
 
 use super::{EmbeddedLog, LogEntry, be_u64, storage_error, trees};
 use crate::ports::SourceError;
@@ -102,26 +103,16 @@ impl LogSnapshot {
         &self,
         newer: I,
     ) -> impl Iterator<Item = Result<ProductState, SourceError>> + use<I> {
-        let mut older =
-            self.tree.iter().filter(|item| item.as_ref().map_or(true, |(k, _)| k.as_ref() != SEQUENCE_KEY)).peekable();
-        let mut newer = newer.into_iter().peekable();
-        std::iter::from_fn(move || {
-            let order = match (older.peek(), newer.peek()) {
-                (None, None) => return None,
-                (Some(Err(_)), _) | (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some(Ok((k, _))), Some(state)) => k.as_ref().cmp(state.id.as_str().as_bytes()),
-            };
-            if order != Ordering::Less {
-                if order == Ordering::Equal {
-                    older.next();
-                }
-                return newer.next().map(Ok);
-            }
-            Some(match older.next()? {
-                Ok((k, v)) => decode(&String::from_utf8_lossy(&k), &v),
-                Err(e) => Err(storage_error("read the snapshot")(e)),
-            })
+        let older = self.tree.iter().filter(|item| item.as_ref().map_or(true, |(k, _)| k.as_ref() != SEQUENCE_KEY));
+        // A read error sorts first, so it is reported where it happened.
+        let by_id = |old: &sled::Result<(sled::IVec, sled::IVec)>, new: &ProductState| match old {
+            Ok((k, _)) => k.as_ref().cmp(new.id.as_str().as_bytes()),
+            Err(_) => Ordering::Less,
+        };
+        older.merge_join_by(newer, by_id).map(|pair| match pair {
+            EitherOrBoth::Left(Ok((k, v))) => decode(&String::from_utf8_lossy(&k), &v),
+            EitherOrBoth::Left(Err(e)) => Err(storage_error("read the snapshot")(e)),
+            EitherOrBoth::Right(state) | EitherOrBoth::Both(_, state) => Ok(state),
         })
     }
 
@@ -137,8 +128,8 @@ impl LogSnapshot {
             let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) else { continue };
             let id = event.product_id.clone();
             if !touched.contains_key(&id) {
-                let state = match self.tree.get(id.as_str()).map_err(storage_error("read the snapshot"))? {
-                    Some(v) => decode(id.as_str(), &v)?,
+                let state = match self.get(&id)? {
+                    Some(state) => state,
                     None => {
                         new_products += 1;
                         ProductState::new(id.clone())
