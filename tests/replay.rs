@@ -77,6 +77,28 @@ async fn verify_names_every_drift_and_repair_and_reproject_put_it_right() {
     let (ok, out) = replay(&["verify"], dir.path());
     assert!(ok, "{out}");
 
+    // A run cut short resumes after its checkpoint: A1 sorts before A2, so it is not reached.
+    let tamper_a1 = || {
+        let views = sled::open(dir.path().join("views.sled")).unwrap();
+        let store = EmbeddedStore::new(ReadModel::open(&views, ViewSettings::default(), None).unwrap());
+        let mut a1 = store.get(&ProductId::parse("A1").unwrap()).unwrap().unwrap();
+        a1.quantity = Some(998);
+        a1.revision += 1;
+        store.put(&[a1]).unwrap();
+        views.flush().unwrap();
+    };
+    tamper_a1();
+    std::fs::write(dir.path().join("reproject.checkpoint"), "A2").unwrap();
+    let (ok, out) = replay(&["reproject"], dir.path());
+    assert!(ok && out.contains("resuming after product \"A2\"") && out.contains("0 rewritten"), "{out}");
+    assert!(!replay(&["verify"], dir.path()).0, "A1 was skipped");
+    std::fs::write(dir.path().join("reproject.checkpoint"), "A2").unwrap();
+    let (ok, out) = replay(&["reproject", "--restart"], dir.path());
+    assert!(ok && out.contains("1 rewritten"), "{out}");
+    assert!(!dir.path().join("reproject.checkpoint").exists(), "a finished run leaves no checkpoint");
+    let (ok, out) = replay(&["verify"], dir.path());
+    assert!(ok, "{out}");
+
     // The served catalog is the log's again.
     let app = start_in(dir.path(), &Options::default());
     let (_, a1) = app.get_json("/products/A1").await;

@@ -16,8 +16,8 @@ pub use project::{FoldReport, Projection, project_embedded, project_tail};
 pub use rebuild::{RebuildReport, rebuild, write_views};
 pub use reproject::reconcile;
 pub use verify::{
-    Drift, DriftKind, StoreComparison, ViewReport, compare_sorted, compare_store, compare_views, compare_views_sorted,
-    repair_views,
+    Drift, DriftKind, EitherOrBoth, StoreComparison, ViewReport, compare_sorted, compare_store, compare_views,
+    compare_views_sorted, repair_views, side_by_side,
 };
 
 use catalog_pipeline::SourceError;

@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 
 use catalog_domain::ProductState;
 use catalog_readmodel::{ReadModel, StoredView, Variant};
-use itertools::{EitherOrBoth, Itertools};
+pub use itertools::EitherOrBoth;
+use itertools::Itertools;
 
 use crate::{Projection, ReplayError};
 
@@ -73,13 +74,10 @@ where
     E: Into<ReplayError>,
     F: Into<ReplayError>,
 {
-    let log = log.into_iter().map(|r| r.map_err(Into::into));
-    let store = store.into_iter().map(|r| r.map_err(Into::into));
     let mut out = StoreComparison::default();
-    for pair in log.merge_join_by(store, |p, s| by_id(p, s, |p| p.borrow().id.as_str(), |s| s.borrow().id.as_str())) {
-        match pair {
+    for pair in side_by_side(log, store, |p: &L| p.borrow().id.as_str(), |s: &S| s.borrow().id.as_str()) {
+        match pair? {
             EitherOrBoth::Both(p, s) => {
-                let (p, s) = (p?, s?);
                 let (p, s) = (p.borrow(), s.borrow());
                 out.drifts
                     .extend(p.differences(s, ("log", "store")).into_iter().map(|d| drift(DriftKind::Store, s.id.as_str(), d)));
@@ -87,13 +85,13 @@ where
                 out.store_products += 1;
             }
             EitherOrBoth::Left(p) => {
-                out.drifts.push(drift(DriftKind::Store, p?.borrow().id.as_str(), "in the log, but not in the store"));
+                out.drifts.push(drift(DriftKind::Store, p.borrow().id.as_str(), "in the log, but not in the store"));
                 out.log_products += 1;
             }
             EitherOrBoth::Right(s) => {
                 out.drifts.push(drift(
                     DriftKind::Store,
-                    s?.borrow().id.as_str(),
+                    s.borrow().id.as_str(),
                     "in the store, but no event of the log names it",
                 ));
                 out.store_products += 1;
@@ -103,19 +101,31 @@ where
     Ok(out)
 }
 
-/// How two sides read in id order line up: by id, a read error first (it is returned where it
-/// happened; it never pairs).
-fn by_id<A, B>(
-    a: &Result<A, ReplayError>,
-    b: &Result<B, ReplayError>,
+/// Two sides read in id order, lined up by id: per id, what each side holds. A read error
+/// ends it, where it happened.
+pub fn side_by_side<A, B, E, F>(
+    a: impl IntoIterator<Item = Result<A, E>>,
+    b: impl IntoIterator<Item = Result<B, F>>,
     a_id: impl Fn(&A) -> &str,
     b_id: impl Fn(&B) -> &str,
-) -> Ordering {
-    match (a, b) {
-        (Ok(a), Ok(b)) => a_id(a).cmp(b_id(b)),
+) -> impl Iterator<Item = Result<EitherOrBoth<A, B>, ReplayError>>
+where
+    E: Into<ReplayError>,
+    F: Into<ReplayError>,
+{
+    let a = a.into_iter().map(|r| r.map_err(Into::into));
+    let b = b.into_iter().map(|r| r.map_err(Into::into));
+    // An error sorts first, so it comes out as soon as it is read, and never pairs.
+    let by_id = move |x: &Result<A, ReplayError>, y: &Result<B, ReplayError>| match (x, y) {
+        (Ok(x), Ok(y)) => a_id(x).cmp(b_id(y)),
         (Err(_), _) => Ordering::Less,
         (_, Err(_)) => Ordering::Greater,
-    }
+    };
+    a.merge_join_by(b, by_id).map(|pair| match pair {
+        EitherOrBoth::Both(x, y) => Ok(EitherOrBoth::Both(x?, y?)),
+        EitherOrBoth::Left(x) => x.map(EitherOrBoth::Left),
+        EitherOrBoth::Right(y) => y.map(EitherOrBoth::Right),
+    })
 }
 
 /// Compares the store with the log's projection; `store` in any order.
@@ -157,13 +167,11 @@ where
     let settings = model.settings();
     let mut out = Vec::new();
     let mut report = ViewReport::default();
-    let views = model.views().map(|r| r.map_err(ReplayError::from));
-    let store = store.into_iter().map(|r| r.map_err(Into::into));
-    for pair in views.merge_join_by(store, |v, s| by_id(v, s, |(id, _)| id.as_str(), |s| s.borrow().id.as_str())) {
-        let (view, state) = match pair {
-            EitherOrBoth::Both(v, s) => (Some(v?), Some(s?)),
-            EitherOrBoth::Left(v) => (Some(v?), None),
-            EitherOrBoth::Right(s) => (None, Some(s?)),
+    for pair in side_by_side(model.views(), store, |(id, _): &(String, _)| id.as_str(), |s: &S| s.borrow().id.as_str()) {
+        let (view, state) = match pair? {
+            EitherOrBoth::Both(v, s) => (Some(v), Some(s)),
+            EitherOrBoth::Left(v) => (Some(v), None),
+            EitherOrBoth::Right(s) => (None, Some(s)),
         };
         let state = state.as_ref().map(Borrow::borrow);
         let decoded = match &view {
