@@ -12,7 +12,7 @@ mod rebuild;
 mod reproject;
 mod verify;
 
-pub use project::{FoldReport, Projection, project_embedded, project_tail};
+pub use project::{FoldReport, Projection, project_tail};
 pub use rebuild::{RebuildReport, rebuild, write_views};
 pub use reproject::reconcile;
 pub use verify::{
@@ -98,7 +98,7 @@ mod tests {
             (report.entries_read, report.products, report.views_written, report.last_sequence),
             (6000, 9000, 9000, 12_000)
         );
-        let whole = project_embedded(&whole_log, ParseLimits::default(), |_| {}).unwrap();
+        let (whole, _) = project_tail(&whole_log, ParseLimits::default(), |_| {}).unwrap();
         assert_eq!((whole.report.snapshot_sequence, whole.len()), (0, 9000));
         let name = |id: &str| {
             let view = model.get(id).unwrap().expect("every product has its view");
@@ -158,7 +158,7 @@ mod tests {
         log.append(&BODIES.map(|b| Bytes::from_static(b.as_bytes()))).await.unwrap();
         let (store, mut states) = store_from_log(dir.path(), &log).await;
         model.apply(&states).unwrap();
-        let projection = project_embedded(&log, ParseLimits::default(), |_| {}).unwrap();
+        let (projection, _) = project_tail(&log, ParseLimits::default(), |_| {}).unwrap();
         assert_eq!(compare_store(&projection, &states), []);
         let (drifts, report) = compare_views(&model, &states).unwrap();
         assert_eq!((drifts, report), (vec![], ViewReport { views: 2, listings: 1 }));

@@ -27,9 +27,7 @@ pub struct FoldReport {
     pub invalid_skipped: u64,
     pub dead_lettered_skipped: u64,
     pub last_sequence: u64,
-    /// Products the fold took from the snapshot (all of them, or with [`project_tail`] those
-    /// the tail names), and the last sequence the snapshot holds (0: none, the log was whole).
-    pub snapshot_products: u64,
+    /// The last sequence the snapshot holds (0: none, the log was whole).
     pub snapshot_sequence: u64,
 }
 
@@ -135,66 +133,30 @@ impl Projection {
     }
 }
 
-/// Folds the embedded log: the snapshot compaction left, then the entries after it.
-/// Dead-lettered entries are skipped, since the store never applied them (a redriven one
-/// applies at the sequence it came back as); `progress` gets the entries read so far.
-pub fn project_embedded(log: &EmbeddedLog, limits: ParseLimits, progress: impl FnMut(u64)) -> Result<Projection, ReplayError> {
-    fold(log, &log.snapshot()?, FromSnapshot::Load, limits, progress)
-}
-
-/// Folds the log's tail onto the snapshot's states of the products it names, and no others:
-/// the projection holds those, and the rest are read in id order from the snapshot when they
-/// are needed ([`LogSnapshot::merged_with`]). With all of a snapshot's 1M states held,
-/// `replay rebuild` peaked at 586-625 MB; holding those a tail of 529k entries names, at
-/// 436-460 MB (BENCHMARKS.md, round eight).
+/// Folds the embedded log's tail (the entries after the snapshot compaction left; dead-lettered
+/// ones skipped, since the store never applied them, and a redriven one applies at the
+/// sequence it came back as) onto the snapshot's states of the products it names, and no
+/// others: the projection holds those, and the rest are read in id order from the snapshot
+/// where they are needed ([`LogSnapshot::merged_with`]). With all of a snapshot's 1M states
+/// held, `replay rebuild` peaked at 586-625 MB; holding those a tail of 529k entries names, at
+/// 436-460 MB (BENCHMARKS.md, round eight). `progress` gets the entries read so far.
 pub fn project_tail(
     log: &EmbeddedLog,
     limits: ParseLimits,
-    progress: impl FnMut(u64),
-) -> Result<(Projection, LogSnapshot), ReplayError> {
-    let snapshot = log.snapshot()?;
-    let projection = fold(log, &snapshot, FromSnapshot::LookUp, limits, progress)?;
-    Ok((projection, snapshot))
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum FromSnapshot {
-    /// Every state, before the tail.
-    Load,
-    /// A product's state when the tail first names it.
-    LookUp,
-}
-
-fn fold(
-    log: &EmbeddedLog,
-    snapshot: &LogSnapshot,
-    from_snapshot: FromSnapshot,
-    limits: ParseLimits,
     mut progress: impl FnMut(u64),
-) -> Result<Projection, ReplayError> {
+) -> Result<(Projection, LogSnapshot), ReplayError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let skipped: HashSet<u64> = log.skipped_sequences()?;
+    let snapshot = log.snapshot()?;
     let from = snapshot.sequence()? + 1;
-    // Room for every product of the snapshot and one per entry of the tail, capped so that a
-    // long log asks for no more address space than a machine may grant. Room for the tail
-    // alone was outgrown by a snapshot of 1M products, and growing the vector held it twice:
-    // a 734-814 MB peak, 595-632 MB with room for both (BENCHMARKS.md, round seven).
+    // Room for one product per entry of the tail, capped so that a long log asks for no more
+    // address space than a machine may grant.
     let tail = usize::try_from(log.last_sequence().saturating_sub(from - 1)).unwrap_or(usize::MAX);
-    let in_snapshot = match from_snapshot {
-        FromSnapshot::Load => usize::try_from(snapshot.products_hint()?.unwrap_or(0)).unwrap_or(usize::MAX),
-        FromSnapshot::LookUp => 0,
-    };
-    let mut projection = Projection::with_room(tail.saturating_add(in_snapshot).min(MAX_ROOM));
+    let mut projection = Projection::with_room(tail.min(MAX_ROOM));
     // A log never compacted has nothing to look up (a first compaction cut short may have left
     // states, but the whole log is folded, so they add nothing): an empty tree's lookup for each
     // of 1M products made a rebuild's fold a fifth slower.
-    let look_up = from_snapshot == FromSnapshot::LookUp && from > 1;
-    if from_snapshot == FromSnapshot::Load {
-        for state in snapshot.states() {
-            projection.insert(state?);
-            projection.report.snapshot_products += 1;
-        }
-    }
+    let look_up = from > 1;
     projection.report.snapshot_sequence = from - 1;
     projection.report.last_sequence = from - 1;
     // A reader thread walks the log while the chunk before is parsed and folded.
@@ -241,14 +203,13 @@ fn fold(
                 && !projection.contains(&state.id)
             {
                 projection.insert(state);
-                projection.report.snapshot_products += 1;
             }
             projection.apply(&event, Some(entry.sequence));
         }
         progress(projection.report.entries_read);
     }
     reader.join().expect("log reader panicked");
-    Ok(projection)
+    Ok((projection, snapshot))
 }
 
 /// `f` of every log entry of a chunk, on `threads` threads.

@@ -57,26 +57,11 @@ pub struct CompactReport {
 #[derive(Clone)]
 pub struct LogSnapshot {
     tree: sled::Tree,
-    /// The pipeline's own small values: the product count lives here, where an older binary
-    /// never looks, not among the states, which it would read as a damaged one.
-    meta: sled::Tree,
 }
-
-/// How many products the snapshot holds, in the pipeline's meta tree.
-const PRODUCTS_KEY: &[u8] = b"snapshot_products";
 
 impl LogSnapshot {
     pub fn open(db: &sled::Db) -> Result<Self, SourceError> {
-        let open = storage_error("open the snapshot");
-        Ok(Self { tree: db.open_tree(trees::SNAPSHOT).map_err(&open)?, meta: db.open_tree(trees::META).map_err(&open)? })
-    }
-
-    /// About how many products the snapshot holds, to size what is folded from it: a crash
-    /// among a compaction's states can leave it short by the new ones written before the crash,
-    /// and a snapshot from before the count was kept has none (`None`).
-    pub fn products_hint(&self) -> Result<Option<u64>, SourceError> {
-        let value = self.meta.get(PRODUCTS_KEY).map_err(storage_error("read the snapshot"))?;
-        Ok(value.and_then(|v| be_u64(&v)))
+        Ok(Self { tree: db.open_tree(trees::SNAPSHOT).map_err(storage_error("open the snapshot"))? })
     }
 
     /// The last log sequence folded in (0: no snapshot yet, the log is whole).
@@ -122,32 +107,16 @@ impl LogSnapshot {
         // In id order, as they are written below: neighbours share leaves, so consecutive
         // inserts find theirs in the cache.
         let mut touched: BTreeMap<ProductId, ProductState> = BTreeMap::new();
-        let mut new_products = 0u64;
         for entry in entries.iter().filter(|e| !skipped.contains(&e.sequence)) {
             // The store never applied an invalid entry (it was dead-lettered): neither does this.
             let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) else { continue };
             let id = event.product_id.clone();
             if !touched.contains_key(&id) {
-                let state = match self.get(&id)? {
-                    Some(state) => state,
-                    None => {
-                        new_products += 1;
-                        ProductState::new(id.clone())
-                    }
-                };
+                let state = self.get(&id)?.unwrap_or_else(|| ProductState::new(id.clone()));
                 touched.insert(id.clone(), state);
             }
             touched.get_mut(&id).expect("inserted above").apply_at(&event, Some(entry.sequence));
         }
-        // A snapshot from before the count was kept is counted once, before its new states go
-        // in (`len` walks the whole tree; this runs on the compaction's thread).
-        let before = match self.products_hint()? {
-            Some(n) => n,
-            None => {
-                let sequence_key = u64::from(self.tree.contains_key(SEQUENCE_KEY).map_err(storage_error("read the snapshot"))?);
-                self.tree.len() as u64 - sequence_key
-            }
-        };
         // One insert at a time, never a `sled::Batch`: the first batch a process applies turns
         // on sled's process-wide lock for good, after which every batch stops every read and
         // fold of the read model for as long as it runs. Under a steady load a compaction
@@ -155,10 +124,6 @@ impl LogSnapshot {
         // atomicity (see the module's comment on a crash among the states).
         for (id, state) in touched {
             self.tree.insert(id.as_str(), encode(&state)).map_err(storage_error("write the snapshot"))?;
-        }
-        let products = before + new_products;
-        if products > 0 {
-            self.meta.insert(PRODUCTS_KEY, &products.to_be_bytes()).map_err(storage_error("write the snapshot"))?;
         }
         self.tree.insert(SEQUENCE_KEY, &last.sequence.to_be_bytes()).map_err(storage_error("write the snapshot"))?;
         Ok(())
@@ -294,25 +259,6 @@ mod tests {
         let expected = [("0", 2), ("A", 1), ("B", 2), ("C", 2), ("E", 1), ("F", 2)].map(|(id, q)| (id.to_owned(), Some(q)));
         assert_eq!(merged, expected);
         assert_eq!(snapshot.states().count(), 3, "the sequence key is no state");
-    }
-
-    #[tokio::test]
-    async fn the_snapshot_counts_each_product_once_across_compactions() {
-        let (_dir, _db, log, snapshot) = open();
-        assert_eq!(snapshot.products_hint().unwrap(), None, "no snapshot, no count");
-        append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P2","quantity":1}"#]).await;
-        compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
-        assert_eq!(snapshot.products_hint().unwrap(), Some(2));
-        // P2 again, P3 new: one more product, not two.
-        append_and_ack(&log, &[r#"{"productId":"P2","quantity":2}"#, r#"{"productId":"P3","quantity":1}"#]).await;
-        compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
-        assert_eq!(snapshot.products_hint().unwrap(), Some(3));
-        assert_eq!(snapshot.states().count(), 3);
-        // A snapshot from before the count was kept is counted at its next compaction.
-        snapshot.meta.remove(PRODUCTS_KEY).unwrap();
-        append_and_ack(&log, &[r#"{"productId":"P1","quantity":5}"#, r#"{"productId":"P4","quantity":1}"#]).await;
-        compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
-        assert_eq!(snapshot.products_hint().unwrap(), Some(4));
     }
 
     #[tokio::test]
