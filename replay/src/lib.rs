@@ -16,8 +16,7 @@ pub use project::{FoldReport, Projection, project_tail};
 pub use rebuild::{RebuildReport, rebuild, write_views};
 pub use reproject::reconcile;
 pub use verify::{
-    Drift, DriftKind, EitherOrBoth, StoreComparison, ViewReport, compare_sorted, compare_store, compare_views,
-    compare_views_sorted, repair_views, side_by_side,
+    Drift, DriftKind, EitherOrBoth, StoreComparison, ViewReport, compare_store, compare_views, repair_views, side_by_side,
 };
 
 use catalog_pipeline::SourceError;
@@ -128,6 +127,13 @@ mod tests {
         assert!(err.contains("P4321"), "{err}");
     }
 
+    /// States held in memory, as the comparisons read them (in id order, as given).
+    fn in_memory(
+        states: &[catalog_domain::ProductState],
+    ) -> impl Iterator<Item = Result<&catalog_domain::ProductState, ReplayError>> {
+        states.iter().map(Ok)
+    }
+
     /// A store as the pipeline would leave it, each event applied at its log sequence, beside
     /// the model under test (which is then a cache of it, as on AWS).
     async fn store_from_log(dir: &std::path::Path, log: &EmbeddedLog) -> (EmbeddedStore, Vec<catalog_domain::ProductState>) {
@@ -158,9 +164,9 @@ mod tests {
         log.append(&BODIES.map(|b| Bytes::from_static(b.as_bytes()))).await.unwrap();
         let (store, mut states) = store_from_log(dir.path(), &log).await;
         model.apply(&states).unwrap();
-        let (projection, _) = project_tail(&log, ParseLimits::default(), |_| {}).unwrap();
-        assert_eq!(compare_store(&projection, &states), []);
-        let (drifts, report) = compare_views(&model, &states).unwrap();
+        let log_states = project_tail(&log, ParseLimits::default(), |_| {}).unwrap().0.into_sorted();
+        assert_eq!(compare_store(in_memory(&log_states), in_memory(&states)).unwrap().drifts, []);
+        let (drifts, report) = compare_views(&model, in_memory(&states)).unwrap();
         assert_eq!((drifts, report), (vec![], ViewReport { views: 2, listings: 1 }));
 
         // The store loses an update; a view goes stale; a listing entry points elsewhere.
@@ -170,17 +176,17 @@ mod tests {
         behind.revision += 1;
         store.put(std::slice::from_ref(&behind)).unwrap();
         *p1 = behind.clone();
-        let drifts = compare_store(&projection, &states);
+        let drifts = compare_store(in_memory(&log_states), in_memory(&states)).unwrap().drifts;
         assert_eq!(drifts.len(), 1);
         assert_eq!(drifts[0].to_string(), r#"store≠log P1: name: log "New", store "Old""#);
 
-        let (drifts, _) = compare_views(&model, &states).unwrap();
+        let (drifts, _) = compare_views(&model, in_memory(&states)).unwrap();
         let text: Vec<String> = drifts.iter().map(ToString::to_string).collect();
         assert!(text.iter().any(|t| t.starts_with("view≠store P1: revision: view 2, store 3")), "{text:?}");
         assert!(text.iter().any(|t| t.starts_with("view≠store P1: web body")), "{text:?}");
 
         assert_eq!(repair_views(&model, &states, &drifts).unwrap(), 1);
-        assert_eq!(compare_views(&model, &states).unwrap().0, [], "repaired from the store");
+        assert_eq!(compare_views(&model, in_memory(&states)).unwrap().0, [], "repaired from the store");
         let web: serde_json::Value =
             serde_json::from_slice(&model.get("P1").unwrap().unwrap().body(catalog_readmodel::Variant::Web)).unwrap();
         assert_eq!(web["product"]["name"], "Old", "the read model follows the store, not the log");
@@ -193,13 +199,13 @@ mod tests {
         let (_store, states) = store_from_log(dir.path(), &log).await;
         model.apply(&states).unwrap();
         model.unindex("C", "P1").unwrap();
-        let (drifts, _) = compare_views(&model, &states).unwrap();
+        let (drifts, _) = compare_views(&model, in_memory(&states)).unwrap();
         assert_eq!(
             drifts.iter().map(ToString::to_string).collect::<Vec<_>>(),
             [r#"listing≠views P1: missing from the listing of category "C""#]
         );
         repair_views(&model, &states, &drifts).unwrap();
         assert_eq!(model.page("C", None, 10).unwrap().items.len(), 1);
-        assert_eq!(compare_views(&model, &states).unwrap().0, []);
+        assert_eq!(compare_views(&model, in_memory(&states)).unwrap().0, []);
     }
 }

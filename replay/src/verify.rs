@@ -11,7 +11,7 @@ use catalog_readmodel::{ReadModel, StoredView, Variant};
 pub use itertools::EitherOrBoth;
 use itertools::Itertools;
 
-use crate::{Projection, ReplayError};
+use crate::ReplayError;
 
 /// Which two sides disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -52,7 +52,7 @@ fn drift(kind: DriftKind, product: &str, detail: impl Into<String>) -> Drift {
     Drift { kind, product: product.to_owned(), detail: detail.into() }
 }
 
-/// What [`compare_sorted`] found, and how many products each side holds.
+/// What [`compare_store`] found, and how many products each side holds.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoreComparison {
     pub drifts: Vec<Drift>,
@@ -64,7 +64,7 @@ pub struct StoreComparison {
 /// the snapshot merged with its tail, and a sorted projection are), one state of each side at
 /// a time: at 1M products, holding both sides took `replay verify` to 1.15 GB (BENCHMARKS.md,
 /// round eight).
-pub fn compare_sorted<L, S, E, F>(
+pub fn compare_store<L, S, E, F>(
     log: impl IntoIterator<Item = Result<L, E>>,
     store: impl IntoIterator<Item = Result<S, F>>,
 ) -> Result<StoreComparison, ReplayError>
@@ -128,19 +128,6 @@ where
     })
 }
 
-/// Compares the store with the log's projection; `store` in any order.
-pub fn compare_store(log: &Projection, store: &[ProductState]) -> Vec<Drift> {
-    let (log, store) = (sorted(log.states()), sorted(store.iter()));
-    let ok = |s| Ok::<_, ReplayError>(s);
-    compare_sorted(log.into_iter().map(ok), store.into_iter().map(ok)).expect("states in memory are read without error").drifts
-}
-
-fn sorted<'a>(states: impl Iterator<Item = &'a ProductState>) -> Vec<&'a ProductState> {
-    let mut states: Vec<&ProductState> = states.collect();
-    states.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    states
-}
-
 /// What `compare_views` looked at.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ViewReport {
@@ -148,15 +135,11 @@ pub struct ViewReport {
     pub listings: u64,
 }
 
-/// Compares every view and category listing with the store's states: a listed product has a
-/// view of the same revision with the bodies its state renders to, and an entry in its
-/// category's listing; nothing else is served or listed. `store` in any order.
-pub fn compare_views(model: &ReadModel, store: &[ProductState]) -> Result<(Vec<Drift>, ViewReport), ReplayError> {
-    compare_views_sorted(model, sorted(store.iter()).into_iter().map(Ok::<_, ReplayError>))
-}
-
-/// [`compare_views`] with the store's states in id order, read one at a time beside the views.
-pub fn compare_views_sorted<S, F>(
+/// Compares every view and category listing with the store's states (in id order, read one at
+/// a time beside the views): a listed product has a view of the same revision with the bodies
+/// its state renders to, and an entry in its category's listing; nothing else is served or
+/// listed.
+pub fn compare_views<S, F>(
     model: &ReadModel,
     store: impl IntoIterator<Item = Result<S, F>>,
 ) -> Result<(Vec<Drift>, ViewReport), ReplayError>
@@ -286,7 +269,7 @@ mod tests {
         let log = [state("A", 1), state("B", 1), state("D", 1), state("E", 1)];
         let store = [state("B", 2), state("C", 1), state("D", 1)];
         let ok = Ok::<_, ReplayError>;
-        let compared = compare_sorted(log.iter().map(ok), store.iter().map(ok)).unwrap();
+        let compared = compare_store(log.iter().map(ok), store.iter().map(ok)).unwrap();
         let text: Vec<String> = compared.drifts.iter().map(ToString::to_string).collect();
         assert_eq!(
             text,
@@ -320,7 +303,7 @@ mod tests {
         // B's view is behind the store; C has no view; D is served but gone from the store.
         let mut b2 = b.clone();
         b2.revision = 2;
-        let (drifts, report) = compare_views_sorted(&model, [&a, &b2, &c].map(Ok::<_, ReplayError>)).unwrap();
+        let (drifts, report) = compare_views(&model, [&a, &b2, &c].map(Ok::<_, ReplayError>)).unwrap();
         let text: Vec<String> = drifts.iter().map(ToString::to_string).collect();
         assert_eq!(report, ViewReport { views: 3, listings: 3 });
         assert!(text[0].starts_with("view≠store B: revision: view 1, store 2"), "{text:?}");

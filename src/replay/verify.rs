@@ -34,7 +34,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
             // The store is the read model's records: their states against the log, their
             // bodies and listings against those states.
             let (views, store) = super::open_embedded_store(&dir, &db, &log, data)?;
-            let compared = catalog_replay::compare_sorted(snapshot.merged_with(tail.into_sorted()), store.states())
+            let compared = catalog_replay::compare_store(snapshot.merged_with(tail.into_sorted()), store.states())
                 .context("comparing the store with the event log")?;
             (compared, fold, Store::Embedded(store), Some(views), Some(db))
         }
@@ -42,7 +42,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
             let (projection, mut states) = super::runtime()?.block_on(read_aws(&args))?;
             let fold = projection.report.clone();
             states.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-            let compared = catalog_replay::compare_sorted(
+            let compared = catalog_replay::compare_store(
                 projection.into_sorted().into_iter().map(Ok::<_, catalog_replay::ReplayError>),
                 states.iter().map(Ok::<_, catalog_replay::ReplayError>),
             )?;
@@ -103,10 +103,8 @@ enum Store {
 impl Store {
     fn compare_views(&self, model: &ReadModel) -> anyhow::Result<(Vec<Drift>, catalog_replay::ViewReport)> {
         let compared = match self {
-            Self::Embedded(store) => catalog_replay::compare_views_sorted(model, store.states()),
-            Self::Aws(states) => {
-                catalog_replay::compare_views_sorted(model, states.iter().map(Ok::<_, catalog_replay::ReplayError>))
-            }
+            Self::Embedded(store) => catalog_replay::compare_views(model, store.states()),
+            Self::Aws(states) => catalog_replay::compare_views(model, states.iter().map(Ok::<_, catalog_replay::ReplayError>)),
         };
         compared.context("comparing the read model with the store")
     }
