@@ -31,8 +31,8 @@ pub struct FoldReport {
     pub snapshot_sequence: u64,
 }
 
-/// Every product's state, in the order the log first names it, found by id through a table
-/// of positions: the states are written once, where they stay. Held as a map of id to state,
+/// The state of every product a fold met (AWS: the whole log; embedded: the tail past the
+/// snapshot), in the order it first met them, found by id through a table of positions: the states are written once, where they stay. Held as a map of id to state,
 /// 1M products took a 2M-slot table of whole states that grew by rehashing, and its fresh
 /// pages were a sixth of a rebuild's CPU (BENCHMARKS.md, round six).
 #[derive(Default)]
