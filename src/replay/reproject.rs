@@ -95,7 +95,7 @@ fn embedded(
                     continue;
                 }
             };
-            if resume_after.is_some_and(|after| projected_state.id.as_str() <= after) {
+            if done_before(&projected_state, resume_after) {
                 continue;
             }
             match catalog_replay::reconcile(&projected_state, current.as_ref()) {
@@ -192,9 +192,14 @@ async fn aws(
 /// The states after the checkpoint's product (ids sort the same way every run).
 fn remaining(states: Vec<ProductState>, resume_after: Option<&str>) -> Vec<ProductState> {
     match resume_after {
-        Some(after) => states.into_iter().filter(|s| s.id.as_str() > after).collect(),
+        Some(_) => states.into_iter().filter(|s| !done_before(s, resume_after)).collect(),
         None => states,
     }
+}
+
+/// Whether a run that stopped after `resume_after` already reprojected this product.
+fn done_before(state: &ProductState, resume_after: Option<&str>) -> bool {
+    resume_after.is_some_and(|after| state.id.as_str() <= after)
 }
 
 fn read_checkpoint(path: &Path) -> anyhow::Result<Option<String>> {
