@@ -104,7 +104,11 @@ async fn a_torn_log_tail_is_cut_off_at_start_and_nothing_answered_is_lost() {
     accept_then_kill_9(dir.path(), 300, "T", "Camping").await;
     // What a power cut in the middle of the next append leaves: half a record at the end of the
     // last segment, never answered.
-    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("event-log")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("event-log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
     segments.sort();
     let last = segments.last().expect("the log has a segment");
     let mut torn = std::fs::OpenOptions::new().append(true).open(last).unwrap();

@@ -83,8 +83,8 @@ impl EmbeddedStore {
         self.model.mark_as_store().map_err(store_error)?;
         let watermark = log.consumed_watermark();
         let mut checkpoint = self.model.checkpoint().map_err(store_error)?;
-        let snapshot = log.snapshot()?;
-        let snapshot_sequence = snapshot.sequence()?;
+        let snapshot = log.snapshot();
+        let snapshot_sequence = snapshot.sequence();
         if checkpoint < snapshot_sequence {
             report.from_snapshot = self.model.apply_all(snapshot.states())?;
             checkpoint = snapshot_sequence;
@@ -338,8 +338,7 @@ mod tests {
         processed(&log, &bodies).await;
         // The first two entries are folded into the snapshot and gone from the log.
         let retention = catalog_pipeline::embedded::Retention { retention: Some(std::time::Duration::ZERO), max_bytes: None };
-        let report =
-            catalog_pipeline::embedded::compact(&log, &log.snapshot().unwrap(), retention, 3, ParseLimits::default()).unwrap();
+        let report = catalog_pipeline::embedded::compact(&log, &log.snapshot(), retention, 3, ParseLimits::default()).unwrap();
         assert_eq!(report.snapshot_sequence, 2);
         drop(store);
 

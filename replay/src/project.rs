@@ -147,8 +147,8 @@ pub fn project_tail(
 ) -> Result<(Projection, LogSnapshot), ReplayError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let skipped: HashSet<u64> = log.skipped_sequences()?;
-    let snapshot = log.snapshot()?;
-    let from = snapshot.sequence()? + 1;
+    let snapshot = log.snapshot();
+    let from = snapshot.sequence() + 1;
     // Room for one product per entry of the tail, capped so that a long log asks for no more
     // address space than a machine may grant.
     let tail = usize::try_from(log.last_sequence().saturating_sub(from - 1)).unwrap_or(usize::MAX);

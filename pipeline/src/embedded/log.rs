@@ -22,6 +22,8 @@ pub const DEFAULT_WAIT_TIME: Duration = Duration::from_millis(500);
 pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_millis(200);
 
 const WATERMARK_KEY: &[u8] = b"consumed_watermark";
+/// The snapshot's files, inside the log's directory (no segment's name).
+const SNAPSHOT_DIR: &str = "snapshot";
 /// Left by logs from before segment files: the count is taken from the files now.
 const LEGACY_LOG_BYTES_KEY: &[u8] = b"log_bytes";
 /// Entries read from the segments per step of [`EmbeddedLog::entries_from`].
@@ -96,6 +98,7 @@ struct Inner {
     /// sled's `len()` scans the whole tree, so the DLQ size is counted here instead.
     dead_letters: AtomicU64,
     config: LogConfig,
+    snapshot: super::LogSnapshot,
 }
 
 struct Cursor {
@@ -194,7 +197,8 @@ impl EmbeddedLog {
         let redriven = db.open_tree(trees::REDRIVEN).map_err(&open)?;
         let meta = db.open_tree(trees::META).map_err(&open)?;
         let watermark = meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| be_u64(&v)).unwrap_or(1);
-        let start = super::LogSnapshot::open(db)?.sequence()? + 1;
+        let snapshot = super::LogSnapshot::open(&dir.join(SNAPSHOT_DIR), db)?;
+        let start = snapshot.sequence() + 1;
         // Redrives whose entries are written but whose dead letters may not be gone yet.
         let mut redrives = Vec::new();
         let segments = SegmentLog::open(dir, config.segment_bytes, start, watermark, &mut |sequence, payload| {
@@ -219,6 +223,7 @@ impl EmbeddedLog {
             closed: AtomicBool::new(false),
             dead_letters: AtomicU64::new(0),
             config,
+            snapshot,
         };
         let log = Self { inner: Arc::new(inner) };
         log.migrate_legacy_tree()?;
@@ -393,14 +398,15 @@ impl EmbeddedLog {
     /// entries below the watermark, which nothing will hand out again. Returns how many.
     pub(crate) fn remove_through(&self, last: u64) -> Result<u64, SourceError> {
         let last = last.min(self.consumed_watermark().saturating_sub(1));
-        // The snapshot that holds these entries is in sled: on disk before they are deleted.
+        // The watermark these entries are removed behind is on disk first: a start never looks
+        // for entries before it.
         self.inner.db.flush().map_err(storage_error("compact"))?;
         self.inner.segments.remove_through(last).map_err(|e| segment_error("compact", e))
     }
 
     /// The snapshot of the entries compaction has removed (`embedded::compact`).
-    pub fn snapshot(&self) -> Result<super::LogSnapshot, SourceError> {
-        super::LogSnapshot::open(&self.inner.db)
+    pub fn snapshot(&self) -> super::LogSnapshot {
+        self.inner.snapshot.clone()
     }
 
     /// The first entry the log still holds, if any.
@@ -594,11 +600,8 @@ impl EmbeddedLog {
     }
 }
 
-/// A segment file failure, classified as sled's are: damaged bytes are not an outage.
 fn segment_error(operation: &'static str, e: std::io::Error) -> SourceError {
-    let class =
-        if e.kind() == std::io::ErrorKind::InvalidData { crate::FailureClass::Corrupt } else { crate::FailureClass::Unavailable };
-    crate::BackendError::new(class, format!("embedded log {operation}"), e)
+    super::file_error(format!("embedded log {operation}"), e)
 }
 
 fn decode_dead_letter(value: sled::IVec) -> Result<(DeadLetterRecord, Bytes), SourceError> {

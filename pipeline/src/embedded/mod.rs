@@ -1,6 +1,7 @@
 //! Adapters for one process and no cloud: the inbox is the event log, in append-only segment
-//! files; dead letters and the cursor's watermark are in one sled database. (The product store
-//! is the read model's records: `catalog_readmodel::EmbeddedStore`.)
+//! files; dead letters and the cursor's watermark are in one sled database, the log's snapshot
+//! in files of its own. (The product store is the read model's records:
+//! `catalog_readmodel::EmbeddedStore`.)
 //!
 //! `POST /events` appends each message once, with a global sequence, and answers once the
 //! entries are fsynced (one fsync shared by concurrent requests); the pipeline reads durable
@@ -10,6 +11,7 @@
 
 mod bus;
 mod log;
+mod runs;
 mod segments;
 mod snapshot;
 
@@ -38,7 +40,7 @@ pub(crate) mod trees {
     pub const REDRIVEN: &str = "redriven";
     pub const META: &str = "pipeline_meta";
     pub const STATE: &str = "product_state";
-    /// Every product's state at the last compacted log sequence.
+    /// Where the snapshot was kept before its files; moved out on open.
     pub const SNAPSHOT: &str = "log_snapshot";
 }
 
@@ -57,6 +59,13 @@ pub(crate) fn storage_error(operation: &'static str) -> impl Fn(sled::Error) -> 
         };
         crate::BackendError::new(class, format!("embedded {operation}"), e)
     }
+}
+
+/// A file failure, classified as sled's are: damaged bytes are not an outage.
+pub(crate) fn file_error(operation: impl Into<String>, e: std::io::Error) -> crate::BackendError {
+    let class =
+        if e.kind() == std::io::ErrorKind::InvalidData { crate::FailureClass::Corrupt } else { crate::FailureClass::Unavailable };
+    crate::BackendError::new(class, operation, e)
 }
 
 /// The database again, after a scope dropped it: sled's background writer may hold the file

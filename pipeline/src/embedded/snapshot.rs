@@ -3,28 +3,49 @@
 //! replay tools then fold snapshot + tail instead of the whole history.
 //!
 //! Only entries below both the consumed watermark (nothing hands them out again) and the read
-//! model's checkpoint (start-up catch-up never needs them) are compacted. The states are
-//! written first, in id order, then the last sequence they hold, and only then do the entries
-//! go. A crash among the states leaves some of them past the recorded sequence:
-//! folding those entries again changes nothing, since the fold ignores an event a facet already
-//! holds (by version, else by log position). A crash before the entries go leaves entries the
-//! snapshot already holds, which the next run removes.
+//! model's checkpoint (start-up catch-up never needs them) are compacted. The snapshot is a
+//! directory of sorted runs of states (`runs`) and a manifest naming them with the last
+//! sequence they hold. Each fold writes the states it changed as a new run, then a new
+//! manifest (written aside and renamed over the old one, so a crash leaves the one or the
+//! other), and only then do the entries go. A crash before the rename leaves a run no manifest
+//! names, which the next open deletes; a crash after it, before the entries go, leaves entries
+//! the snapshot holds, which the next compaction removes.
+//!
+//! A run is merged into the one before it while that one is at most [`MERGE_RATIO`] times its
+//! size, so a snapshot is a few runs of falling size (about log2 of the products over a fold's
+//! chunk) and a state is rewritten about as many times, each time in one sequential pass.
+//! The snapshot was a sled tree beside the log's cursor before: at 1M products a compaction's
+//! random inserts into it cost the serving process about 100 MB and put its pauses in front
+//! of the pipeline's acks (BENCHMARKS.md, "Write path, round nine"). A data dir's tree from
+//! then is moved into a run when the log opens.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
 use itertools::{EitherOrBoth, Itertools};
 
-use super::{EmbeddedLog, LogEntry, be_u64, storage_error, trees};
+use super::runs::{Merged, Run, RunWriter};
+use super::{EmbeddedLog, LogEntry, be_u64, file_error, storage_error, trees};
 use crate::ports::SourceError;
 
-/// Where the snapshot's last folded sequence is kept, in the snapshot's own tree: no product id
-/// can start with a NUL byte.
+/// Where a sled snapshot kept its last folded sequence, in its own tree: no product id can
+/// start with a NUL byte.
 const SEQUENCE_KEY: &[u8] = b"\0sequence";
-/// Entries folded per step: bounds the memory one step holds.
+/// Entries folded per step: bounds the memory one step holds, and sizes the smallest run.
 const CHUNK: usize = 10_000;
+/// See the module's comment: 2 keeps the runs to about log2(products / chunk), each state
+/// rewritten as often.
+const MERGE_RATIO: u64 = 2;
+const MANIFEST: &str = "MANIFEST";
+const MANIFEST_ASIDE: &str = "MANIFEST.new";
+const MANIFEST_HEADER: &str = "catalog log snapshot 1";
+const RUN_SUFFIX: &str = ".run";
 
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_RETENTION_BYTES: u64 = 1024 * 1024 * 1024;
@@ -53,50 +74,108 @@ pub struct CompactReport {
     pub snapshot_sequence: u64,
 }
 
-/// The state every product had reached at the snapshot's sequence.
+/// The state every product had reached at the snapshot's sequence. Clones share one view of
+/// the files: a reader keeps the runs it started on, even once a merge has replaced them.
 #[derive(Clone)]
 pub struct LogSnapshot {
-    tree: sled::Tree,
+    inner: Arc<Shared>,
 }
 
+struct Shared {
+    dir: PathBuf,
+    current: Mutex<Arc<Version>>,
+    /// The number the next run file is named by.
+    next_file: AtomicU64,
+    /// One fold at a time.
+    folding: Mutex<()>,
+}
+
+/// What one manifest says.
+struct Version {
+    sequence: u64,
+    /// Oldest first: a state in a later run replaces the same product's in an earlier one.
+    runs: Vec<Arc<Run>>,
+}
+
+type States = Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + Send>;
+
 impl LogSnapshot {
-    pub fn open(db: &sled::Db) -> Result<Self, SourceError> {
-        Ok(Self { tree: db.open_tree(trees::SNAPSHOT).map_err(storage_error("open the snapshot"))? })
+    /// Opens the snapshot kept in `dir`, creating it empty, and first moves in the states of a
+    /// snapshot from before its files, kept in `legacy`'s tree.
+    pub fn open(dir: &Path, legacy: &sled::Db) -> Result<Self, SourceError> {
+        let opening = |e| file_error("embedded snapshot open", e);
+        std::fs::create_dir_all(dir).map_err(opening)?;
+        let manifest = read_manifest(dir).map_err(opening)?;
+        let (sequence, names) = manifest.clone().unwrap_or_default();
+        let mut highest = 0;
+        for item in std::fs::read_dir(dir).map_err(opening)? {
+            let name = item.map_err(opening)?.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_suffix(RUN_SUFFIX).and_then(|n| n.parse::<u64>().ok()) {
+                highest = highest.max(n);
+            }
+            // A run written, or merged, before a crash kept its manifest from being renamed in.
+            if name != MANIFEST && !names.contains(&name) {
+                std::fs::remove_file(dir.join(&name)).map_err(opening)?;
+            }
+        }
+        let runs = names.iter().map(|name| Run::open(&dir.join(name)).map(Arc::new)).collect::<io::Result<Vec<_>>>();
+        let snapshot = Self {
+            inner: Arc::new(Shared {
+                dir: dir.to_owned(),
+                current: Mutex::new(Arc::new(Version { sequence, runs: runs.map_err(opening)? })),
+                next_file: AtomicU64::new(highest + 1),
+                folding: Mutex::new(()),
+            }),
+        };
+        snapshot.adopt(legacy, manifest.is_some())?;
+        Ok(snapshot)
     }
 
     /// The last log sequence folded in (0: no snapshot yet, the log is whole).
-    pub fn sequence(&self) -> Result<u64, SourceError> {
-        let value = self.tree.get(SEQUENCE_KEY).map_err(storage_error("read the snapshot"))?;
-        Ok(value.and_then(|v| be_u64(&v)).unwrap_or(0))
+    pub fn sequence(&self) -> u64 {
+        self.current().sequence
+    }
+
+    /// How many files the snapshot is made of now.
+    pub fn runs(&self) -> usize {
+        self.current().runs.len()
     }
 
     /// Every product's state in the snapshot, in id order.
-    pub fn states(&self) -> impl Iterator<Item = Result<ProductState, SourceError>> + use<> {
+    pub fn states(&self) -> impl Iterator<Item = Result<ProductState, SourceError>> + Send + use<> {
         self.merged_with(std::iter::empty())
     }
 
     /// One product's state in the snapshot.
     pub fn get(&self, id: &ProductId) -> Result<Option<ProductState>, SourceError> {
-        let value = self.tree.get(id.as_str()).map_err(storage_error("read the snapshot"))?;
-        value.map(|v| decode(id.as_str(), &v)).transpose()
+        for run in self.current().runs.iter().rev() {
+            if let Some(value) = run.get(id.as_str().as_bytes()).map_err(|e| file_error("embedded snapshot read", e))? {
+                return decode(id.as_str(), &value).map(Some);
+            }
+        }
+        Ok(None)
     }
 
-    /// Every product's state in id order, each of `newer` (in id order, as sled orders keys:
-    /// by bytes) in place of the snapshot's. The snapshot's states are decoded one at a time
-    /// as they are reached, and not at all where `newer` replaces them.
-    pub fn merged_with<I: IntoIterator<Item = ProductState>>(
-        &self,
-        newer: I,
-    ) -> impl Iterator<Item = Result<ProductState, SourceError>> + use<I> {
-        let older = self.tree.iter().filter(|item| item.as_ref().map_or(true, |(k, _)| k.as_ref() != SEQUENCE_KEY));
+    /// Every product's state in id order, each of `newer` (in id order, by the ids' bytes) in
+    /// place of the snapshot's. The snapshot's states are decoded one at a time as they are
+    /// reached, and not at all where `newer` replaces them.
+    pub fn merged_with<I>(&self, newer: I) -> impl Iterator<Item = Result<ProductState, SourceError>> + Send + use<I>
+    where
+        I: IntoIterator<Item = ProductState>,
+        I::IntoIter: Send,
+    {
+        let older: States = match Merged::new(&self.current().runs) {
+            Ok(merged) => Box::new(merged),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
         // A read error sorts first, so it is reported where it happened.
-        let by_id = |old: &sled::Result<(sled::IVec, sled::IVec)>, new: &ProductState| match old {
-            Ok((k, _)) => k.as_ref().cmp(new.id.as_str().as_bytes()),
+        let by_id = |old: &io::Result<(Vec<u8>, Vec<u8>)>, new: &ProductState| match old {
+            Ok((k, _)) => k.as_slice().cmp(new.id.as_str().as_bytes()),
             Err(_) => Ordering::Less,
         };
         older.merge_join_by(newer, by_id).map(|pair| match pair {
             EitherOrBoth::Left(Ok((k, v))) => decode(&String::from_utf8_lossy(&k), &v),
-            EitherOrBoth::Left(Err(e)) => Err(storage_error("read the snapshot")(e)),
+            EitherOrBoth::Left(Err(e)) => Err(file_error("embedded snapshot read", e)),
             EitherOrBoth::Right(state) | EitherOrBoth::Both(_, state) => Ok(state),
         })
     }
@@ -104,8 +183,8 @@ impl LogSnapshot {
     /// Folds `entries` (in log order, right after the snapshot's sequence) into the snapshot.
     fn fold(&self, entries: &[LogEntry], skipped: &HashSet<u64>, limits: ParseLimits) -> Result<(), SourceError> {
         let Some(last) = entries.last() else { return Ok(()) };
-        // In id order, as they are written below: neighbours share leaves, so consecutive
-        // inserts find theirs in the cache.
+        let _one = lock(&self.inner.folding);
+        // In id order, as the run is written.
         let mut touched: BTreeMap<ProductId, ProductState> = BTreeMap::new();
         for entry in entries.iter().filter(|e| !skipped.contains(&e.sequence)) {
             // The store never applied an invalid entry (it was dead-lettered): neither does this.
@@ -117,22 +196,143 @@ impl LogSnapshot {
             }
             touched.get_mut(&id).expect("inserted above").apply_at(&event, Some(entry.sequence));
         }
-        // One insert at a time, never a `sled::Batch`: the first batch a process applies turns
-        // on sled's process-wide lock for good, after which every batch stops every read and
-        // fold of the read model for as long as it runs. Under a steady load a compaction
-        // then put seconds between an event and its view. Nothing here needs a batch's
-        // atomicity (see the module's comment on a crash among the states).
-        for (id, state) in touched {
-            self.tree.insert(id.as_str(), encode(&state)).map_err(storage_error("write the snapshot"))?;
+        let writing = |e| file_error("embedded snapshot write", e);
+        let mut runs = self.current().runs.clone();
+        if !touched.is_empty() {
+            let mut out = RunWriter::create(&self.next_path()).map_err(writing)?;
+            let mut value = Vec::with_capacity(256);
+            for (id, state) in &touched {
+                value.clear();
+                state.encode_stored(&mut value);
+                out.push(id.as_str().as_bytes(), &value).map_err(writing)?;
+            }
+            runs.push(Arc::new(out.finish().map_err(writing)?));
         }
-        self.tree.insert(SEQUENCE_KEY, &last.sequence.to_be_bytes()).map_err(storage_error("write the snapshot"))?;
+        self.install(Version { sequence: last.sequence, runs }, &[]).map_err(writing)?;
+        self.merge_small_runs().map_err(writing)
+    }
+
+    /// Merges the newest two runs while the older is at most [`MERGE_RATIO`] times the newer.
+    fn merge_small_runs(&self) -> io::Result<()> {
+        loop {
+            let now = self.current();
+            let n = now.runs.len();
+            if n < 2 || now.runs[n - 2].bytes() > MERGE_RATIO * now.runs[n - 1].bytes() {
+                return Ok(());
+            }
+            let merged = super::runs::merge(&now.runs[n - 2..], &self.next_path())?;
+            let mut runs = now.runs[..n - 2].to_vec();
+            runs.push(Arc::new(merged));
+            self.install(Version { sequence: now.sequence, runs }, &now.runs[n - 2..])?;
+        }
+    }
+
+    /// Makes `version` the snapshot: its manifest on disk, then in memory, then the files it
+    /// no longer names (`retired`) deleted. Readers that began before keep theirs open.
+    fn install(&self, version: Version, retired: &[Arc<Run>]) -> io::Result<()> {
+        let dir = &self.inner.dir;
+        let mut text = format!("{MANIFEST_HEADER}\nsequence {}\n", version.sequence);
+        for run in &version.runs {
+            let name = run.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            text.push_str(&format!("run {name}\n"));
+        }
+        text.push_str(&format!("crc {}\n", crc32fast::hash(text.as_bytes())));
+        let aside = dir.join(MANIFEST_ASIDE);
+        {
+            let file = std::fs::File::create(&aside)?;
+            std::io::Write::write_all(&mut &file, text.as_bytes())?;
+            file.sync_data()?;
+        }
+        std::fs::rename(&aside, dir.join(MANIFEST))?;
+        // The rename, and the names of the runs it lists, survive a crash from here on.
+        std::fs::File::open(dir)?.sync_all()?;
+        *lock(&self.inner.current) = Arc::new(version);
+        for run in retired {
+            if let Err(e) = std::fs::remove_file(run.path()) {
+                // The next open deletes what no manifest names.
+                tracing::warn!(file = %run.path().display(), error = %e, "could not delete a merged snapshot file");
+            }
+        }
         Ok(())
     }
+
+    /// Moves a snapshot kept in `db`'s tree (before the snapshot had files) into one run, then
+    /// drops the tree. A crash before the manifest is renamed in moves it again; one after
+    /// leaves only the tree to drop.
+    fn adopt(&self, db: &sled::Db, has_manifest: bool) -> Result<(), SourceError> {
+        if !db.tree_names().iter().any(|name| name.as_ref() == trees::SNAPSHOT.as_bytes()) {
+            return Ok(());
+        }
+        let moving = storage_error("move the snapshot into its files");
+        let writing = |e| file_error("embedded snapshot write", e);
+        if !has_manifest {
+            let tree = db.open_tree(trees::SNAPSHOT).map_err(&moving)?;
+            let sequence = tree.get(SEQUENCE_KEY).map_err(&moving)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+            let mut out = RunWriter::create(&self.next_path()).map_err(writing)?;
+            // As stored: a state written as JSON by an older build still reads from the run.
+            for item in tree.iter() {
+                let (key, value) = item.map_err(&moving)?;
+                if key.as_ref() != SEQUENCE_KEY {
+                    out.push(&key, &value).map_err(writing)?;
+                }
+            }
+            let run = out.finish().map_err(writing)?;
+            let states = run.records();
+            self.install(Version { sequence, runs: vec![Arc::new(run)] }, &[]).map_err(writing)?;
+            tracing::info!(states, sequence, "the log's snapshot moved from sled into its own files");
+        }
+        db.drop_tree(trees::SNAPSHOT).map_err(&moving)?;
+        db.flush().map_err(&moving)?;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Version> {
+        lock(&self.inner.current).clone()
+    }
+
+    fn next_path(&self) -> PathBuf {
+        let n = self.inner.next_file.fetch_add(1, AtomicOrdering::Relaxed);
+        self.inner.dir.join(format!("{n:020}{RUN_SUFFIX}"))
+    }
+}
+
+/// The manifest's sequence and runs, or `None` if there is none yet.
+fn read_manifest(dir: &Path) -> io::Result<Option<(u64, Vec<String>)>> {
+    let path = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let damaged =
+        |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot manifest {}: {what}", path.display()));
+    let body_end = text.trim_end_matches('\n').rfind('\n').map_or(0, |i| i + 1);
+    let (body, crc_line) = text.split_at(body_end);
+    let stated = crc_line.trim().strip_prefix("crc ").and_then(|c| c.parse::<u32>().ok());
+    if stated != Some(crc32fast::hash(body.as_bytes())) {
+        return Err(damaged("its checksum does not match"));
+    }
+    let mut lines = body.lines();
+    if lines.next() != Some(MANIFEST_HEADER) {
+        return Err(damaged("not a manifest this build reads"));
+    }
+    let sequence = lines
+        .next()
+        .and_then(|l| l.strip_prefix("sequence "))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| damaged("no sequence"))?;
+    let runs: io::Result<Vec<String>> =
+        lines.map(|l| l.strip_prefix("run ").map(str::to_owned).ok_or_else(|| damaged("a line that is no run"))).collect();
+    Ok(Some((sequence, runs?)))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Folds the entries past `retention` into the snapshot and removes them from the log, never
 /// past `keep_from` (exclusive: the read model's checkpoint + 1) nor the consumed watermark.
-/// Blocking: sled calls; run it off the runtime's threads.
+/// Blocking: file and sled calls; run it off the runtime's threads.
 pub fn compact(
     log: &EmbeddedLog,
     snapshot: &LogSnapshot,
@@ -140,7 +340,7 @@ pub fn compact(
     keep_from: u64,
     limits: ParseLimits,
 ) -> Result<CompactReport, SourceError> {
-    let mut report = CompactReport { snapshot_sequence: snapshot.sequence()?, ..CompactReport::default() };
+    let mut report = CompactReport { snapshot_sequence: snapshot.sequence(), ..CompactReport::default() };
     // A crash after the last fold left entries the snapshot holds: they go first.
     if log.first_sequence()?.is_some_and(|first| first <= report.snapshot_sequence) {
         report.entries_removed += log.remove_through(report.snapshot_sequence)?;
@@ -177,13 +377,6 @@ pub fn compact(
     Ok(report)
 }
 
-/// The compact form records use too; snapshots written as JSON before still read.
-fn encode(state: &ProductState) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    state.encode_stored(&mut out);
-    out
-}
-
 fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, crate::StoreError> {
     ProductState::decode_stored(id, bytes).map_err(|e| crate::StoreError::corrupt(format!("snapshot state of product {id}"), e))
 }
@@ -198,7 +391,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
-        let snapshot = LogSnapshot::open(&db).unwrap();
+        let snapshot = log.snapshot();
         (dir, db, log, snapshot)
     }
 
@@ -258,7 +451,6 @@ mod tests {
             .collect();
         let expected = [("0", 2), ("A", 1), ("B", 2), ("C", 2), ("E", 1), ("F", 2)].map(|(id, q)| (id.to_owned(), Some(q)));
         assert_eq!(merged, expected);
-        assert_eq!(snapshot.states().count(), 3, "the sequence key is no state");
     }
 
     #[tokio::test]
@@ -291,11 +483,9 @@ mod tests {
         assert!(log.entries_from(1).count() >= 20, "only what had to go went: {}", log.entries_from(1).count());
     }
 
-    #[tokio::test]
-    async fn a_crash_among_the_states_folds_the_same_snapshot_when_run_again() {
-        // Versioned and unversioned events of a few hundred products.
-        const WRITTEN_BEFORE_THE_CRASH: usize = 256;
-        let bodies: Vec<String> = (0..WRITTEN_BEFORE_THE_CRASH * 2 + 7)
+    /// Bodies of versioned and unversioned events of `products` products, three each.
+    fn mixed(products: usize) -> Vec<String> {
+        (0..products)
             .flat_map(|i| {
                 [
                     format!(r#"{{"productId":"P{i:04}","name":"N{i}","category":"C","status":"created","version":2}}"#),
@@ -303,32 +493,123 @@ mod tests {
                     format!(r#"{{"productId":"P{i:04}","quantity":{}}}"#, i + 1),
                 ]
             })
-            .collect();
+            .collect()
+    }
+
+    fn states(snapshot: &LogSnapshot) -> Vec<ProductState> {
+        snapshot.states().map(Result::unwrap).collect()
+    }
+
+    #[tokio::test]
+    async fn many_small_folds_keep_few_files_and_fold_to_what_one_fold_does() {
+        let bodies = mixed(700);
         let bodies: Vec<&str> = bodies.iter().map(String::as_str).collect();
         let (_dir, _db, log, snapshot) = open();
+        let (_one_dir, _one_db, one_log, one) = open();
         append_and_ack(&log, &bodies).await;
+        append_and_ack(&one_log, &bodies).await;
         let entries: Vec<LogEntry> = log.entries_from(1).map(Result::unwrap).collect();
-        snapshot.fold(&entries, &HashSet::new(), ParseLimits::default()).unwrap();
-        let clean: Vec<ProductState> = snapshot.states().map(Result::unwrap).collect();
-        // What a crash among the states leaves: the first of them written (they go in id
-        // order), the sequence not.
-        let ahead: Vec<(sled::IVec, sled::IVec)> = snapshot
-            .tree
-            .iter()
-            .map(Result::unwrap)
-            .filter(|(k, _)| k.as_ref() != SEQUENCE_KEY)
-            .take(WRITTEN_BEFORE_THE_CRASH)
-            .collect();
-        snapshot.tree.clear().unwrap();
-        for (k, v) in ahead {
-            snapshot.tree.insert(k, v).unwrap();
+        one.fold(&entries, &HashSet::new(), ParseLimits::default()).unwrap();
+        // Steps of unequal size, so runs of many sizes meet in the merges.
+        let mut at = 0;
+        for step in (1..).map(|i| 1 + (i * 37) % 97) {
+            let end = (at + step).min(entries.len());
+            snapshot.fold(&entries[at..end], &HashSet::new(), ParseLimits::default()).unwrap();
+            assert!(snapshot.runs() <= 12, "{} files after {end} entries", snapshot.runs());
+            at = end;
+            if at == entries.len() {
+                break;
+            }
         }
-        assert_eq!(snapshot.sequence().unwrap(), 0);
-        let report = compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
-        assert_eq!(report.snapshot_sequence, bodies.len() as u64);
-        let again: Vec<ProductState> = snapshot.states().map(Result::unwrap).collect();
-        assert_eq!(again.len(), clean.len());
-        assert!(again == clean, "the states folded twice differ from the states folded once");
+        assert_eq!(snapshot.sequence(), entries.len() as u64);
+        let folded = states(&one);
+        assert_eq!(folded.len(), 700);
+        assert!(states(&snapshot) == folded, "folded in steps, the states differ from one fold's");
+        for state in &folded[..50] {
+            assert_eq!(snapshot.get(&state.id).unwrap().as_ref(), Some(state));
+        }
+        let files = std::fs::read_dir(&snapshot.inner.dir).unwrap().count();
+        assert_eq!(files, snapshot.runs() + 1, "the runs and the manifest, no merged file left behind");
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_manifest_leaves_the_snapshot_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = dir.path().join("event-log");
+        let before = {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EmbeddedLog::open(&db, &log_dir, Default::default()).unwrap();
+            let bodies = mixed(30);
+            append_and_ack(&log, &bodies.iter().map(String::as_str).collect::<Vec<_>>()).await;
+            compact(&log, &log.snapshot(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
+            db.flush().unwrap();
+            states(&log.snapshot())
+        };
+        // What a crash mid-fold leaves: a run no manifest names, and a manifest not renamed in.
+        let snapshot_dir = log_dir.join("snapshot");
+        std::fs::write(snapshot_dir.join("00000000000000000099.run"), b"CATRUN01 half a run").unwrap();
+        std::fs::write(snapshot_dir.join(MANIFEST_ASIDE), b"catalog log snapshot 1\nsequence 9999\n").unwrap();
+        let db = super::super::reopen(dir.path());
+        let log = EmbeddedLog::open(&db, &log_dir, Default::default()).unwrap();
+        let snapshot = log.snapshot();
+        assert_eq!((snapshot.sequence(), states(&snapshot)), (90, before));
+        let names: Vec<String> =
+            std::fs::read_dir(&snapshot_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!names.iter().any(|n| n.contains("99.run") || n == MANIFEST_ASIDE), "{names:?}");
+        // The next run is named past the leftover's number, which a later crash may leave again.
+        append_and_ack(&log, &[r#"{"productId":"P0000","quantity":77}"#]).await;
+        compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        assert_eq!(snapshot.get(&ProductId::parse("P0000").unwrap()).unwrap().unwrap().quantity, Some(77));
+    }
+
+    /// An error and its sources, as `serve` prints them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_or_manifest_fails_the_open_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = dir.path().join("event-log");
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EmbeddedLog::open(&db, &log_dir, Default::default()).unwrap();
+            append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#]).await;
+            compact(&log, &log.snapshot(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
+            db.flush().unwrap();
+        }
+        let manifest = log_dir.join("snapshot").join(MANIFEST);
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(&manifest, text.replace("sequence 1", "sequence 2")).unwrap();
+        let db = super::super::reopen(dir.path());
+        let err = chain(&EmbeddedLog::open(&db, &log_dir, Default::default()).err().expect("a damaged manifest"));
+        assert!(err.contains("MANIFEST") && err.contains("checksum"), "{err}");
+        std::fs::write(&manifest, &text).unwrap();
+        let run = text.lines().find_map(|l| l.strip_prefix("run ")).unwrap();
+        std::fs::write(log_dir.join("snapshot").join(run), b"CATRUN01\x01").unwrap();
+        let err = chain(&EmbeddedLog::open(&db, &log_dir, Default::default()).err().expect("a damaged run"));
+        assert!(err.contains(run) && err.contains("cut short"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_kept_in_sled_moves_into_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree(trees::SNAPSHOT).unwrap();
+        let mut state = ProductState::new(ProductId::parse("P1").unwrap());
+        state.quantity = Some(5);
+        let mut value = Vec::new();
+        state.encode_stored(&mut value);
+        tree.insert("P1", value).unwrap();
+        // An older build wrote its states as JSON.
+        tree.insert("P2", serde_json::to_vec(&ProductState::new(ProductId::parse("P2").unwrap())).unwrap()).unwrap();
+        tree.insert(SEQUENCE_KEY, &7u64.to_be_bytes()).unwrap();
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
+        let snapshot = log.snapshot();
+        let moved = states(&snapshot);
+        assert_eq!((snapshot.sequence(), moved.len(), moved[0].quantity), (7, 2, Some(5)));
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == trees::SNAPSHOT.as_bytes()), "the tree is gone");
+        assert_eq!(log.append(&[Bytes::from_static(b"x")]).await.unwrap(), 8, "the log goes on after the snapshot");
     }
 
     #[tokio::test]
@@ -338,7 +619,7 @@ mod tests {
             let db = sled::open(dir.path()).unwrap();
             let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
             append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
-            compact(&log, &LogSnapshot::open(&db).unwrap(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
+            compact(&log, &log.snapshot(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
             db.flush().unwrap();
         }
         let db = super::super::reopen(dir.path());
