@@ -227,8 +227,8 @@ impl RunWriter {
         if self.last.as_deref().is_some_and(|last| key <= last) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "snapshot records must come in key order"));
         }
-        let too_long = |len: usize| u32::try_from(len).ok().filter(|&l| l as usize <= MAX_LEN);
-        let (Some(key_len), Some(value_len)) = (too_long(key.len()), too_long(value.len())) else {
+        let fits = |len: usize| u32::try_from(len).ok().filter(|&l| l as usize <= MAX_LEN);
+        let (Some(key_len), Some(value_len)) = (fits(key.len()), fits(value.len())) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a snapshot record longer than 64 MiB"));
         };
         if self.records.is_multiple_of(INDEX_EVERY) {
