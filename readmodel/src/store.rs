@@ -338,7 +338,7 @@ mod tests {
         processed(&log, &bodies).await;
         // The first two entries are folded into the snapshot and gone from the log.
         let retention = catalog_pipeline::embedded::Retention { retention: Some(std::time::Duration::ZERO), max_bytes: None };
-        let report = catalog_pipeline::embedded::compact(&log, &log.snapshot(), retention, 3, ParseLimits::default()).unwrap();
+        let report = catalog_pipeline::embedded::compact(&log, retention, 3, ParseLimits::default()).unwrap();
         assert_eq!(report.snapshot_sequence, 2);
         drop(store);
 

@@ -87,7 +87,7 @@ mod tests {
             log.ack(received.into_iter().map(|r| r.receipt).collect()).await.unwrap();
         }
         let retention = catalog_pipeline::embedded::Retention { retention: Some(std::time::Duration::ZERO), max_bytes: None };
-        catalog_pipeline::embedded::compact(&log, &log.snapshot(), retention, u64::MAX, ParseLimits::default()).unwrap();
+        catalog_pipeline::embedded::compact(&log, retention, u64::MAX, ParseLimits::default()).unwrap();
         for log in [&log, &whole_log] {
             log.append(&round(2, 3000..9000)).await.unwrap();
         }

@@ -149,7 +149,6 @@ fn spawn_compactor(
     args: &ServeArgs,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let snapshot = log.snapshot();
     let (retention, limits) = (args.log_retention(), args.data.parse_limits());
     let every = Duration::from_secs(args.log_compact_interval_secs);
     let compacted: Counter = Counter::default();
@@ -164,7 +163,7 @@ fn spawn_compactor(
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let (log, snapshot, model) = (log.clone(), snapshot.clone(), model.clone());
+            let (log, model) = (log.clone(), model.clone());
             let started = std::time::Instant::now();
             let run = thread.run(move || {
                 let keep_from = model.checkpoint().map_err(|e| e.to_string())?.saturating_add(1);
@@ -172,7 +171,7 @@ fn spawn_compactor(
                 // checkpoint covers must be on disk before the entries a start would fold in
                 // again are gone.
                 model.flush().map_err(|e| e.to_string())?;
-                let report = catalog_pipeline::embedded::compact(&log, &snapshot, retention, keep_from, limits)
+                let report = catalog_pipeline::embedded::compact(&log, retention, keep_from, limits)
                     .map_err(|e| catalog_pipeline::error::chain(&e))?;
                 Ok::<_, String>((report, log.log_bytes()))
             });

@@ -335,11 +335,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Blocking: file and sled calls; run it off the runtime's threads.
 pub fn compact(
     log: &EmbeddedLog,
-    snapshot: &LogSnapshot,
     retention: Retention,
     keep_from: u64,
     limits: ParseLimits,
 ) -> Result<CompactReport, SourceError> {
+    let snapshot = &log.snapshot();
     let mut report = CompactReport { snapshot_sequence: snapshot.sequence(), ..CompactReport::default() };
     // A crash after the last fold left entries the snapshot holds: they go first.
     if log.first_sequence()?.is_some_and(|first| first <= report.snapshot_sequence) {
@@ -420,7 +420,7 @@ mod tests {
         )
         .await;
         let before = log.log_bytes();
-        let report = compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        let report = compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
         assert_eq!(report, CompactReport { entries_folded: 5, entries_removed: 5, snapshot_sequence: 5 });
         assert_eq!(log.entries_from(1).count(), 0);
         assert!(log.log_bytes() < before && log.log_bytes() == 0, "{} of {before}", log.log_bytes());
@@ -428,7 +428,7 @@ mod tests {
         assert_eq!(states.len(), 2);
         assert_eq!(states[0].info.as_ref().map(|p| p.name.as_str()), Some("New"), "versions decide, as in the store");
         assert_eq!(states[1].quantity, Some(4));
-        assert_eq!(compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap().entries_folded, 0);
+        assert_eq!(compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap().entries_folded, 0);
     }
 
     #[tokio::test]
@@ -439,7 +439,7 @@ mod tests {
             &[r#"{"productId":"A","quantity":1}"#, r#"{"productId":"C","quantity":1}"#, r#"{"productId":"E","quantity":1}"#],
         )
         .await;
-        compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
         let state =
             |id: &str, quantity| ProductState { quantity: Some(quantity), ..ProductState::new(ProductId::parse(id).unwrap()) };
         let get = |id: &str| snapshot.get(&ProductId::parse(id).unwrap()).unwrap().map(|s| s.quantity);
@@ -455,30 +455,26 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_unacked_unviewed_or_within_retention_is_compacted() {
-        let (_dir, _db, log, snapshot) = open();
+        let (_dir, _db, log, _) = open();
         append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
         log.append(&[Bytes::from_static(br#"{"productId":"P1","quantity":3}"#)]).await.unwrap();
         let week = Retention::default();
-        assert_eq!(
-            compact(&log, &snapshot, week, u64::MAX, ParseLimits::default()).unwrap().entries_folded,
-            0,
-            "young entries stay"
-        );
-        let report = compact(&log, &snapshot, all_time(), 2, ParseLimits::default()).unwrap();
+        assert_eq!(compact(&log, week, u64::MAX, ParseLimits::default()).unwrap().entries_folded, 0, "young entries stay");
+        let report = compact(&log, all_time(), 2, ParseLimits::default()).unwrap();
         assert_eq!(report.snapshot_sequence, 1, "the read model has not shown sequence 2 yet");
-        let report = compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        let report = compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
         assert_eq!(report.snapshot_sequence, 2, "sequence 3 is not acknowledged");
         assert_eq!(log.entries_from(1).map(|e| e.unwrap().sequence).collect::<Vec<_>>(), [3]);
     }
 
     #[tokio::test]
     async fn a_byte_bound_removes_the_oldest_until_the_log_fits() {
-        let (_dir, _db, log, snapshot) = open();
+        let (_dir, _db, log, _) = open();
         let bodies: Vec<String> = (0..100).map(|i| format!(r#"{{"productId":"P{i}","quantity":{i}}}"#)).collect();
         append_and_ack(&log, &bodies.iter().map(String::as_str).collect::<Vec<_>>()).await;
         let max = log.log_bytes() / 4;
         let bound = Retention { retention: None, max_bytes: Some(max) };
-        compact(&log, &snapshot, bound, u64::MAX, ParseLimits::default()).unwrap();
+        compact(&log, bound, u64::MAX, ParseLimits::default()).unwrap();
         assert!(log.log_bytes() <= max, "{} > {max}", log.log_bytes());
         assert!(log.entries_from(1).count() >= 20, "only what had to go went: {}", log.entries_from(1).count());
     }
@@ -541,7 +537,7 @@ mod tests {
             let log = EmbeddedLog::open(&db, &log_dir, Default::default()).unwrap();
             let bodies = mixed(30);
             append_and_ack(&log, &bodies.iter().map(String::as_str).collect::<Vec<_>>()).await;
-            compact(&log, &log.snapshot(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
+            compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
             db.flush().unwrap();
             states(&log.snapshot())
         };
@@ -558,7 +554,7 @@ mod tests {
         assert!(!names.iter().any(|n| n.contains("99.run") || n == MANIFEST_ASIDE), "{names:?}");
         // The next run is named past the leftover's number, which a later crash may leave again.
         append_and_ack(&log, &[r#"{"productId":"P0000","quantity":77}"#]).await;
-        compact(&log, &snapshot, all_time(), u64::MAX, ParseLimits::default()).unwrap();
+        compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
         assert_eq!(snapshot.get(&ProductId::parse("P0000").unwrap()).unwrap().unwrap().quantity, Some(77));
     }
 
@@ -575,7 +571,7 @@ mod tests {
             let db = sled::open(dir.path()).unwrap();
             let log = EmbeddedLog::open(&db, &log_dir, Default::default()).unwrap();
             append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#]).await;
-            compact(&log, &log.snapshot(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
+            compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
             db.flush().unwrap();
         }
         let manifest = log_dir.join("snapshot").join(MANIFEST);
@@ -619,7 +615,7 @@ mod tests {
             let db = sled::open(dir.path()).unwrap();
             let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
             append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
-            compact(&log, &log.snapshot(), all_time(), u64::MAX, ParseLimits::default()).unwrap();
+            compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
             db.flush().unwrap();
         }
         let db = super::super::reopen(dir.path());
