@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! <data-dir>/event-log/            the event log's segment files (embedded backend)
-//! <data-dir>/catalog.sled          dead letters, log cursor, snapshot, product state (embedded)
-//! <data-dir>/views.sled            the read model: derived, disposable, rebuilt whole
+//! <data-dir>/event-log/snapshot/   the log's snapshot: runs of product states and their MANIFEST
+//! <data-dir>/catalog.sled          dead letters, the log's cursor (embedded)
+//! <data-dir>/views.sled            the read model; embedded, also the store (each record a product's state and views)
 //! <data-dir>/views.sled.rebuild    a rebuild in progress (removed when it is swapped in)
 //! <data-dir>/views.sled.old        the read model being replaced (removed after the swap)
 //! ```
@@ -67,10 +68,9 @@ impl DataDir {
     }
 
     /// The main database, holding the data dir's lock for as long as it is open: an eighth of
-    /// the cache. It holds the log's cursor, the dead letters and the snapshot, which `serve`
-    /// only writes (compaction), so little of it is ever read back; with half the cache, a
-    /// compaction's snapshot writes took serve's peak RSS from about 350 to 630 MB at 1M
-    /// products (BENCHMARKS.md, "Write path, round five").
+    /// the cache. It holds the log's cursor and the dead letters, small and mostly written;
+    /// the snapshot it held until round nine (BENCHMARKS.md) is in files of its own, and an
+    /// older data dir's is moved out of it on open.
     pub fn open_main(&self) -> anyhow::Result<sled::Db> {
         self.open(&self.root.join(MAIN_DB), self.cache_mb / 8)
     }

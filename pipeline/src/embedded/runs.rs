@@ -371,7 +371,6 @@ impl Iterator for Merged {
             Ok(record) => record.map(Ok),
             Err(e) => {
                 // One error, then the end: the readers' places are no longer known.
-                self.heads.iter_mut().for_each(|h| *h = None);
                 self.readers.clear();
                 self.heads.clear();
                 Some(Err(e))

@@ -137,7 +137,8 @@ impl LogSnapshot {
     }
 
     /// How many files the snapshot is made of now.
-    pub fn runs(&self) -> usize {
+    #[cfg(test)]
+    fn runs(&self) -> usize {
         self.current().runs.len()
     }
 
