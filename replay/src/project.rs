@@ -32,9 +32,10 @@ pub struct FoldReport {
 }
 
 /// The state of every product a fold met (AWS: the whole log; embedded: the tail past the
-/// snapshot), in the order it first met them, found by id through a table of positions: the states are written once, where they stay. Held as a map of id to state,
-/// 1M products took a 2M-slot table of whole states that grew by rehashing, and its fresh
-/// pages were a sixth of a rebuild's CPU (BENCHMARKS.md, round six).
+/// snapshot), in the order it first met them, found by id through a table of positions: the
+/// states are written once, where they stay. Held as a map of id to state, 1M products took a
+/// 2M-slot table of whole states that grew by rehashing, and its fresh pages were a sixth of a
+/// rebuild's CPU (BENCHMARKS.md, round six).
 #[derive(Default)]
 pub struct Projection {
     states: Vec<ProductState>,

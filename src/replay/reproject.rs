@@ -191,10 +191,7 @@ async fn aws(
 
 /// The states after the checkpoint's product (ids sort the same way every run).
 fn remaining(states: Vec<ProductState>, resume_after: Option<&str>) -> Vec<ProductState> {
-    match resume_after {
-        Some(_) => states.into_iter().filter(|s| !done_before(s, resume_after)).collect(),
-        None => states,
-    }
+    states.into_iter().filter(|s| !done_before(s, resume_after)).collect()
 }
 
 /// Whether a run that stopped after `resume_after` already reprojected this product.

@@ -101,8 +101,10 @@ type States = Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + Send>;
 
 impl LogSnapshot {
     /// Opens the snapshot kept in `dir`, creating it empty, and first moves in the states of a
-    /// snapshot from before its files, kept in `legacy`'s tree.
-    pub fn open(dir: &Path, legacy: &sled::Db) -> Result<Self, SourceError> {
+    /// snapshot from before its files, kept in `legacy`'s tree. Only the log opens it
+    /// (`EmbeddedLog::snapshot` hands out clones): a second opening would keep a view of the
+    /// files of its own, which the log's compactions would leave behind.
+    pub(crate) fn open(dir: &Path, legacy: &sled::Db) -> Result<Self, SourceError> {
         let opening = |e| file_error("embedded snapshot open", e);
         std::fs::create_dir_all(dir).map_err(opening)?;
         let manifest = read_manifest(dir).map_err(opening)?;
