@@ -399,12 +399,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CATALOG_MAX_RECEIVE_COUNT", default_value_t = embedded::DEFAULT_MAX_RECEIVE_COUNT,
           value_parser = u32_in(1, SQS_MAX_RECEIVE_COUNT))]
     pub max_receive_count: u32,
-    /// Seconds an acknowledged event stays in the embedded log before compaction folds it into
-    /// the snapshot and removes it; 0 keeps events for ever (unless `--log-retention-mb` bounds them).
+    /// Seconds an event stays in the embedded log as history once the snapshot holds it; 0 keeps
+    /// events for ever (unless `--log-retention-mb` bounds them). A start and the replay tools
+    /// read only what came after the snapshot, whatever this is.
     #[arg(long, env = "CATALOG_LOG_RETENTION_SECS", default_value_t = embedded::DEFAULT_RETENTION.as_secs(),
           value_parser = InRange::new(0, 10 * 365 * 24 * 3600))]
     pub log_retention_secs: u64,
-    /// MiB the embedded log may take before its oldest acknowledged events are compacted; 0: no bound.
+    /// MiB the embedded log may take before its oldest events the snapshot holds are removed; 0: no bound.
     #[arg(long, env = "CATALOG_LOG_RETENTION_MB", default_value_t = embedded::DEFAULT_RETENTION_BYTES / (1024 * 1024),
           value_parser = InRange::new(0, 1 << 30))]
     pub log_retention_mb: u64,

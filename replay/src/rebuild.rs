@@ -18,6 +18,8 @@ pub struct RebuildReport {
     pub products: u64,
     pub views_written: u64,
     pub last_sequence: u64,
+    /// The last sequence the log's snapshot holds; the entries read are the ones after it.
+    pub snapshot_sequence: u64,
     /// Reading and folding the log.
     pub fold_elapsed: Duration,
     /// Dropping the old views.
@@ -45,6 +47,7 @@ pub fn rebuild(
         invalid_skipped: fold.invalid_skipped,
         dead_lettered_skipped: fold.dead_lettered_skipped,
         last_sequence: fold.last_sequence,
+        snapshot_sequence: fold.snapshot_sequence,
         fold_elapsed: started.elapsed(),
         ..RebuildReport::default()
     };

@@ -141,8 +141,8 @@ impl Rebuilder for StoreRebuilder {
     }
 }
 
-/// Keeps the log bounded: every `--log-compact-interval-secs`, acknowledged entries past the
-/// retention that the read model already shows are folded into the snapshot and removed.
+/// Keeps the log bounded: every `--log-compact-interval-secs`, acknowledged entries the read
+/// model already shows are folded into the snapshot, and those past the retention removed.
 fn spawn_compactor(
     registry: &mut Registry,
     (log, model): (EmbeddedLog, ReadModel),
@@ -151,8 +151,13 @@ fn spawn_compactor(
 ) -> anyhow::Result<JoinHandle<()>> {
     let (retention, limits) = (args.log_retention(), args.data.parse_limits());
     let every = Duration::from_secs(args.log_compact_interval_secs);
-    let compacted: Counter = Counter::default();
-    registry.register("catalog_event_log_compacted", "Log entries folded into the snapshot and removed", compacted.clone());
+    let (folded, compacted): (Counter, Counter) = Default::default();
+    registry.register("catalog_event_log_folded", "Log entries folded into the snapshot", folded.clone());
+    registry.register(
+        "catalog_event_log_compacted",
+        "Log entries the snapshot holds removed past the retention",
+        compacted.clone(),
+    );
     // A compaction folds a whole interval's events at once, a core's worth of work for
     // seconds: below the pipeline's priority, the scheduler gives the pipeline first claim.
     let thread = Background::spawn("catalog-compact", args.log_compact_nice)?;
@@ -168,8 +173,8 @@ fn spawn_compactor(
             let run = thread.run(move || {
                 let keep_from = model.checkpoint().map_err(|e| e.to_string())?.saturating_add(1);
                 // The records are the store and are flushed apart from the log: what the
-                // checkpoint covers must be on disk before the entries a start would fold in
-                // again are gone.
+                // checkpoint covers is on disk before the snapshot passes it, else a start after
+                // a crash would take the whole snapshot for the few records lost.
                 model.flush().map_err(|e| e.to_string())?;
                 let report = catalog_pipeline::embedded::compact(&log, retention, keep_from, limits)
                     .map_err(|e| catalog_pipeline::error::chain(&e))?;
@@ -177,10 +182,12 @@ fn spawn_compactor(
             });
             match run.await {
                 Some(Ok((report, now))) => {
+                    folded.inc_by(report.entries_folded);
                     compacted.inc_by(report.entries_removed);
-                    if report.entries_folded > 0 {
+                    if report.entries_folded > 0 || report.entries_removed > 0 {
                         tracing::info!(
                             folded = report.entries_folded,
+                            removed = report.entries_removed,
                             through = report.snapshot_sequence,
                             log_bytes = now,
                             took_ms = started.elapsed().as_millis() as u64,

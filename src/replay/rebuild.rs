@@ -86,8 +86,7 @@ fn embedded(args: DataArgs) -> anyhow::Result<()> {
     let fresh = data.open_rebuild()?;
     // The records are the store: rebuilt from the log, they hold its projection's states.
     let model = ReadModel::open_store(&fresh, args.view_settings()).context("opening the read model")?;
-    let total = log.last_sequence();
-    let mut progress = Progress::new("rebuilding the read model", "log entries", Some(total));
+    let mut progress = Progress::new("rebuilding the read model", "log entries", Some(log.unfolded()));
     let report =
         catalog_replay::rebuild(&log, &model, args.parse_limits(), |n| progress.set(n)).context("rebuilding the read model")?;
     progress.finish();
@@ -96,8 +95,12 @@ fn embedded(args: DataArgs) -> anyhow::Result<()> {
     drop(fresh);
     swap_directories(&live, &fresh_path, &old_path)?;
     drop(db);
+    let snapshot = match report.snapshot_sequence {
+        0 => String::new(),
+        seq => format!("the snapshot through sequence {seq} and "),
+    };
     println!(
-        "rebuilt {} views of {} products from {} log entries in {:.2?} (fold {:.2?}, clear {:.2?}, write {:.2?}; {} invalid and {} dead-lettered entries skipped; checkpoint {})",
+        "rebuilt {} views of {} products from {snapshot}{} log entries in {:.2?} (fold {:.2?}, clear {:.2?}, write {:.2?}; {} invalid and {} dead-lettered entries skipped; checkpoint {})",
         report.views_written,
         report.products,
         report.entries_read,

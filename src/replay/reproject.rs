@@ -72,7 +72,7 @@ fn embedded(
     let db = dir.open_main()?;
     let log = dir.open_log(&db, Default::default())?;
     let (views, store) = super::open_embedded_store(&dir, &db, &log, data)?;
-    let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
+    let mut progress = Progress::new("folding the event log", "entries", Some(log.unfolded()));
     let (tail, snapshot) = catalog_replay::project_tail(&log, data.parse_limits(), |n| progress.set(n))?;
     progress.finish();
     // The log's projection (the tail's products from memory, the snapshot's others streamed)

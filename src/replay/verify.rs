@@ -25,7 +25,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<Verdict> {
             let dir = DataDir::existing(&data.data_dir, data.cache_mb)?;
             let db = dir.open_main()?;
             let log = dir.open_log(&db, Default::default())?;
-            let mut progress = Progress::new("folding the event log", "entries", Some(log.last_sequence()));
+            let mut progress = Progress::new("folding the event log", "entries", Some(log.unfolded()));
             // The tail's products in memory, the snapshot's others read in id order beside the
             // store's records: 1M products verified in about a rebuild's memory.
             let (tail, snapshot) = catalog_replay::project_tail(&log, data.parse_limits(), |n| progress.set(n))?;

@@ -22,6 +22,9 @@ pub const DEFAULT_WAIT_TIME: Duration = Duration::from_millis(500);
 pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_millis(200);
 
 const WATERMARK_KEY: &[u8] = b"consumed_watermark";
+/// The first sequence the log still holds. Logs from before it removed everything the
+/// snapshot held, so its absence means the snapshot's sequence + 1.
+const START_KEY: &[u8] = b"log_start";
 /// The snapshot's files, inside the log's directory (no segment's name).
 const SNAPSHOT_DIR: &str = "snapshot";
 /// Left by logs from before segment files: the count is taken from the files now.
@@ -198,7 +201,15 @@ impl EmbeddedLog {
         let meta = db.open_tree(trees::META).map_err(&open)?;
         let watermark = meta.get(WATERMARK_KEY).map_err(&open)?.and_then(|v| be_u64(&v)).unwrap_or(1);
         let snapshot = super::LogSnapshot::open(&dir.join(SNAPSHOT_DIR), db)?;
-        let start = snapshot.sequence() + 1;
+        // Entries the snapshot holds stay as history until the retention removes them.
+        let start = match meta.get(START_KEY).map_err(&open)?.and_then(|v| be_u64(&v)) {
+            Some(start) => start,
+            None => {
+                let start = snapshot.sequence() + 1;
+                meta.insert(START_KEY, &start.to_be_bytes()).map_err(&open)?;
+                start
+            }
+        };
         // Redrives whose entries are written but whose dead letters may not be gone yet.
         let mut redrives = Vec::new();
         let segments = SegmentLog::open(dir, config.segment_bytes, start, watermark, &mut |sequence, payload| {
@@ -394,17 +405,23 @@ impl EmbeddedLog {
         self.inner.segments.disk_bytes()
     }
 
-    /// Removes the entries up to `last` (inclusive), which a snapshot already holds; only
-    /// entries below the watermark, which nothing will hand out again. Returns how many.
+    /// Removes the entries up to `last` (inclusive); only entries the snapshot holds and below
+    /// the watermark, which nothing will hand out again. Returns how many.
     pub(crate) fn remove_through(&self, last: u64) -> Result<u64, SourceError> {
-        let last = last.min(self.consumed_watermark().saturating_sub(1));
-        // The watermark these entries are removed behind is on disk first: a start never looks
-        // for entries before it.
-        self.inner.db.flush().map_err(storage_error("compact"))?;
+        let last = last.min(self.consumed_watermark().saturating_sub(1)).min(self.inner.snapshot.sequence());
+        let start = (last + 1).min(self.inner.segments.next_sequence());
+        if start <= self.inner.segments.start() {
+            return Ok(0);
+        }
+        // The new start, and the watermark these entries are removed behind, are on disk before
+        // the files go: a start never looks for entries before it.
+        let compact = storage_error("compact");
+        self.inner.meta.insert(START_KEY, &start.to_be_bytes()).map_err(&compact)?;
+        self.inner.db.flush().map_err(&compact)?;
         self.inner.segments.remove_through(last).map_err(|e| segment_error("compact", e))
     }
 
-    /// The snapshot of the entries compaction has removed (`embedded::compact`).
+    /// The snapshot of the entries compaction has folded (`embedded::compact`).
     pub fn snapshot(&self) -> super::LogSnapshot {
         self.inner.snapshot.clone()
     }
@@ -419,6 +436,11 @@ impl EmbeddedLog {
     /// The last sequence appended (0 for an empty log): the log's length, without a scan.
     pub fn last_sequence(&self) -> u64 {
         self.inner.segments.next_sequence().saturating_sub(1)
+    }
+
+    /// Entries after the snapshot: what a fold of snapshot + tail reads.
+    pub fn unfolded(&self) -> u64 {
+        self.last_sequence().saturating_sub(self.inner.snapshot.sequence())
     }
 
     /// Every sequence below this has been fully processed.

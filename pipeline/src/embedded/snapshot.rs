@@ -1,15 +1,15 @@
-//! A bounded event log: entries past their retention are folded into a snapshot of every
-//! product's state (under the store's own rule) and removed, so the log holds only a tail. The
-//! replay tools then fold snapshot + tail instead of the whole history.
+//! A bounded event log: every entry the read model shows is folded into a snapshot of every
+//! product's state (under the store's own rule), and entries past their retention are removed,
+//! so the log holds a bounded history. The replay tools and a start fold snapshot + the tail
+//! after it, which is what one compaction interval appended, whatever the retention.
 //!
 //! Only entries below both the consumed watermark (nothing hands them out again) and the read
-//! model's checkpoint (start-up catch-up never needs them) are compacted. The snapshot is a
-//! directory of sorted runs of states (`runs`) and a manifest naming them with the last
-//! sequence they hold. Each fold writes the states it changed as a new run, then a new
-//! manifest (written aside and renamed over the old one, so a crash leaves the one or the
-//! other), and only then do the entries go. A crash before the rename leaves a run no manifest
-//! names, which the next open deletes; a crash after it, before the entries go, leaves entries
-//! the snapshot holds, which the next compaction removes.
+//! model's checkpoint (start-up catch-up never needs them) are folded, and only folded ones are
+//! removed. The snapshot is a directory of sorted runs of states (`runs`) and a manifest naming
+//! them with the last sequence they hold. Each fold writes the states it changed as a new run,
+//! then a new manifest (written aside and renamed over the old one, so a crash leaves the one
+//! or the other). A crash before the rename leaves a run no manifest names, which the next open
+//! deletes.
 //!
 //! A run is merged into the one before it while that one is at most [`MERGE_RATIO`] times its
 //! size, so a snapshot is a few runs of falling size (about log2 of the products over a fold's
@@ -333,9 +333,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Folds the entries past `retention` into the snapshot and removes them from the log, never
-/// past `keep_from` (exclusive: the read model's checkpoint + 1) nor the consumed watermark.
-/// Blocking: file and sled calls; run it off the runtime's threads.
+/// Folds every entry the read model shows into the snapshot, never past `keep_from`
+/// (exclusive: the read model's checkpoint + 1) nor the consumed watermark, then removes the
+/// entries the snapshot holds that are past `retention`. Blocking: file and sled calls; run it
+/// off the runtime's threads.
 pub fn compact(
     log: &EmbeddedLog,
     retention: Retention,
@@ -344,24 +345,16 @@ pub fn compact(
 ) -> Result<CompactReport, SourceError> {
     let snapshot = &log.snapshot();
     let mut report = CompactReport { snapshot_sequence: snapshot.sequence(), ..CompactReport::default() };
-    // A crash after the last fold left entries the snapshot holds: they go first.
-    if log.first_sequence()?.is_some_and(|first| first <= report.snapshot_sequence) {
-        report.entries_removed += log.remove_through(report.snapshot_sequence)?;
-    }
     let limit = keep_from.min(log.consumed_watermark());
-    let oldest_kept = retention.retention.and_then(|r| SystemTime::now().checked_sub(r));
-    // Read only when there is something to fold: most runs find nothing past the retention.
+    // Read only when there is something to fold: an idle log has nothing past the snapshot.
     let mut skipped: Option<HashSet<u64>> = None;
-    loop {
-        let mut over_bytes = retention.max_bytes.map_or(0, |max| log.log_bytes().saturating_sub(max));
+    while report.snapshot_sequence + 1 < limit {
         let mut chunk = Vec::with_capacity(CHUNK);
         for entry in log.entries_from(report.snapshot_sequence + 1).take(CHUNK) {
             let entry = entry?;
-            let expired = oldest_kept.is_some_and(|t| entry.accepted_at < t);
-            if entry.sequence >= limit || !(expired || over_bytes > 0) {
+            if entry.sequence >= limit {
                 break;
             }
-            over_bytes = over_bytes.saturating_sub(entry.stored_bytes);
             chunk.push(entry);
         }
         let Some(last) = chunk.last().map(|e| e.sequence) else { break };
@@ -372,12 +365,30 @@ pub fn compact(
         snapshot.fold(&chunk, skipped, limits)?;
         report.entries_folded += chunk.len() as u64;
         report.snapshot_sequence = last;
-        report.entries_removed += log.remove_through(last)?;
         if chunk.len() < CHUNK {
             break;
         }
     }
+    report.entries_removed = remove_past(log, retention, report.snapshot_sequence)?;
     Ok(report)
+}
+
+/// Removes the oldest entries, through `through` at most, while they are older than the
+/// retention or the log is over its bytes.
+fn remove_past(log: &EmbeddedLog, retention: Retention, through: u64) -> Result<u64, SourceError> {
+    let oldest_kept = retention.retention.and_then(|r| SystemTime::now().checked_sub(r));
+    let mut over_bytes = retention.max_bytes.map_or(0, |max| log.log_bytes().saturating_sub(max));
+    let mut last = None;
+    for entry in log.entries_from(1) {
+        let entry = entry?;
+        let expired = oldest_kept.is_some_and(|t| entry.accepted_at < t);
+        if entry.sequence > through || !(expired || over_bytes > 0) {
+            break;
+        }
+        over_bytes = over_bytes.saturating_sub(entry.stored_bytes);
+        last = Some(entry.sequence);
+    }
+    last.map_or(Ok(0), |last| log.remove_through(last))
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<ProductState, crate::StoreError> {
@@ -457,17 +468,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nothing_unacked_unviewed_or_within_retention_is_compacted() {
+    async fn the_snapshot_takes_what_the_read_model_shows_and_the_log_keeps_what_the_retention_does() {
         let (_dir, _db, log, _) = open();
         append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
         log.append(&[Bytes::from_static(br#"{"productId":"P1","quantity":3}"#)]).await.unwrap();
         let week = Retention::default();
-        assert_eq!(compact(&log, week, u64::MAX, ParseLimits::default()).unwrap().entries_folded, 0, "young entries stay");
-        let report = compact(&log, all_time(), 2, ParseLimits::default()).unwrap();
+        let report = compact(&log, week, 2, ParseLimits::default()).unwrap();
         assert_eq!(report.snapshot_sequence, 1, "the read model has not shown sequence 2 yet");
+        let report = compact(&log, week, u64::MAX, ParseLimits::default()).unwrap();
+        assert_eq!(report, CompactReport { entries_folded: 1, entries_removed: 0, snapshot_sequence: 2 }, "3 is unacked");
+        let sequences = |log: &EmbeddedLog| log.entries_from(1).map(|e| e.unwrap().sequence).collect::<Vec<_>>();
+        assert_eq!(sequences(&log), [1, 2, 3], "young entries stay, folded or not");
         let report = compact(&log, all_time(), u64::MAX, ParseLimits::default()).unwrap();
-        assert_eq!(report.snapshot_sequence, 2, "sequence 3 is not acknowledged");
-        assert_eq!(log.entries_from(1).map(|e| e.unwrap().sequence).collect::<Vec<_>>(), [3]);
+        assert_eq!(report, CompactReport { entries_folded: 0, entries_removed: 2, snapshot_sequence: 2 });
+        assert_eq!(sequences(&log), [3], "what is not folded stays, however old");
+    }
+
+    #[tokio::test]
+    async fn history_the_snapshot_holds_is_still_there_after_a_restart_and_removed_entries_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let bodies: Vec<String> = (0..4).map(|i| format!(r#"{{"productId":"P{i}","quantity":{i}}}"#)).collect();
+        let sequences = |log: &EmbeddedLog| log.entries_from(1).map(|e| e.unwrap().sequence).collect::<Vec<_>>();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
+            append_and_ack(&log, &bodies.iter().map(String::as_str).collect::<Vec<_>>()).await;
+            assert_eq!(compact(&log, Retention::default(), u64::MAX, ParseLimits::default()).unwrap().snapshot_sequence, 4);
+            db.flush().unwrap();
+        }
+        let db = super::super::reopen(dir.path());
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
+        assert_eq!((log.snapshot().sequence(), sequences(&log)), (4, vec![1, 2, 3, 4]));
+        let one = Retention { retention: None, max_bytes: Some(log.log_bytes() / 4) };
+        assert_eq!(compact(&log, one, u64::MAX, ParseLimits::default()).unwrap().entries_removed, 3);
+        drop((log, db));
+        let db = super::super::reopen(dir.path());
+        let log = EmbeddedLog::open(&db, &dir.path().join("event-log"), Default::default()).unwrap();
+        assert_eq!(sequences(&log), [4]);
+        assert_eq!(log.append(&[Bytes::from_static(b"x")]).await.unwrap(), 5);
     }
 
     #[tokio::test]
