@@ -384,9 +384,9 @@ pub struct ServeArgs {
     /// Messages taken from the event source per receive (SQS returns at most 10 whatever this says).
     #[arg(long, env = "CATALOG_RECEIVE_BATCH", default_value_t = pipeline::DEFAULT_RECEIVE_BATCH, value_parser = usize_in(1, 100_000))]
     pub receive_batch: usize,
-    /// Events per store write.
-    #[arg(long, env = "CATALOG_WRITE_BATCH", default_value_t = pipeline::DEFAULT_WRITE_BATCH, value_parser = usize_in(1, 100_000))]
-    pub write_batch: usize,
+    /// Most events per store write (default: 2048 embedded, 512 on AWS).
+    #[arg(long, env = "CATALOG_WRITE_BATCH", value_parser = usize_in(1, 100_000))]
+    pub write_batch: Option<usize>,
     /// Longest a partial write batch waits for more events, in milliseconds (default: 0
     /// embedded, where batches form from what queued while the writer was busy; 5 on AWS).
     #[arg(long, env = "CATALOG_WRITE_BATCH_TIMEOUT_MS", value_parser = InRange::new(0, 60_000))]
@@ -543,12 +543,18 @@ impl ServeArgs {
         Ok(config)
     }
 
-    /// The pipeline's settings; `receive_batch` and `pollers` depend on the source.
-    pub fn pipeline_config(&self, receive_batch: usize, pollers: usize, default_linger: Duration) -> pipeline::PipelineConfig {
+    /// The pipeline's settings; `receive_batch`, `pollers` and the write batch's defaults
+    /// depend on the backend.
+    pub fn pipeline_config(
+        &self,
+        receive_batch: usize,
+        pollers: usize,
+        (default_batch, default_linger): (usize, Duration),
+    ) -> pipeline::PipelineConfig {
         pipeline::PipelineConfig {
             receive_batch,
             pollers,
-            write_batch: self.write_batch,
+            write_batch: self.write_batch.unwrap_or(default_batch),
             write_batch_timeout: self.write_batch_timeout_ms.map_or(default_linger, Duration::from_millis),
             parse_limits: self.data.parse_limits(),
             store_max_writes_per_sec: self.store_max_writes_per_sec,
@@ -664,7 +670,7 @@ mod tests {
     fn defaults_parse_and_are_in_range() {
         let args = serve(&[]).unwrap();
         assert_eq!(args.data.cache_mb, DEFAULT_CACHE_MB);
-        assert_eq!(args.write_batch, pipeline::DEFAULT_WRITE_BATCH);
+        assert_eq!(args.write_batch, None, "the backend decides");
         assert!(args.api_config().is_ok());
     }
 

@@ -3,7 +3,13 @@
 use std::time::Duration;
 
 pub const DEFAULT_RECEIVE_BATCH: usize = 256;
+/// AWS: events per store write, which sends them as `BatchWriteItem` calls of 25.
 pub const DEFAULT_WRITE_BATCH: usize = 512;
+/// Embedded: a batch is what queued while the writer was busy, up to this many. Below
+/// saturation batches stay small whatever the cap, so it only decides how a backlog is
+/// worked off: 2048 did so 11-14% faster than 512, with the same latency at the same load
+/// (BENCHMARKS.md, "Write path, round ten").
+pub const DEFAULT_EMBEDDED_WRITE_BATCH: usize = 2048;
 /// Embedded: no linger, batches form from what queued while the writer was busy.
 pub const DEFAULT_WRITE_BATCH_TIMEOUT: Duration = Duration::ZERO;
 /// AWS: a short linger gathers several SQS receives into one batch, so fewer and fuller

@@ -127,7 +127,11 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
             Arc::new(source),
             store.clone(),
             bus,
-            args.pipeline_config(10, args.aws_runtime.pollers, config::DEFAULT_AWS_WRITE_BATCH_TIMEOUT),
+            args.pipeline_config(
+                10,
+                args.aws_runtime.pollers,
+                (config::DEFAULT_WRITE_BATCH, config::DEFAULT_AWS_WRITE_BATCH_TIMEOUT),
+            ),
             pipeline_metrics,
             guard,
             stop.clone(),

@@ -89,7 +89,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
         Arc::new(log.clone()),
         store.clone(),
         bus,
-        args.pipeline_config(args.receive_batch, 1, config::DEFAULT_WRITE_BATCH_TIMEOUT),
+        args.pipeline_config(args.receive_batch, 1, (config::DEFAULT_EMBEDDED_WRITE_BATCH, config::DEFAULT_WRITE_BATCH_TIMEOUT)),
         pipeline_metrics,
         breaker.clone(),
         stop.clone(),
