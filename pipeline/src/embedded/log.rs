@@ -426,13 +426,6 @@ impl EmbeddedLog {
         self.inner.snapshot.clone()
     }
 
-    /// The first entry the log still holds, if any.
-    pub fn first_sequence(&self) -> Result<Option<u64>, SourceError> {
-        let segments = &self.inner.segments;
-        let start = segments.start();
-        Ok((start < segments.next_sequence()).then_some(start))
-    }
-
     /// The last sequence appended (0 for an empty log): the log's length, without a scan.
     pub fn last_sequence(&self) -> u64 {
         self.inner.segments.next_sequence().saturating_sub(1)
