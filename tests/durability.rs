@@ -67,14 +67,16 @@ async fn state_survives_a_restart() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
 }
 
+/// Runs `catalog <args> --data-dir <dir>`: whether it succeeded, and what it printed.
+fn run_on(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog")).args(args).arg("--data-dir").arg(dir).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 /// `catalog replay verify` on a stopped instance's data dir finds no drift.
 fn assert_verifies_clean(dir: &std::path::Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
-        .args(["replay", "verify", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (ok, out) = run_on(dir, &["replay", "verify"]);
+    assert!(ok, "{out}");
 }
 
 /// Starts the catalog on `dir`, has it accept `n` products (`{prefix}000`…) in `category`, and
@@ -302,15 +304,7 @@ async fn a_compacted_log_survives_kill_9_and_verifies_and_rebuilds_from_its_snap
     app.eventually("/products/K1-000", |v| v["displayPrice"] == "$7.50").await;
     app.stop();
 
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
-            .args(args)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    };
+    let run = |args: &[&str]| run_on(dir.path(), args);
     let (ok, out) = run(&["replay", "verify"]);
     assert!(ok, "{out}");
     let through: u64 = out
@@ -360,13 +354,8 @@ async fn a_long_retention_keeps_the_history_while_the_snapshot_keeps_up() {
     assert_eq!(app.metric("catalog_event_log_compacted_total").await, 0.0, "nothing is past a week");
     app.kill9();
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_catalog"))
-        .args(["replay", "verify", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("snapshot through sequence 300"), "{text}");
+    let (ok, out) = run_on(dir.path(), &["replay", "verify"]);
+    assert!(ok && out.contains("snapshot through sequence 300"), "{out}");
     let app = start_in(dir.path(), &folding());
     assert_eq!(app.listing("Hats", 100).await.0.len(), 300);
     let held = app.metric("catalog_event_log_bytes").await;
