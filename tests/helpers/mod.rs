@@ -156,6 +156,16 @@ impl TestApp {
             .fold(0.0, |a, b| a + b)
     }
 
+    /// Waits (20 s at most) until `name_and_labels` reads at least `at_least`; `what` says
+    /// what failed to happen if it never does.
+    pub async fn metric_reaches(&self, name_and_labels: &str, at_least: f64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.metric(name_and_labels).await < at_least {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGTERM and wait: the graceful path.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
