@@ -422,6 +422,11 @@ pub struct ServeArgs {
     /// pipeline's own, 19: lowest): on a busy machine the pipeline and the GETs come first.
     #[arg(long, env = "CATALOG_LOG_COMPACT_NICE", default_value_t = DEFAULT_COMPACT_NICE, value_parser = InRange::new(0, 19).map(|v| v as i32))]
     pub log_compact_nice: i32,
+    /// MiB of the most read product views kept decoded in memory in front of sled (0: none);
+    /// beyond it a read walks sled's tree, about a sixth more CPU per GET.
+    #[arg(long, env = "CATALOG_HOT_VIEWS_MB", default_value_t = catalog_readmodel::DEFAULT_HOT_VIEWS_BYTES >> 20,
+          value_parser = InRange::new(0, 1 << 20))]
+    pub hot_views_mb: u64,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "CATALOG_WORKER_THREADS", value_parser = usize_in(1, 1024))]
     pub worker_threads: Option<usize>,

@@ -17,6 +17,7 @@ use catalog_domain::{ProductId, ProductState, ViewSettings};
 use catalog_pipeline::{ProductChanged, SequencedEvent, StoreError, WriteOutcome};
 
 use crate::derived::{CategoryIndex, Id};
+use crate::hot::{HotStats, HotViews};
 use crate::view::StoredView;
 
 /// The largest page a list route may ask for (docs/contract.md).
@@ -96,6 +97,8 @@ struct Inner {
     /// is written to the old generation after the swap has carried its records over. (Writes
     /// of one record exclude each other by compare-and-swap.)
     writer: std::sync::RwLock<()>,
+    /// Bytes each generation keeps of its most read views in memory (0: none).
+    hot_bytes: u64,
 }
 
 struct Trees {
@@ -108,10 +111,13 @@ struct Trees {
     /// Shared by every write of a record until its listing is moved, held alone by the scan:
     /// a write is either seen by the scan or finds the index it derived.
     deriving: RwLock<()>,
+    /// This generation's most read views; a swap starts the next one empty, so no entry
+    /// outlives the trees it was read from.
+    hot: Option<HotViews>,
 }
 
 impl Trees {
-    fn open(db: &sled::Db, generation: u64) -> Result<Self, ReadModelError> {
+    fn open(db: &sled::Db, generation: u64, hot_bytes: u64) -> Result<Self, ReadModelError> {
         let open = storage("open");
         Ok(Self {
             generation,
@@ -119,7 +125,15 @@ impl Trees {
             meta: db.open_tree(trees::name(trees::META, generation)).map_err(&open)?,
             index: OnceLock::new(),
             deriving: RwLock::new(()),
+            hot: HotViews::new(hot_bytes),
         })
+    }
+
+    /// After a write of `id`'s record to `views`.
+    fn written(&self, id: &str) {
+        if let Some(hot) = &self.hot {
+            hot.forget(id);
+        }
     }
 
     /// The index for a reader of it, derived first if no one has yet. Never called while this
@@ -243,6 +257,7 @@ fn carry(old: &Trees, new: &Trees, id: &str) -> Result<(), ReadModelError> {
         index.insert(category, id);
     }
     new.views.insert(id, raw).map_err(storage("swap"))?;
+    new.written(id);
     if now_in != before
         && let (Some(category), Some(index)) = (&before, index)
     {
@@ -297,10 +312,33 @@ impl ReadModel {
             .unwrap_or(0);
         // Leftovers of a swap (kept for in-flight reads) or of an interrupted rebuild.
         retire_generations(db, generation, Duration::ZERO);
-        Ok(Self::over(db.clone(), Trees::open(db, generation)?, settings, ttl, holds_state))
+        Ok(Self::over(db.clone(), Trees::open(db, generation, 0)?, settings, ttl, holds_state, 0))
     }
 
-    fn over(db: sled::Db, trees: Trees, settings: ViewSettings, ttl: Option<Duration>, holds_state: bool) -> Self {
+    /// Keeps up to `bytes` of the most read views in memory (0: none), as `serve` does; the
+    /// replay tools read each record once and keep none. Call it on a model just opened,
+    /// before it is cloned or derives its index.
+    pub fn keep_hot(self, bytes: u64) -> Self {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| panic!("keep_hot is for a read model just opened"));
+        let trees =
+            Arc::try_unwrap(inner.trees.into_inner()).unwrap_or_else(|_| panic!("keep_hot is for a read model just opened"));
+        let trees = Trees { hot: HotViews::new(bytes), ..trees };
+        Self::over(inner.db, trees, inner.settings, inner.ttl, inner.holds_state, bytes)
+    }
+
+    /// How the hot views of the live generation have served (all zero when none are kept).
+    pub fn hot_stats(&self) -> HotStats {
+        self.inner.trees.load().hot.as_ref().map(HotViews::stats).unwrap_or_default()
+    }
+
+    fn over(
+        db: sled::Db,
+        trees: Trees,
+        settings: ViewSettings,
+        ttl: Option<Duration>,
+        holds_state: bool,
+        hot_bytes: u64,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 db,
@@ -311,6 +349,7 @@ impl ReadModel {
                 rebuilding: AtomicBool::new(false),
                 holds_state,
                 writer: std::sync::RwLock::new(()),
+                hot_bytes,
             }),
         }
     }
@@ -347,10 +386,10 @@ impl ReadModel {
             // A rebuild interrupted before its swap left these behind.
             db.drop_tree(trees::name(base, next)).map_err(storage("rebuild"))?;
         }
-        let fresh = Trees::open(db, next)?;
+        let fresh = Trees::open(db, next, self.inner.hot_bytes)?;
         // Derived now, while it is empty, so the fill keeps it and the swap serves pages at once.
         fresh.index()?;
-        Ok(Self::over(db.clone(), fresh, self.inner.settings, self.inner.ttl, self.inner.holds_state))
+        Ok(Self::over(db.clone(), fresh, self.inner.settings, self.inner.ttl, self.inner.holds_state, self.inner.hot_bytes))
     }
 
     /// Makes a rebuilt model's trees the live ones, atomically for readers, and persists the
@@ -397,8 +436,15 @@ impl ReadModel {
 
     /// The stored view, tombstones included (check `listed`).
     pub fn get(&self, id: &str) -> Result<Option<StoredView>, ReadModelError> {
-        let value = self.inner.trees.load().views.get(id).map_err(storage("get"))?;
-        Ok(value.and_then(|v| StoredView::decode(Bytes::from_owner(v))))
+        let trees = self.inner.trees.load();
+        let read = || {
+            let value = trees.views.get(id).map_err(storage("get"))?;
+            Ok(value.and_then(|v| StoredView::decode(Bytes::from_owner(v))))
+        };
+        match &trees.hot {
+            Some(hot) => hot.get_or_read(id, read),
+            None => read(),
+        }
     }
 
     /// Listed products of a category in id order, starting after `after`. Keyed by id, so
@@ -573,6 +619,7 @@ impl ReadModel {
                     current = lost.current;
                     continue;
                 }
+                trees.written(key);
                 if let (Some(category), Some(index)) = (listed_in.as_deref().filter(|_| moved), index) {
                     index.remove(category, key);
                 }
@@ -637,6 +684,7 @@ impl ReadModel {
             let value = encoded.get_or_insert_with(|| self.encode(state, now)).clone();
             match trees.views.compare_and_swap(key, current.as_deref(), Some(value)).map_err(storage("write view"))? {
                 Ok(()) => {
+                    trees.written(key);
                     self.note_written(key);
                     let old = current_view.filter(|v| v.listed).map(|v| v.category().to_owned()).filter(|c| !c.is_empty());
                     reindex(index, key, old.as_deref(), state.category());
@@ -688,6 +736,7 @@ impl ReadModel {
         let (_listing, index) = trees.writing();
         let value = self.encode(state, millis_since_epoch(SystemTime::now()));
         let old = trees.views.insert(key, value).map_err(storage("write view"))?;
+        trees.written(key);
         self.note_written(key);
         let old = old.and_then(|v| StoredView::decode(Bytes::from_owner(v))).filter(|v| v.listed);
         let old = old.as_ref().map(StoredView::category).filter(|c| !c.is_empty()).map(str::to_owned);
@@ -700,7 +749,9 @@ impl ReadModel {
         let _writer = self.writer();
         let trees = self.inner.trees.load();
         let (_listing, index) = trees.writing();
-        if let Some(old) = trees.views.remove(id).map_err(storage("remove view"))?
+        let old = trees.views.remove(id).map_err(storage("remove view"))?;
+        trees.written(id);
+        if let Some(old) = old
             && let Some(view) = StoredView::decode(Bytes::from_owner(old))
             && let Some(index) = index
         {
@@ -739,6 +790,9 @@ impl ReadModel {
         let clear = storage("clear");
         let trees = self.inner.trees.load();
         trees.views.clear().map_err(&clear)?;
+        if let Some(hot) = &trees.hot {
+            hot.clear();
+        }
         if let Some(index) = trees.index.get() {
             index.clear();
         }
@@ -920,6 +974,36 @@ mod tests {
     }
 
     #[test]
+    fn the_hot_views_follow_every_kind_of_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let rm = ReadModel::open(&db, ViewSettings::default(), None).unwrap().keep_hot(1 << 20);
+        let revision = |rm: &ReadModel| {
+            // Twice: the second read is the one memory answers.
+            rm.get("P1").unwrap();
+            rm.get("P1").unwrap().map(|v| v.revision)
+        };
+        let v1 = state("P1", &[created("P1", "A")]);
+        let v2 = state("P1", &[created("P1", "A"), serde_json::json!({"productId":"P1","quantity":3})]);
+        assert_eq!(revision(&rm), None);
+        rm.apply([&v1]).unwrap();
+        assert_eq!(revision(&rm), Some(1));
+        rm.apply([&v2]).unwrap();
+        assert_eq!(revision(&rm), Some(2), "a newer state");
+        rm.overwrite(&v1).unwrap();
+        assert_eq!(revision(&rm), Some(1), "an overwrite by a repair");
+        rm.remove("P1").unwrap();
+        assert_eq!(revision(&rm), None, "a removal");
+        rm.overwrite(&v2).unwrap();
+        assert_eq!(revision(&rm), Some(2));
+        rm.clear().unwrap();
+        assert_eq!(revision(&rm), None, "a clear");
+        let stats = rm.hot_stats();
+        assert!(stats.hits >= 4 && stats.entries == 0, "{stats:?}");
+        assert_eq!(ReadModel::open(&db, ViewSettings::default(), None).unwrap().hot_stats(), HotStats::default());
+    }
+
+    #[test]
     fn checkpoint_round_trips() {
         let (_d, rm) = model();
         assert_eq!(rm.checkpoint().unwrap(), 0);
@@ -952,7 +1036,8 @@ mod rebuild_tests {
     fn an_online_rebuild_swaps_whole_generations_while_reads_and_writes_go_on() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let live = ReadModel::open(&db, ViewSettings::default(), None).unwrap();
+        // Hot views kept: what was read from the old generation is not served after the swap.
+        let live = ReadModel::open(&db, ViewSettings::default(), None).unwrap().keep_hot(1 << 20);
         live.apply(&[state("A", "Old A", 0), state("B", "Old B", 0)]).unwrap();
         live.set_checkpoint(7).unwrap();
 

@@ -204,7 +204,8 @@ mod tests {
         let main = sled::open(dir.join("main")).unwrap();
         let log = EmbeddedLog::open(&main, &dir.join("event-log"), Default::default()).unwrap();
         let views = sled::open(dir.join("views")).unwrap();
-        let store = EmbeddedStore::new(ReadModel::open_store(&views, ViewSettings::default()).unwrap());
+        // Hot views kept, as `serve` keeps them: every read below must still see every write.
+        let store = EmbeddedStore::new(ReadModel::open_store(&views, ViewSettings::default()).unwrap().keep_hot(1 << 20));
         (main, views, log, store)
     }
 

@@ -151,6 +151,12 @@ impl StoredView {
         self.state.map(|(s, e)| ProductState::decode_stored(id, &self.raw[s..e]))
     }
 
+    /// The same record in bytes of its own: a record read from sled may share its allocation
+    /// with the rest of a page, which keeping it would keep too.
+    pub(crate) fn detached(&self) -> Self {
+        Self { raw: Bytes::copy_from_slice(&self.raw), ..self.clone() }
+    }
+
     /// The whole record as stored.
     pub fn raw(&self) -> &Bytes {
         &self.raw

@@ -84,7 +84,8 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     // the embedded backend, whose read model is its store, is refused before any AWS call.
     let db = DataDir::new(&args.data.data_dir, args.data.cache_mb).open_views_alone()?;
     let model = ReadModel::open(&db, args.data.view_settings(), Some(Duration::from_secs(args.data.view_ttl_secs)))
-        .context("opening the read model")?;
+        .context("opening the read model")?
+        .keep_hot(args.hot_views_mb << 20);
     anyhow::ensure!(
         !model.holds_state(),
         "the data dir {} holds an embedded catalog (its read model is the embedded store): an AWS instance needs a --data-dir of its own",
@@ -139,6 +140,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     }
 
     super::register_disk_size(&mut registry, vec![db.clone()], None);
+    super::register_hot_views(&mut registry, model.clone());
     if matches!(args.role, Role::All | Role::Api) {
         let started = std::time::Instant::now();
         let (products, warmed) =

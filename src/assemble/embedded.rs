@@ -38,7 +38,9 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let views_db = data.open_views()?;
     // The read model's records are the store: each holds its product's state and its views,
     // so they never expire (`--view-ttl-secs` is for the AWS backend's cache).
-    let model = ReadModel::open_store(&views_db, args.data.view_settings()).context("opening the read model")?;
+    let model = ReadModel::open_store(&views_db, args.data.view_settings())
+        .context("opening the read model")?
+        .keep_hot(args.hot_views_mb << 20);
     let store = Arc::new(EmbeddedStore::new(model.clone()));
 
     // Not "the log is empty": compaction may have emptied it.
@@ -71,6 +73,7 @@ pub async fn assemble(args: &ServeArgs) -> anyhow::Result<Assembly> {
     let stop = CancellationToken::new();
     let mut registry = Registry::default();
     super::register_disk_size(&mut registry, vec![db.clone(), views_db.clone()], Some(log.clone()));
+    super::register_hot_views(&mut registry, model.clone());
     let pipeline_metrics = PipelineMetrics::default();
     pipeline_metrics.register(&mut registry);
     let breaker_metrics = BreakerMetrics::default();

@@ -45,6 +45,44 @@ pub struct Assembly {
     pub finish: Vec<FinishStep>,
 }
 
+/// `catalog_hot_views_*`: how the read model's in-memory views serve, read at each scrape; what
+/// an operator sizes `--hot-views-mb` by.
+fn register_hot_views(registry: &mut Registry, model: catalog_readmodel::ReadModel) {
+    registry.register_collector(Box::new(HotViews(model)));
+}
+
+struct HotViews(catalog_readmodel::ReadModel);
+
+impl std::fmt::Debug for HotViews {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotViews").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for HotViews {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+        let stats = self.0.hot_stats();
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        for (name, help, value) in [
+            ("catalog_hot_views_hits", "View reads served from memory", stats.hits),
+            ("catalog_hot_views_misses", "View reads that went to sled", stats.misses),
+        ] {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        for (name, help, value) in [
+            ("catalog_hot_views_bytes", "Bytes the views in memory take (at most --hot-views-mb)", stats.bytes),
+            ("catalog_hot_views_entries", "Views held in memory", stats.entries),
+        ] {
+            let metric = gauge(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 /// `catalog_storage_disk_bytes`: what the process's sled databases take on disk (embedded: log,
 /// state, snapshot and views; AWS: the read model), read at each scrape.
 fn register_disk_size(registry: &mut Registry, dbs: Vec<sled::Db>, log: Option<catalog_pipeline::embedded::EmbeddedLog>) {
