@@ -83,7 +83,7 @@ fn main() {
         config: ApiConfig::default(),
         draining: Arc::new(AtomicBool::new(false)),
     });
-    let routes = catalog_api::routes(state);
+    let routes = catalog_api::routes(state).filters;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let ids: Vec<String> = (0..PRODUCTS).map(|i| format!("P{i:05}")).collect();

@@ -20,5 +20,5 @@ pub mod state;
 
 pub use config::{ApiConfig, IngestToken};
 pub use metrics::ApiMetrics;
-pub use routes::routes;
+pub use routes::{Routes, routes};
 pub use state::{AppState, Check, Ingest, Readiness, Rebuilder, StoreFill, ViewFill};

@@ -25,12 +25,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::Instrument;
-use warp::Reply;
-use warp::filters::BoxedFilter;
 use warp::http::{Request, StatusCode, header};
 
 use crate::http::ApiError;
 use crate::metrics::ApiMetrics;
+use crate::routes::Routes;
 
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -208,13 +207,13 @@ impl AsyncWrite for Watched {
 /// connection with no request in progress, and lets the others finish their request.
 pub async fn serve(
     listener: TcpListener,
-    routes: BoxedFilter<(Box<dyn Reply>,)>,
+    routes: Routes,
     limits: ConnectionLimits,
     client_rate: Option<ClientRateLimit>,
     metrics: ApiMetrics,
     stop: CancellationToken,
 ) {
-    let service = warp::service(routes);
+    let service = warp::service(routes.filters.clone());
     let limiter = client_rate.as_ref().map(ClientLimiter::new);
     if let Some(limiter) = &limiter {
         let (limiter, stop) = (limiter.limiter.clone(), stop.clone());
@@ -253,11 +252,11 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let (service, metrics, stop) = (service.clone(), metrics.clone(), stop.clone());
+        let (service, routes, metrics, stop) = (service.clone(), routes.clone(), metrics.clone(), stop.clone());
         let limiter = limiter.clone().map(|l| (l, peer.ip()));
         connections.spawn(async move {
             metrics.connections_open.inc();
-            serve_connection(stream, service, limits, limiter, &metrics, stop).await;
+            serve_connection(stream, (service, routes), limits, limiter, &metrics, stop).await;
             metrics.connections_open.dec();
             drop(permit);
         });
@@ -268,7 +267,7 @@ pub async fn serve(
 
 async fn serve_connection<S>(
     stream: TcpStream,
-    service: S,
+    (service, routes): (S, Routes),
     limits: ConnectionLimits,
     limiter: Option<(ClientLimiter, IpAddr)>,
     metrics: &ApiMetrics,
@@ -280,17 +279,18 @@ async fn serve_connection<S>(
     let phase: SharedPhase = Arc::new(Mutex::new(Phase { in_request: false, head_started: None, idle_since: Instant::now() }));
     let io = TokioIo::new(Watched { stream, phase: phase.clone() });
     // One handle per connection: every request clones a single Arc, not each metric's.
-    let shared = Arc::new((phase.clone(), metrics.clone(), limiter));
+    let shared = Arc::new((phase.clone(), metrics.clone(), limiter, routes));
     let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (mut service, shared) = (service.clone(), shared.clone());
         let logged =
             tracing::enabled!(tracing::Level::DEBUG).then(|| (request.method().clone(), request.uri().clone(), Instant::now()));
         // A request with no body (every GET) has nothing to time out on: no timer for it.
         let has_body = !hyper::body::Body::is_end_stream(request.body());
+        let by_hand = if has_body { None } else { shared.3.product(&request) };
         let span = server_span(&request);
         let traced = span.clone();
         let answer = async move {
-            let (phase, metrics, limiter) = &*shared;
+            let (phase, metrics, limiter, _) = &*shared;
             if let Some((limiter, peer)) = limiter
                 && let Err(wait) = limiter.check(&request, *peer)
             {
@@ -302,7 +302,9 @@ async fn serve_connection<S>(
                 p.in_request = true;
                 p.head_started = None;
             }
-            let response = if has_body {
+            let response = if let Some(by_hand) = by_hand {
+                by_hand.await
+            } else if has_body {
                 match tokio::time::timeout(limits.body_timeout, service.call(request)).await {
                     Ok(Ok(response)) => response,
                     Ok(Err(never)) => match never {},

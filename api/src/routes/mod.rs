@@ -6,10 +6,11 @@ mod ops;
 mod products;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderValue, Method, StatusCode, header};
+use warp::http::{HeaderValue, Method, Request, StatusCode, header};
 use warp::{Filter, Rejection, Reply};
 
 use crate::http::{ApiError, Conditional};
@@ -20,8 +21,52 @@ pub(crate) use events::__path_post_events;
 pub(crate) use ops::{__path_healthz, __path_metrics, __path_openapi, __path_readyz};
 pub(crate) use products::{__path_get_product, __path_list_products};
 
-/// All routes with their state; what `catalog serve` hands to `warp::serve`.
-pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
+/// Every route: warp's filters, and `GET /products/{id}` routed by hand in front of them.
+#[derive(Clone)]
+pub struct Routes {
+    pub filters: BoxedFilter<(Box<dyn Reply>,)>,
+    /// `None` where the product routes are not served.
+    products: Option<Arc<AppState>>,
+}
+
+impl Routes {
+    /// The answer to `GET` or `HEAD /products/{id}` in its plain form (no escapes in the id, a
+    /// query warp would parse, text headers, no `Origin`), from the same handler the filters
+    /// call but without their chain, which took a tenth of such a GET's CPU (BENCHMARKS.md).
+    /// `None` for anything else, which the filters answer: every refusal keeps one source.
+    pub fn product<B>(&self, request: &Request<B>) -> Option<impl Future<Output = warp::reply::Response> + Send + use<B>> {
+        let state = self.products.as_ref()?;
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return None;
+        }
+        let raw_id = request.uri().path().strip_prefix("/products/")?;
+        if raw_id.is_empty() || raw_id.contains(['/', '%']) {
+            return None;
+        }
+        let params: Vec<(String, String)> = match request.uri().query() {
+            None => Vec::new(),
+            Some(query) => serde_urlencoded::from_str(query).ok()?,
+        };
+        let headers = request.headers();
+        if headers.contains_key(header::ORIGIN) {
+            return None;
+        }
+        let text = |name: header::HeaderName| match headers.get(name) {
+            None => Some(None),
+            Some(value) => value.to_str().ok().map(|v| Some(v.to_owned())),
+        };
+        let cond = Conditional { if_none_match: text(header::IF_NONE_MATCH)?, accept_encoding: text(header::ACCEPT_ENCODING)? };
+        Some(products::get_product(raw_id.to_owned(), params, cond, state.clone()))
+    }
+}
+
+/// All routes with their state; what `catalog serve` hands to its server.
+pub fn routes(state: Arc<AppState>) -> Routes {
+    let products = state.config.product_routes.then(|| state.clone());
+    Routes { filters: filters(state), products }
+}
+
+fn filters(state: Arc<AppState>) -> BoxedFilter<(Box<dyn Reply>,)> {
     let with_state = {
         let state = state.clone();
         warp::any().map(move || state.clone())
@@ -169,4 +214,143 @@ async fn rejection_to_json(rejection: Rejection) -> Result<warp::reply::Response
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "unexpected error")
     };
     Ok(err.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::AtomicBool;
+    use std::time::SystemTime;
+
+    use bytes::Bytes;
+    use catalog_domain::{CatalogEvent, ProductId, ProductState, ViewSettings};
+    use catalog_readmodel::ReadModel;
+    use hyper::body::Body as _;
+
+    use super::*;
+    use crate::config::ApiConfig;
+    use crate::metrics::ApiMetrics;
+    use crate::state::{BoxFuture, Check, Readiness};
+
+    struct Ready;
+
+    impl Readiness for Ready {
+        fn checks(&self) -> BoxFuture<'_, Vec<Check>> {
+            Box::pin(async { Vec::new() })
+        }
+    }
+
+    fn routes_over(model: ReadModel, config: ApiConfig) -> Routes {
+        routes(Arc::new(AppState {
+            readmodel: model,
+            ingest: None,
+            fill: None,
+            rebuilder: None,
+            readiness: Arc::new(Ready),
+            registry: Arc::new(Default::default()),
+            metrics: ApiMetrics::default(),
+            config,
+            draining: Arc::new(AtomicBool::new(false)),
+        }))
+    }
+
+    fn model(dir: &std::path::Path) -> ReadModel {
+        let model = ReadModel::open(&sled::open(dir).unwrap(), ViewSettings::default(), None).unwrap().keep_hot(1 << 20);
+        let mut short = ProductState::new(ProductId::parse("P1").unwrap());
+        let mut long = ProductState::new(ProductId::parse("P2").unwrap());
+        for (state, description) in [(&mut short, "short".to_owned()), (&mut long, "words ".repeat(200))] {
+            let e = serde_json::json!({"productId": state.id.as_str(), "name": "A", "category": "C", "status": "created", "description": description});
+            state.apply(&CatalogEvent::from_value(&e, SystemTime::UNIX_EPOCH).unwrap());
+        }
+        model.apply([&short, &long]).unwrap();
+        model
+    }
+
+    /// Status, headers in name order, body.
+    type Answer = (StatusCode, Vec<(String, String)>, Bytes);
+    type Case<'a> = (Method, String, Vec<(&'a str, String)>);
+
+    async fn body_of(response: warp::reply::Response) -> Answer {
+        let (parts, mut body) = response.into_parts();
+        let mut bytes = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        let mut headers: Vec<_> =
+            parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned())).collect();
+        headers.sort();
+        (parts.status, headers, Bytes::from(bytes))
+    }
+
+    #[tokio::test]
+    async fn the_hand_routed_get_answers_as_the_filters_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model(dir.path());
+        let etag = String::from_utf8(model.get("P1").unwrap().unwrap().etag(catalog_readmodel::Variant::Web).to_vec()).unwrap();
+        let routes = routes_over(model, ApiConfig::default());
+        let cases: Vec<Case> = vec![
+            (Method::GET, "/products/P1".into(), vec![]),
+            (Method::HEAD, "/products/P1".into(), vec![]),
+            (Method::GET, "/products/P1?view=mobile".into(), vec![]),
+            (Method::GET, "/products/P1?view=web&view=mobile".into(), vec![]),
+            (Method::GET, "/products/P1?view=tablet".into(), vec![]),
+            (Method::GET, "/products/P1?".into(), vec![]),
+            (Method::GET, "/products/P1?view=%ZZ&=&a".into(), vec![]),
+            (Method::GET, "/products/P9".into(), vec![]),
+            (Method::GET, "/products/P!1".into(), vec![]),
+            (Method::GET, "/products/..".into(), vec![]),
+            (Method::GET, "/products/P1".into(), vec![("if-none-match", etag.clone())]),
+            (Method::GET, "/products/P1".into(), vec![("if-none-match", format!("\"x\", W/{etag}"))]),
+            (Method::GET, "/products/P2".into(), vec![("accept-encoding", "gzip, br".into())]),
+            (Method::GET, "/products/P2?view=mobile".into(), vec![("accept-encoding", "gzip;q=0".into())]),
+        ];
+        let mut compared = Vec::new();
+        for (method, path, headers) in cases {
+            let request = headers.iter().fold(Request::builder().method(method.clone()).uri(&path), |r, (k, v)| r.header(*k, v));
+            let by_hand =
+                routes.product(&request.body(()).unwrap()).unwrap_or_else(|| panic!("{method} {path} is routed by hand"));
+            let by_hand = body_of(by_hand.await).await;
+            let filtered =
+                headers.iter().fold(warp::test::request().method(method.as_str()).path(&path), |r, (k, v)| r.header(*k, v));
+            let filtered = filtered.reply(&routes.filters).await;
+            let mut filtered_headers: Vec<_> =
+                filtered.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned())).collect();
+            filtered_headers.sort();
+            assert_eq!(by_hand, (filtered.status(), filtered_headers, filtered.body().clone()), "{method} {path} {headers:?}");
+            compared.push((path, by_hand));
+        }
+        let gzipped = |(path, (_, headers, _)): &(String, Answer)| {
+            path == "/products/P2" && headers.iter().any(|(k, v)| k == "content-encoding" && v == "gzip")
+        };
+        assert!(compared.iter().any(gzipped), "the gzip twin is among the answers compared");
+        assert_eq!(compared.iter().filter(|(_, (status, ..))| *status == StatusCode::NOT_MODIFIED).count(), 2);
+    }
+
+    #[test]
+    fn anything_but_a_plain_product_get_is_left_to_the_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = routes_over(model(dir.path()), ApiConfig::default());
+        let plain = |method: Method, uri: &str| Request::builder().method(method).uri(uri).body(()).unwrap();
+        for (method, uri) in [
+            (Method::POST, "/products/P1"),
+            (Method::OPTIONS, "/products/P1"),
+            (Method::GET, "/products/P%31"),
+            (Method::GET, "/products/P1/"),
+            (Method::GET, "/products/"),
+            (Method::GET, "/products"),
+            (Method::GET, "/healthz"),
+        ] {
+            assert!(routes.product(&plain(method.clone(), uri)).is_none(), "{method} {uri}");
+        }
+        let from_browser = Request::builder().uri("/products/P1").header("origin", "https://shop.example").body(()).unwrap();
+        assert!(routes.product(&from_browser).is_none(), "CORS stays with the filters");
+        let binary = Request::builder().uri("/products/P1").header("if-none-match", &b"\xff"[..]).body(()).unwrap();
+        assert!(routes.product(&binary).is_none(), "a header that is no text gets the filters' 400");
+        let mut config = ApiConfig::default();
+        config.product_routes = false;
+        let worker = routes_over(model(tempfile::tempdir().unwrap().path()), config);
+        assert!(worker.product(&plain(Method::GET, "/products/P1")).is_none(), "a worker serves no products");
+    }
 }
