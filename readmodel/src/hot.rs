@@ -11,8 +11,8 @@ use crate::view::StoredView;
 /// Bytes kept for hot views when `--hot-views-mb` is not given.
 pub const DEFAULT_HOT_VIEWS_BYTES: u64 = 32 << 20;
 
-/// What an entry holds beyond its record: the key's allocation, the decoded offsets and the
-/// cache's own bookkeeping, measured as about this much.
+/// What an entry holds beyond its record: the key's allocation, the decoded offsets (about
+/// 200 bytes of `StoredView`) and the cache's own bookkeeping; an estimate, not a measurement.
 const ENTRY_OVERHEAD: u64 = 256;
 
 /// Records are a few hundred bytes to a few KiB: the first guess of how many fit.

@@ -136,6 +136,13 @@ impl Trees {
         }
     }
 
+    /// After `views` was cleared.
+    fn cleared(&self) {
+        if let Some(hot) = &self.hot {
+            hot.clear();
+        }
+    }
+
     /// The index for a reader of it, derived first if no one has yet. Never called while this
     /// thread holds [`Trees::writing`]'s guard.
     fn index(&self) -> Result<&CategoryIndex, ReadModelError> {
@@ -790,9 +797,7 @@ impl ReadModel {
         let clear = storage("clear");
         let trees = self.inner.trees.load();
         trees.views.clear().map_err(&clear)?;
-        if let Some(hot) = &trees.hot {
-            hot.clear();
-        }
+        trees.cleared();
         if let Some(index) = trees.index.get() {
             index.clear();
         }

@@ -32,7 +32,7 @@ pub struct Routes {
 impl Routes {
     /// The answer to `GET` or `HEAD /products/{id}` in its plain form (no escapes in the id, a
     /// query warp would parse, text headers, no `Origin`), from the same handler the filters
-    /// call but without their chain, which took a tenth of such a GET's CPU (BENCHMARKS.md).
+    /// call but without their chain, 4–5% of such a GET's CPU in the profile (BENCHMARKS.md).
     /// `None` for anything else, which the filters answer: every refusal keeps one source.
     pub fn product<B>(&self, request: &Request<B>) -> Option<impl Future<Output = warp::reply::Response> + Send + use<B>> {
         let state = self.products.as_ref()?;
