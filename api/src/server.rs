@@ -432,7 +432,7 @@ fn route_template(path: &str) -> Option<&'static str> {
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
         "/openapi.json" => "/openapi.json",
-        p if p.strip_prefix("/products/").is_some_and(|id| !id.is_empty() && !id.contains('/')) => "/products/{id}",
+        p if crate::routes::product_segment(p).is_some() => "/products/{id}",
         _ => return None,
     })
 }

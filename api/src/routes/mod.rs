@@ -39,10 +39,8 @@ impl Routes {
         if !matches!(*request.method(), Method::GET | Method::HEAD) {
             return None;
         }
-        let raw_id = request.uri().path().strip_prefix("/products/")?;
-        if raw_id.is_empty() || raw_id.contains(['/', '%']) {
-            return None;
-        }
+        // An escaped id is warp's to decode: one decoder, one set of refusals.
+        let raw_id = product_segment(request.uri().path()).filter(|id| !id.contains('%'))?;
         let params: Vec<(String, String)> = match request.uri().query() {
             None => Vec::new(),
             Some(query) => serde_urlencoded::from_str(query).ok()?,
@@ -58,6 +56,12 @@ impl Routes {
         let cond = Conditional { if_none_match: text(header::IF_NONE_MATCH)?, accept_encoding: text(header::ACCEPT_ENCODING)? };
         Some(products::get_product(raw_id.to_owned(), params, cond, state.clone()))
     }
+}
+
+/// The raw id of a `/products/{id}` path (one segment, not empty, still escaped): the one
+/// definition the hand-routed GET, the `Allow` answers and the metrics' route label share.
+pub(crate) fn product_segment(path: &str) -> Option<&str> {
+    path.strip_prefix("/products/").filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
 /// All routes with their state; what `catalog serve` hands to its server.
@@ -158,10 +162,7 @@ fn allowed_methods(path: &str, product_routes: bool) -> Option<&'static str> {
         "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => Some(READ),
         "/products" if product_routes => Some(READ),
         "/events" | "/admin/rebuild" if product_routes => Some("POST"),
-        _ if product_routes => {
-            let id = path.strip_prefix("/products/")?;
-            (!id.is_empty() && !id.contains('/')).then_some(READ)
-        }
+        _ if product_routes => product_segment(path).map(|_| READ),
         _ => None,
     }
 }
