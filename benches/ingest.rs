@@ -15,7 +15,7 @@
 //!                                        loaded, for scripts/bench-scale)
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -115,6 +115,9 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
             }
         }));
     }
+    if probes.is_empty() {
+        return;
+    }
     let mut latencies = Vec::with_capacity(probes.len());
     for p in probes {
         latencies.push(p.await.unwrap());
@@ -143,24 +146,11 @@ fn main() {
     let external = std::env::var("CATALOG_BENCH_URL").ok();
     // CATALOG_BENCH_BIN compares another build (A/B runs interleaved on a noisy machine).
     let bin = std::env::var("CATALOG_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_catalog").to_owned());
-    let mut child = Command::new(bin)
-        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("CATALOG_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = match external.clone() {
-        Some(url) => url,
-        None => loop {
-            let line = lines.next().unwrap().unwrap();
-            if let Some(a) = line.strip_prefix("catalog listening on ") {
-                break a.to_owned();
-            }
-        },
-    };
-    let server_pid = child.id();
+    // With a URL there is nothing to start: a server started anyway would idle on, waking
+    // its flushers, beside whatever runs next on this machine.
+    let server = external.is_none().then(|| Server::start(&bin, dir.path()));
+    let base = external.clone().unwrap_or_else(|| server.as_ref().map(|s| s.url.clone()).unwrap_or_default());
+    let server_pid = server.as_ref().map(|s| s.child.id());
     let bodies: Vec<Vec<u8>> = events(total).chunks(BATCH).map(|c| serde_json::to_vec(c).unwrap()).collect();
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -172,7 +162,7 @@ fn main() {
             let products = std::env::var("CATALOG_BENCH_PRODUCTS").ok().and_then(|p| p.parse().ok()).unwrap_or(total);
             return paced_latency(&client, &base, products, rate, Duration::from_secs(secs)).await;
         }
-        let cpu_before = cpu_seconds(server_pid);
+        let cpu_before = server_pid.and_then(cpu_seconds);
         let started = Instant::now();
         let mut posters = Vec::new();
         for k in 0..POSTERS {
@@ -201,7 +191,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let visible = started.elapsed();
-        let cpu = cpu_before.zip(cpu_seconds(server_pid)).map(|(a, b)| b - a);
+        let cpu = cpu_before.zip(server_pid.and_then(cpu_seconds)).map(|(a, b)| b - a);
         let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
         let metric = |name: &str| -> f64 {
             metrics
@@ -218,7 +208,7 @@ fn main() {
         );
         println!("  accepted (durable, 202)   {:>9.0} events/s   ({accepted:.2?})", total as f64 / accepted.as_secs_f64());
         println!("  POST → visible            {:>9.0} events/s   ({visible:.2?})", total as f64 / visible.as_secs_f64());
-        if let Some(cpu) = cpu.filter(|_| external.is_none()) {
+        if let Some(cpu) = cpu {
             println!("  server CPU                {:>9.2} µs/event   ({cpu:.2} s user + system)", cpu * 1e6 / total as f64);
         }
         println!(
@@ -257,6 +247,40 @@ fn main() {
         let rate = paced_only.unwrap_or(max_rate / 2.0);
         paced_latency(&client, &base, total / 4, rate, Duration::from_secs(secs)).await;
     });
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
+}
+
+/// The release binary serving on a free loopback port; stopped when dropped, a panic
+/// included, so no failed run leaves a server behind.
+struct Server {
+    child: Child,
+    url: String,
+    /// Kept open: a server writing to a closed pipe would fail.
+    _stdout: std::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Server {
+    fn start(bin: &str, data_dir: &std::path::Path) -> Self {
+        let mut child = Command::new(bin)
+            .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("CATALOG_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Stopped at once if it never says where it listens: the guard does not exist yet.
+        let url = lines.by_ref().find_map(|line| line.ok()?.strip_prefix("catalog listening on ").map(str::to_owned));
+        let Some(url) = url else {
+            let _ = child.kill();
+            panic!("the catalog exited before it listened");
+        };
+        Server { child, url, _stdout: lines }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
 }
