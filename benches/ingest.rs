@@ -82,6 +82,7 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut probes = Vec::with_capacity(batches);
     let mut next_product = 0usize;
+    let before = metrics_text(client, base).await;
     let started = Instant::now();
     for b in 0..batches {
         ticker.tick().await;
@@ -132,6 +133,46 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
         q(0.99),
         latencies[latencies.len() - 1]
     );
+    // The server's own histograms over this phase alone (a load before it would blur them):
+    // which part of the tail is the durable 202 and which the write stage.
+    let after = metrics_text(client, base).await;
+    let p99 = |name: &str, labels: &str| {
+        p99_bound(&histogram(&after, name, labels), &histogram(&before, name, labels))
+            .map_or_else(|| "?".to_owned(), |le| format!("{:.1} ms", le * 1e3))
+    };
+    println!(
+        "  event → visible, the server's part: durable 202 p99 ≤ {} · write stage p99 ≤ {} (histogram bounds)",
+        p99("catalog_http_request_duration_seconds", r#"route="post_events",status="202""#),
+        p99("catalog_pipeline_stage_duration_seconds", r#"stage="write""#),
+    );
+}
+
+async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// A histogram's cumulative bucket counts by upper bound, from the Prometheus text: the
+/// series `name` with `labels` among its labels.
+fn histogram(text: &str, name: &str, labels: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
+        .filter_map(|l| {
+            let le = l[prefix.len()..].split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket holding the 99th percentile of what `after` counted past `before`.
+fn p99_bound(after: &[(f64, f64)], before: &[(f64, f64)]) -> Option<f64> {
+    let count = |buckets: &[(f64, f64)], le: f64| buckets.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+    let total = count(after, f64::INFINITY) - count(before, f64::INFINITY);
+    if total <= 0.0 {
+        return None;
+    }
+    after.iter().find(|(le, n)| n - count(before, *le) >= 0.99 * total).map(|b| b.0)
 }
 
 fn main() {
@@ -149,7 +190,10 @@ fn main() {
     // With a URL there is nothing to start: a server started anyway would idle on, waking
     // its flushers, beside whatever runs next on this machine.
     let server = external.is_none().then(|| Server::start(&bin, dir.path()));
-    let base = external.clone().unwrap_or_else(|| server.as_ref().map(|s| s.url.clone()).unwrap_or_default());
+    let base = match &server {
+        Some(server) => server.url.clone(),
+        None => external.clone().expect("no server is started only when given a URL"),
+    };
     let server_pid = server.as_ref().map(|s| s.child.id());
     let bodies: Vec<Vec<u8>> = events(total).chunks(BATCH).map(|c| serde_json::to_vec(c).unwrap()).collect();
     let bytes: usize = bodies.iter().map(Vec::len).sum();
