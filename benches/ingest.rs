@@ -236,7 +236,7 @@ fn main() {
         }
         let visible = started.elapsed();
         let cpu = cpu_before.zip(server_pid.and_then(cpu_seconds)).map(|(a, b)| b - a);
-        let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = metrics_text(&client, &base).await;
         let metric = |name: &str| -> f64 {
             metrics
                 .lines()
