@@ -293,12 +293,13 @@ impl SegmentLog {
     /// not durable until [`Self::sync_through`] the last one. Blocking.
     pub fn append(&self, payloads: &[Vec<u8>]) -> io::Result<u64> {
         let mut state = lock(&self.shared.state);
-        let first = state.next_sequence;
         if payloads.is_empty() {
-            return Ok(first);
+            return Ok(state.next_sequence);
         }
         let size: usize = payloads.iter().map(|p| HEADER + p.len()).sum();
-        loop {
+        // Taken after any wait for the filler: another request may append meanwhile.
+        let first = loop {
+            let first = state.next_sequence;
             let active_full = state.segments.values().next_back().is_none_or(|s| s.len >= self.segment_bytes);
             // Compaction keeps the active segment, so sequences never jump past its end; should a
             // damaged data dir make them (a watermark past the last record), the new records get
@@ -314,8 +315,8 @@ impl SegmentLog {
             if active_full || gap {
                 self.roll(&mut state, first)?;
             }
-            break;
-        }
+            break first;
+        };
         let mut buf = Vec::with_capacity(size);
         let segment = state.segments.values_mut().next_back().expect("rolled above");
         let needed = segment.len + size as u64;
@@ -623,11 +624,11 @@ mod tests {
         let path = segment_path(dir.path(), 1);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         // The segment is smaller than the room kept ahead: the filler takes it to its full size.
-        while std::fs::metadata(&path).unwrap().len() < 1 << 20 {
+        while lock(&log.shared.state).segments[&1].zeroed < 1 << 20 {
             assert!(std::time::Instant::now() < deadline, "the filler never filled the segment");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(lock(&log.shared.state).segments[&1].zeroed, 1 << 20);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
         let first = log.append(&payloads(3, "b")).unwrap();
         log.sync_through(first + 2).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20, "appends go into the zeros, not past them");
@@ -636,9 +637,11 @@ mod tests {
     #[test]
     fn concurrent_appenders_share_fsyncs_and_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = open(dir.path(), 1 << 20);
+        let segment = 2 << 20;
+        let (log, _) = open(dir.path(), segment);
         let log = Arc::new(log);
-        // 1 KiB records through 1 MiB segments: appends race the filler, and rolls, all along.
+        // 1 KiB records through 2 MiB segments, half the requests larger than a fill step:
+        // appends race the filler, wait for it, and roll, all along.
         let payloads = |n: usize, tag: &str| -> Vec<Vec<u8>> {
             payloads(n, tag)
                 .into_iter()
@@ -648,14 +651,16 @@ mod tests {
                 })
                 .collect()
         };
+        let per_request = |t: usize| if t.is_multiple_of(2) { 10 } else { 300 };
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let log = log.clone();
                 std::thread::spawn(move || {
-                    for k in 0..50 {
-                        let first = log.append(&payloads(10, &format!("{t}-{k}"))).unwrap();
-                        log.sync_through(first + 9).unwrap();
-                        assert!(log.durable() >= first + 9);
+                    for k in 0..20 {
+                        let n = per_request(t);
+                        let first = log.append(&payloads(n, &format!("{t}-{k}"))).unwrap();
+                        log.sync_through(first + n as u64 - 1).unwrap();
+                        assert!(log.durable() >= first + n as u64 - 1);
                     }
                 })
             })
@@ -663,10 +668,24 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(log.durable(), 2000);
+        let total = 20 * (0..4).map(per_request).sum::<usize>() as u64;
+        assert_eq!(log.durable(), total);
         drop(log);
-        let (log, seen) = open(dir.path(), 1 << 20);
-        assert_eq!(seen, (1..=2000).collect::<Vec<_>>());
+        let mut seen = Vec::new();
+        let log = SegmentLog::open(dir.path(), segment, 1, 1, &mut |s, p| seen.push((s, p.to_vec()))).unwrap();
+        assert_eq!(seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+        // Every request's records are there once, whole and in order.
+        let mut by_request: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (_, p) in &seen {
+            let text = String::from_utf8_lossy(p);
+            let (request, i) = text.trim_end_matches('.').rsplit_once('-').unwrap();
+            by_request.entry(request.to_owned()).or_default().push(i.parse().unwrap());
+        }
+        assert_eq!(by_request.len(), 80);
+        for (request, records) in by_request {
+            let t: usize = request.split('-').next().unwrap().parse().unwrap();
+            assert_eq!(records, (0..per_request(t)).collect::<Vec<_>>(), "{request}");
+        }
         assert!(lock(&log.shared.state).segments.len() > 1, "the appends crossed segments");
     }
 }
