@@ -305,6 +305,10 @@ impl SegmentLog {
             // damaged data dir make them (a watermark past the last record), the new records get
             // a segment of their own rather than a sequence their place in the file contradicts.
             let gap = state.segments.values().next_back().is_some_and(|s| s.end() != first);
+            // Behind the records already written, the new ones would take their sequences.
+            if let Some(s) = state.segments.values().next_back().filter(|s| s.end() > first) {
+                return Err(corrupt(&s.path, s.len, &format!("next sequence {first} is behind the segment's end {}", s.end())));
+            }
             let short = state.segments.values().next_back().is_some_and(|s| s.len + size as u64 > s.zeroed);
             // The filler's zeros are not written yet: neither the records nor a roll may go
             // where it writes. It is one step from done.
