@@ -16,12 +16,14 @@ use catalog_pipeline::breaker;
 use catalog_pipeline::config as pipeline;
 use catalog_pipeline::embedded;
 
+use crate::assemble::background::Priority;
+
 /// sled's page cache when `--cache-mb` is not given, in MiB.
 pub const DEFAULT_CACHE_MB: u64 = 128;
 /// Longest a graceful shutdown waits for in-flight batches.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The embedded log's compaction thread runs at this nice value (`--log-compact-nice`).
-pub const DEFAULT_COMPACT_NICE: i32 = 10;
+/// How the embedded log's compaction thread is scheduled (`--log-compact-nice`).
+pub const DEFAULT_COMPACT_PRIORITY: Priority = Priority::Idle;
 
 #[derive(Parser)]
 #[command(name = "catalog", version, about = "Event-sourced product catalog: pipeline, read model and BFF in one binary")]
@@ -418,10 +420,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CATALOG_LOG_COMPACT_INTERVAL_SECS", default_value_t = embedded::DEFAULT_COMPACT_INTERVAL.as_secs(),
           value_parser = InRange::new(1, 24 * 3600))]
     pub log_compact_interval_secs: u64,
-    /// Scheduling priority of the embedded log's compaction thread, as nice(1) counts (0: the
-    /// pipeline's own, 19: lowest): on a busy machine the pipeline and the GETs come first.
-    #[arg(long, env = "CATALOG_LOG_COMPACT_NICE", default_value_t = DEFAULT_COMPACT_NICE, value_parser = InRange::new(0, 19).map(|v| v as i32))]
-    pub log_compact_nice: i32,
+    /// Scheduling of the embedded log's compaction thread: `idle` (Linux's SCHED_IDLE, only CPU
+    /// time nothing else wants) or a nice value as nice(1) counts (0: the pipeline's own, 19:
+    /// lowest), which gives it a share of a busy machine.
+    #[arg(long, env = "CATALOG_LOG_COMPACT_NICE", default_value_t = DEFAULT_COMPACT_PRIORITY, value_parser = clap::value_parser!(Priority))]
+    pub log_compact_nice: Priority,
     /// MiB of the most read product views kept decoded in memory in front of sled (0: none);
     /// beyond it a read walks sled's tree, about a sixth more CPU per GET.
     #[arg(long, env = "CATALOG_HOT_VIEWS_MB", default_value_t = catalog_readmodel::DEFAULT_HOT_VIEWS_BYTES >> 20,

@@ -7,7 +7,7 @@
 //!   queue → read model (api role).
 
 pub mod aws;
-mod background;
+pub mod background;
 pub mod embedded;
 
 use std::future::Future;
