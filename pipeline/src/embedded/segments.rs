@@ -108,7 +108,12 @@ pub(crate) struct SegmentLog {
 
 impl Drop for SegmentLog {
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Release);
+        {
+            // Under the lock: the filler checks for the close and then waits while holding it,
+            // so the signal cannot fall between the two.
+            let _state = lock(&self.shared.state);
+            self.shared.closed.store(true, Ordering::Release);
+        }
         self.shared.changed.notify_all();
         if let Some(filler) = self.filler.take() {
             // At most one step's write and sync: the filler checks for the close between steps.
@@ -300,16 +305,17 @@ impl SegmentLog {
         // Taken after any wait for the filler: another request may append meanwhile.
         let first = loop {
             let first = state.next_sequence;
-            let active_full = state.segments.values().next_back().is_none_or(|s| s.len >= self.segment_bytes);
+            let active = state.segments.values().next_back();
+            // Behind the records already written, the new ones would take their sequences.
+            if let Some(s) = active.filter(|s| s.end() > first) {
+                return Err(corrupt(&s.path, s.len, &format!("next sequence {first} is behind the segment's end {}", s.end())));
+            }
+            let active_full = active.is_none_or(|s| s.len >= self.segment_bytes);
             // Compaction keeps the active segment, so sequences never jump past its end; should a
             // damaged data dir make them (a watermark past the last record), the new records get
             // a segment of their own rather than a sequence their place in the file contradicts.
-            let gap = state.segments.values().next_back().is_some_and(|s| s.end() != first);
-            // Behind the records already written, the new ones would take their sequences.
-            if let Some(s) = state.segments.values().next_back().filter(|s| s.end() > first) {
-                return Err(corrupt(&s.path, s.len, &format!("next sequence {first} is behind the segment's end {}", s.end())));
-            }
-            let short = state.segments.values().next_back().is_some_and(|s| s.len + size as u64 > s.zeroed);
+            let gap = active.is_some_and(|s| s.end() != first);
+            let short = active.is_some_and(|s| s.len + size as u64 > s.zeroed);
             // The filler's zeros are not written yet: neither the records nor a roll may go
             // where it writes. It is one step from done.
             if state.filling && (active_full || gap || short) {
