@@ -20,9 +20,9 @@ pub struct Background {
 pub enum Priority {
     /// Linux's `SCHED_IDLE`: the thread runs on CPU time no other thread wants, and any other
     /// thread that wakes takes the CPU from it at once. A nice value only shares the CPU out:
-    /// at 1M products a compaction at nice 10 or 19 still put 200 ms into the pipeline's
-    /// p99, where under `SCHED_IDLE` the p99 stayed at about 20 ms (BENCHMARKS.md, round
-    /// fourteen). On a machine kept busy for long it gets next to nothing done meanwhile.
+    /// at 1M products and 41k events/s, a compaction at nice 10 or 19 put the pipeline's
+    /// p99 at 200 ms, under `SCHED_IDLE` at 21–24 ms (BENCHMARKS.md, round fourteen). On a
+    /// machine kept busy for long it gets next to nothing done meanwhile.
     Idle,
     /// A nice value as nice(1) counts: 0 is the pipeline's own priority, 19 the lowest. On a
     /// busy machine the scheduler gives a thread at nice 10 about a tenth of the time of one
