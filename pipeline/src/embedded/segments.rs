@@ -15,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -74,6 +74,12 @@ impl Segment {
     fn end(&self) -> u64 {
         self.first + self.offsets.len() as u64
     }
+
+    /// Whether the filler has zeros to write here: less than `ZERO_AHEAD` ahead of the records,
+    /// and the file not yet at the segment's size.
+    fn wants_fill(&self, segment_bytes: u64) -> bool {
+        self.zeroed < (self.len + ZERO_AHEAD).min(segment_bytes)
+    }
 }
 
 struct State {
@@ -85,6 +91,8 @@ struct State {
     /// The filler is writing zeros past the active segment's `zeroed`, with the lock released:
     /// nothing else may write there, or seal the segment, until it is done.
     filling: bool,
+    /// The log is closing: the filler ends.
+    closed: bool,
 }
 
 /// What the appends and the filler thread share.
@@ -92,7 +100,6 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when the active segment's room shrinks, a fill ends, or the log closes.
     changed: Condvar,
-    closed: AtomicBool,
 }
 
 pub(crate) struct SegmentLog {
@@ -108,12 +115,9 @@ pub(crate) struct SegmentLog {
 
 impl Drop for SegmentLog {
     fn drop(&mut self) {
-        {
-            // Under the lock: the filler checks for the close and then waits while holding it,
-            // so the signal cannot fall between the two.
-            let _state = lock(&self.shared.state);
-            self.shared.closed.store(true, Ordering::Release);
-        }
+        // Set under the lock the filler checks it and waits with, so the signal cannot fall
+        // between the two.
+        lock(&self.shared.state).closed = true;
         self.shared.changed.notify_all();
         if let Some(filler) = self.filler.take() {
             // At most one step's write and sync: the filler checks for the close between steps.
@@ -125,17 +129,16 @@ impl Drop for SegmentLog {
 /// The filler: keeps `ZERO_AHEAD` bytes (up to the segment's size) of zeros, synced, ahead of
 /// the active segment's records, one `FILL_STEP` at a time, outside the lock.
 fn fill_ahead(shared: &Shared, segment_bytes: u64) {
-    let ahead = ZERO_AHEAD.min(segment_bytes);
     let mut state = lock(&shared.state);
     loop {
-        if shared.closed.load(Ordering::Acquire) {
+        if state.closed {
             return;
         }
         let wanted = state
             .segments
             .values()
             .next_back()
-            .filter(|s| s.zeroed < s.len + ahead && s.zeroed < segment_bytes)
+            .filter(|s| s.wants_fill(segment_bytes))
             .map(|s| (s.first, s.file.clone(), s.zeroed));
         let Some((first, file, from)) = wanted.filter(|_| !state.filling) else {
             state = shared.changed.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -275,9 +278,8 @@ impl SegmentLog {
         let durable = next_sequence - 1;
         let segment_bytes = segment_bytes.clamp(4096, MAX_SEGMENT_BYTES);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { segments, next_sequence, start: start.max(1), filling: false }),
+            state: Mutex::new(State { segments, next_sequence, start: start.max(1), filling: false, closed: false }),
             changed: Condvar::new(),
-            closed: AtomicBool::new(false),
         });
         let filler = {
             let shared = shared.clone();
@@ -355,7 +357,7 @@ impl SegmentLog {
             return Err(e);
         }
         segment.len = at;
-        if segment.zeroed < segment.len + ZERO_AHEAD {
+        if segment.wants_fill(self.segment_bytes) {
             self.shared.changed.notify_all();
         }
         state.next_sequence = first + payloads.len() as u64;
