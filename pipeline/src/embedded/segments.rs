@@ -469,18 +469,26 @@ impl SegmentLog {
     /// holding only such entries is deleted, except the one being appended to. Returns how many
     /// entries went. Blocking.
     pub fn remove_through(&self, last: u64) -> io::Result<u64> {
-        let mut state = lock(&self.shared.state);
-        let new_start = (last + 1).min(state.next_sequence);
-        if new_start <= state.start {
-            return Ok(0);
-        }
-        let removed = new_start - state.start;
-        state.start = new_start;
-        let active = state.segments.keys().next_back().copied();
-        let gone: Vec<u64> =
-            state.segments.values().filter(|s| s.end() <= new_start && Some(s.first) != active).map(|s| s.first).collect();
-        for first in gone {
-            let segment = state.segments.remove(&first).expect("listed above");
+        let (removed, gone) = {
+            let mut state = lock(&self.shared.state);
+            let new_start = (last + 1).min(state.next_sequence);
+            if new_start <= state.start {
+                return Ok(0);
+            }
+            let removed = new_start - state.start;
+            state.start = new_start;
+            let active = state.segments.keys().next_back().copied();
+            let firsts: Vec<u64> =
+                state.segments.values().filter(|s| s.end() <= new_start && Some(s.first) != active).map(|s| s.first).collect();
+            let gone: Vec<Segment> = firsts.iter().map(|first| state.segments.remove(first).expect("listed above")).collect();
+            (removed, gone)
+        };
+        // Unlinked with the lock released: freeing a segment's extents takes the file system
+        // milliseconds, which every append would wait out, and the compaction that calls this
+        // runs at the lowest priority, so a wake-up of the pipeline could stall it in between.
+        // A segment that fails to go stays on disk until the log is opened again, when the
+        // first compaction finds it behind the start and removes it.
+        for segment in gone {
             std::fs::remove_file(&segment.path)?;
         }
         Ok(removed)
