@@ -93,15 +93,28 @@ impl Run {
     }
 
     /// The value of `key`, if this run holds it.
+    #[cfg(test)]
     pub fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        self.get_in(key, &mut Block::default())
+    }
+
+    /// [`Run::get`], reading through `block`: the block of records read last, kept by the
+    /// caller for the next lookup in this run, which reads nothing if its key falls in it too.
+    pub fn get_in(&self, key: &[u8], block: &mut Block) -> io::Result<Option<Vec<u8>>> {
         if !self.bloom.may_hold(Bloom::hash(key)) {
             return Ok(None);
         }
         let i = self.index.partition_point(|(k, _)| k.as_ref() <= key);
         let Some(&(_, start)) = i.checked_sub(1).and_then(|i| self.index.get(i)) else { return Ok(None) };
         let end = self.index.get(i).map_or(self.bytes, |&(_, at)| at);
-        let mut block = vec![0; usize::try_from(end - start).map_err(|_| corrupt(&self.path, start, "a block too long"))?];
-        self.file.read_exact_at(&mut block, start)?;
+        if block.start != Some(start) {
+            let len = usize::try_from(end - start).map_err(|_| corrupt(&self.path, start, "a block too long"))?;
+            block.start = None;
+            block.bytes.resize(len, 0);
+            self.file.read_exact_at(&mut block.bytes, start)?;
+            block.start = Some(start);
+        }
+        let block = &block.bytes;
         let mut at = 0;
         while at < block.len() {
             let damaged = |what| corrupt(&self.path, start + at as u64, what);
@@ -114,6 +127,15 @@ impl Run {
         }
         Ok(None)
     }
+}
+
+/// One block of a run's records (those between two keys of its index), as last read by
+/// [`Run::get_in`]. Lookups in key order read each block once rather than once per key in it.
+#[derive(Default)]
+pub(crate) struct Block {
+    /// Where `bytes` start in the run; `None` until read (or when a read failed halfway).
+    start: Option<u64>,
+    bytes: Vec<u8>,
 }
 
 /// One record at the start of `bytes`: its key, its value and its length. `check`: whether to
@@ -427,6 +449,24 @@ mod tests {
         let read = all(opened);
         assert_eq!(read.len(), 1000);
         assert!(read.iter().zip(&records).all(|((k, v), (k2, v2))| k == k2 && v == v2));
+    }
+
+    #[test]
+    fn lookups_through_one_block_find_what_lookups_alone_do_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<String> = (0..200).map(|i| format!("P{:05}", i * 2)).collect();
+        let records: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), &k[3..])).collect();
+        let run = write(&dir.path().join("a.run"), &records);
+        // Present and absent keys, ascending, then descending, then jumping about: the block
+        // kept from the lookup before must never answer for a key outside it.
+        let mut probes: Vec<String> = (0..400).map(|i| format!("P{i:05}")).collect();
+        probes.extend((0..400).rev().map(|i| format!("P{i:05}")));
+        probes.extend((0..400).map(|i| format!("P{:05}", (i * 37) % 400)));
+        let mut block = Block::default();
+        for key in &probes {
+            assert_eq!(run.get_in(key.as_bytes(), &mut block).unwrap(), run.get(key.as_bytes()).unwrap(), "{key}");
+        }
+        assert_eq!(run.get_in(b"P00010", &mut block).unwrap().as_deref(), Some(&b"010"[..]));
     }
 
     #[test]

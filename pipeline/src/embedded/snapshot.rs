@@ -11,16 +11,17 @@
 //! or the other). A crash before the rename leaves a run no manifest names, which the next open
 //! deletes.
 //!
-//! A run is merged into the one before it while that one is at most [`MERGE_RATIO`] times its
-//! size, so a snapshot is a few runs of falling size (about log2 of the products over a fold's
-//! chunk) and a state is rewritten about as many times, each time in one sequential pass.
+//! Runs are merged by size tiers ([`next_merge`]): [`MERGE_WIDTH`] runs of about one size
+//! become one run of the next tier, and all runs become one once the newer ones add up to the
+//! oldest. So a snapshot is a few runs per tier (tiers of 4× in size up to the products) and a
+//! state is rewritten about log4(products / chunk) times, each time in one sequential pass.
 //! The snapshot was a sled tree beside the log's cursor before: at 1M products a compaction's
 //! random inserts into it cost the serving process about 100 MB and put its pauses in front
 //! of the pipeline's acks (BENCHMARKS.md, "Write path, round nine"). A data dir's tree from
 //! then is moved into a run when the log opens.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -30,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
 use itertools::{EitherOrBoth, Itertools};
 
-use super::runs::{Merged, Run, RunWriter};
+use super::runs::{Block, Merged, Run, RunWriter};
 use super::{EmbeddedLog, LogEntry, be_u64, file_error, storage_error, trees};
 use crate::ports::SourceError;
 
@@ -39,9 +40,12 @@ use crate::ports::SourceError;
 const SEQUENCE_KEY: &[u8] = b"\0sequence";
 /// Entries folded per step: bounds the memory one step holds, and sizes the smallest run.
 const CHUNK: usize = 10_000;
-/// See the module's comment: 2 keeps the runs to about log2(products / chunk), each state
-/// rewritten as often.
-const MERGE_RATIO: u64 = 2;
+/// Runs of about one size merged at once (see the module's comment): a state is rewritten
+/// about log4(products / chunk) times on its way to the oldest run, where merging pairs
+/// rewrote it log2 times.
+const MERGE_WIDTH: usize = 4;
+/// Runs up to this many times the newest's size count as its size.
+const TIER_SPREAD: u64 = 2;
 const MANIFEST: &str = "MANIFEST";
 const MANIFEST_ASIDE: &str = "MANIFEST.new";
 const MANIFEST_HEADER: &str = "catalog log snapshot 1";
@@ -151,12 +155,8 @@ impl LogSnapshot {
 
     /// One product's state in the snapshot.
     pub fn get(&self, id: &ProductId) -> Result<Option<ProductState>, SourceError> {
-        for run in self.current().runs.iter().rev() {
-            if let Some(value) = run.get(id.as_str().as_bytes()).map_err(|e| file_error("embedded snapshot read", e))? {
-                return decode(id.as_str(), &value).map(Some);
-            }
-        }
-        Ok(None)
+        let version = self.current();
+        lookup(&version, id, &mut blocks(&version))
     }
 
     /// Every product's state in id order, each of `newer` (in id order, by the ids' bytes) in
@@ -187,20 +187,29 @@ impl LogSnapshot {
     fn fold(&self, entries: &[LogEntry], skipped: &HashSet<u64>, limits: ParseLimits) -> Result<(), SourceError> {
         let Some(last) = entries.last() else { return Ok(()) };
         let _one = lock(&self.inner.folding);
-        // In id order, as the run is written.
-        let mut touched: BTreeMap<ProductId, ProductState> = BTreeMap::new();
+        let mut events = Vec::with_capacity(entries.len());
         for entry in entries.iter().filter(|e| !skipped.contains(&e.sequence)) {
             // The store never applied an invalid entry (it was dead-lettered): neither does this.
-            let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) else { continue };
-            let id = event.product_id.clone();
-            if !touched.contains_key(&id) {
-                let state = self.get(&id)?.unwrap_or_else(|| ProductState::new(id.clone()));
-                touched.insert(id.clone(), state);
+            if let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) {
+                events.push((event, entry.sequence));
             }
-            touched.get_mut(&id).expect("inserted above").apply_at(&event, Some(entry.sequence));
+        }
+        // The states these events change are looked up in id order, so the lookups of ids
+        // that share a block of a run read it once (in a load that walks the ids in order,
+        // one read of each block instead of sixteen), and the run is written in that order.
+        let version = self.current();
+        let ids: BTreeSet<&ProductId> = events.iter().map(|(event, _)| &event.product_id).collect();
+        let mut blocks = blocks(&version);
+        let mut touched = BTreeMap::new();
+        for id in ids {
+            let state = lookup(&version, id, &mut blocks)?.unwrap_or_else(|| ProductState::new(id.clone()));
+            touched.insert(id.clone(), state);
+        }
+        for (event, sequence) in &events {
+            touched.get_mut(&event.product_id).expect("looked up above").apply_at(event, Some(*sequence));
         }
         let writing = |e| file_error("embedded snapshot write", e);
-        let mut runs = self.current().runs.clone();
+        let mut runs = version.runs.clone();
         if !touched.is_empty() {
             let mut out = RunWriter::create(&self.next_path()).map_err(writing)?;
             let mut value = Vec::with_capacity(256);
@@ -215,18 +224,16 @@ impl LogSnapshot {
         self.merge_small_runs().map_err(writing)
     }
 
-    /// Merges the newest two runs while the older is at most [`MERGE_RATIO`] times the newer.
+    /// Merges runs while [`next_merge`] names some.
     fn merge_small_runs(&self) -> io::Result<()> {
         loop {
             let now = self.current();
-            let n = now.runs.len();
-            if n < 2 || now.runs[n - 2].bytes() > MERGE_RATIO * now.runs[n - 1].bytes() {
-                return Ok(());
-            }
-            let merged = super::runs::merge(&now.runs[n - 2..], &self.next_path())?;
-            let mut runs = now.runs[..n - 2].to_vec();
+            let sizes: Vec<u64> = now.runs.iter().map(|run| run.bytes()).collect();
+            let Some(from) = next_merge(&sizes) else { return Ok(()) };
+            let merged = super::runs::merge(&now.runs[from..], &self.next_path())?;
+            let mut runs = now.runs[..from].to_vec();
             runs.push(Arc::new(merged));
-            self.install(Version { sequence: now.sequence, runs }, &now.runs[n - 2..])?;
+            self.install(Version { sequence: now.sequence, runs }, &now.runs[from..])?;
         }
     }
 
@@ -327,6 +334,41 @@ fn read_manifest(dir: &Path) -> io::Result<Option<(u64, Vec<String>)>> {
     let runs: io::Result<Vec<String>> =
         lines.map(|l| l.strip_prefix("run ").map(str::to_owned).ok_or_else(|| damaged("a line that is no run"))).collect();
     Ok(Some((sequence, runs?)))
+}
+
+/// Which runs to merge into one, given their sizes oldest first: those from the index
+/// returned on, or none. As RocksDB's universal compaction: all of them once the newer runs
+/// add up to the oldest (so a state is held at most about twice over, and the oldest run is
+/// rewritten once per its size of newer states), else the newest [`MERGE_WIDTH`] or more once
+/// that many are each within [`TIER_SPREAD`] of the newest's size.
+fn next_merge(bytes: &[u64]) -> Option<usize> {
+    let (oldest, newer) = bytes.split_first()?;
+    if newer.is_empty() {
+        return None;
+    }
+    if newer.iter().sum::<u64>() >= *oldest {
+        return Some(0);
+    }
+    let newest = bytes[bytes.len() - 1];
+    let tier = bytes.iter().rev().take_while(|&&b| b <= TIER_SPREAD * newest).count();
+    (tier >= MERGE_WIDTH).then(|| bytes.len() - tier)
+}
+
+/// One product's state in `version`: from the newest run that holds it, each run read
+/// through its own one of `blocks`.
+fn lookup(version: &Version, id: &ProductId, blocks: &mut [Block]) -> Result<Option<ProductState>, SourceError> {
+    for (run, block) in version.runs.iter().zip(blocks).rev() {
+        let value = run.get_in(id.as_str().as_bytes(), block).map_err(|e| file_error("embedded snapshot read", e))?;
+        if let Some(value) = value {
+            return decode(id.as_str(), &value).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// An empty block cache for each of `version`'s runs, for [`lookup`].
+fn blocks(version: &Version) -> Vec<Block> {
+    std::iter::repeat_with(Block::default).take(version.runs.len()).collect()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -567,6 +609,45 @@ mod tests {
         }
         let files = std::fs::read_dir(&snapshot.inner.dir).unwrap().count();
         assert_eq!(files, snapshot.runs() + 1, "the runs and the manifest, no merged file left behind");
+    }
+
+    /// Folds of `chunk` states each into a snapshot of `products` products walked in order (as
+    /// a steady load of updates does), merged as [`next_merge`] says: the most runs there ever
+    /// were, and how many times over the folds' states were written.
+    fn simulate(products: u64, chunk: u64, folds: u64) -> (usize, f64) {
+        // A run as the range of products it holds, in chunks: size = the products it spans.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let (mut most, mut written) = (0, 0u64);
+        for f in 0..folds {
+            let start = (f * chunk) % products;
+            runs.push((start, start + chunk));
+            written += chunk;
+            while let Some(from) = next_merge(&runs.iter().map(|(a, b)| b - a).collect::<Vec<_>>()) {
+                let (lo, hi) = runs[from..].iter().fold((u64::MAX, 0), |(lo, hi), (a, b)| (lo.min(*a), hi.max(*b)));
+                let merged = (lo, lo + (hi - lo).min(products));
+                written += merged.1 - merged.0;
+                runs.truncate(from);
+                runs.push(merged);
+            }
+            most = most.max(runs.len());
+        }
+        (most, written as f64 / (folds * chunk) as f64)
+    }
+
+    #[test]
+    fn merges_keep_few_runs_and_write_each_state_a_few_times() {
+        // 1M products in folds of 10,000, as a compaction under a steady load at scale.
+        let (most, amplification) = simulate(1_000_000, 10_000, 1_000);
+        assert!(most <= 14, "{most} runs at most");
+        assert!(amplification < 6.0, "each state written {amplification:.1} times");
+        // Folds of one state, and one big run with small ones after it.
+        assert!(simulate(1_000, 1, 5_000).0 <= 20);
+        assert_eq!(next_merge(&[100, 1, 1, 1]), None, "three small runs wait for a fourth");
+        assert_eq!(next_merge(&[100, 1, 1, 1, 1]), Some(1));
+        assert_eq!(next_merge(&[100, 40, 30, 30]), Some(0), "the newer runs add up to the oldest");
+        assert_eq!(next_merge(&[100, 8, 2, 1, 1, 1]), Some(2), "a tier: the runs within twice the newest");
+        assert_eq!(next_merge(&[7]), None);
+        assert_eq!(next_merge(&[]), None);
     }
 
     #[tokio::test]
