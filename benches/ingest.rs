@@ -26,8 +26,15 @@ const POSTERS: usize = 4;
 /// Paced phase: events per POST, one of them a probe whose visibility is timed.
 const PACED_BATCH: usize = 100;
 const DEFAULT_LATENCY_SECS: u64 = 10;
-/// How often a probe's product is re-read while waiting for it to show the probe.
+/// How often a probe's product is re-read while waiting for it to show the probe, at first.
 const PROBE_POLL: Duration = Duration::from_micros(250);
+/// A probe that has waited `t` re-reads every `t / PROBE_BACKOFF` (and never more often than
+/// [`PROBE_POLL`]; tokio's timer rounds that up to its millisecond), so its latency is
+/// measured to within about 3% or a millisecond. At a fixed interval every probe still waiting
+/// re-read about a thousand times a second: one pause of the server put dozens of probes in
+/// that loop, and the GETs they sent took the CPU the server needed to catch up (BENCHMARKS.md,
+/// round fifteen).
+const PROBE_BACKOFF: u32 = 32;
 
 /// One Product Update for each of `total` distinct products: what scripts/bench-peer gives
 /// PostgreSQL too.
@@ -112,7 +119,7 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
                 if view["stock"]["quantity"].as_u64() == Some(expected) {
                     return sent.elapsed();
                 }
-                tokio::time::sleep(PROBE_POLL).await;
+                tokio::time::sleep(PROBE_POLL.max(sent.elapsed() / PROBE_BACKOFF)).await;
             }
         }));
     }
