@@ -486,8 +486,9 @@ impl SegmentLog {
         // Unlinked with the lock released: freeing a segment's extents takes the file system
         // milliseconds, which every append would wait out, and the compaction that calls this
         // runs at the lowest priority, so a wake-up of the pipeline could stall it in between.
-        // A segment that fails to go stays on disk until the log is opened again, when the
-        // first compaction finds it behind the start and removes it.
+        // A segment that fails to go (and those after it) stay on disk until the log is opened
+        // again; they are behind its start then, and the next compaction that removes entries
+        // deletes them with its own.
         for segment in gone {
             std::fs::remove_file(&segment.path)?;
         }
