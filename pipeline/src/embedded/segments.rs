@@ -478,9 +478,11 @@ impl SegmentLog {
             let removed = new_start - state.start;
             state.start = new_start;
             let active = state.segments.keys().next_back().copied();
-            let firsts: Vec<u64> =
-                state.segments.values().filter(|s| s.end() <= new_start && Some(s.first) != active).map(|s| s.first).collect();
-            let gone: Vec<Segment> = firsts.iter().map(|first| state.segments.remove(first).expect("listed above")).collect();
+            let gone: Vec<Segment> = state
+                .segments
+                .extract_if(.., |&first, s| s.end() <= new_start && Some(first) != active)
+                .map(|(_, s)| s)
+                .collect();
             (removed, gone)
         };
         // Unlinked with the lock released: freeing a segment's extents takes the file system
