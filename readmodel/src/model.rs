@@ -194,8 +194,11 @@ fn retire_generations(db: &sled::Db, keep: u64, after: Duration) {
     });
 }
 
-/// Products one fold thread takes at least: below that, a thread costs more than it saves.
-const MIN_PRODUCTS_PER_FOLD_THREAD: usize = 64;
+/// Products a fold needs before it splits across threads. Each helper is a thread spawned and
+/// joined, with an allocator heap of its own: under a steady load of 100-event requests at 1M
+/// products, splitting their batches in two left the process 15–30 MB larger for no CPU saved
+/// (BENCHMARKS.md, round sixteen). A bulk load's batches of 1,000 and more still split.
+pub(crate) const PARALLEL_FOLD_MIN_PRODUCTS: usize = 512;
 
 /// Threads a fold uses at most: one per core.
 fn fold_threads() -> usize {
@@ -551,7 +554,7 @@ impl ReadModel {
             }
         }
         let now = millis_since_epoch(SystemTime::now());
-        let threads = fold_threads().min(products.len().div_ceil(MIN_PRODUCTS_PER_FOLD_THREAD)).max(1);
+        let threads = if products.len() < PARALLEL_FOLD_MIN_PRODUCTS { 1 } else { fold_threads() };
         let per_thread = products.len().div_ceil(threads).max(1);
         // This thread folds the first part; a helper thread each of the others (none for a
         // small batch).
