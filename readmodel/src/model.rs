@@ -194,16 +194,38 @@ fn retire_generations(db: &sled::Db, keep: u64, after: Duration) {
     });
 }
 
-/// Products a fold needs before it splits across threads. Each helper is a thread spawned and
-/// joined, with an allocator heap of its own: under a steady load of 100-event requests at 1M
-/// products, splitting their batches in two left the process 15–30 MB larger for no CPU saved
-/// (BENCHMARKS.md, round sixteen). A bulk load's batches of 1,000 and more still split.
+/// Products a fold needs before it splits across threads. Under a steady load of 100-event
+/// requests at 1M products, splitting their batches in two saved no CPU and left the process
+/// 15–30 MB larger, each helper with an allocator heap of its own (BENCHMARKS.md, round
+/// sixteen). A bulk load's batches of 1,000 and more still split.
 pub(crate) const PARALLEL_FOLD_MIN_PRODUCTS: usize = 512;
 
 /// Threads a fold uses at most: one per core.
 fn fold_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The threads that fold the other parts of a split batch, started by the first one; `None`
+/// with one core, or where they could not be started (a batch is then folded whole).
+///
+/// A thread spawned and joined per batch, as before, had its allocator heap set up and torn
+/// down each time: about 2% of a bulk load's CPU (BENCHMARKS.md, round seventeen).
+fn fold_helpers() -> Option<&'static rayon_core::ThreadPool> {
+    static HELPERS: std::sync::OnceLock<Option<rayon_core::ThreadPool>> = std::sync::OnceLock::new();
+    HELPERS
+        .get_or_init(|| {
+            let helpers = fold_threads().checked_sub(1).filter(|&n| n > 0)?;
+            rayon_core::ThreadPoolBuilder::new()
+                .num_threads(helpers)
+                .thread_name(|i| format!("catalog-fold-{}", i + 1))
+                .build()
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "starting the fold's helper threads failed; batches are folded whole"),
+                )
+                .ok()
+        })
+        .as_ref()
 }
 
 /// One product, folded.
@@ -554,18 +576,25 @@ impl ReadModel {
             }
         }
         let now = millis_since_epoch(SystemTime::now());
-        let threads = if products.len() < PARALLEL_FOLD_MIN_PRODUCTS { 1 } else { fold_threads() };
+        let helpers = fold_helpers().filter(|_| products.len() >= PARALLEL_FOLD_MIN_PRODUCTS);
+        let threads = helpers.map_or(1, |pool| pool.current_num_threads() + 1);
         let per_thread = products.len().div_ceil(threads).max(1);
-        // This thread folds the first part; a helper thread each of the others (none for a
-        // small batch).
-        let parts: Vec<Result<Vec<Folded>, ReadModelError>> = std::thread::scope(|scope| {
-            let mut chunks = products.chunks(per_thread);
-            let first = chunks.next().unwrap_or_default();
-            let helpers: Vec<_> = chunks.map(|part| scope.spawn(|| self.fold_part(&trees, part, now))).collect();
-            let mut parts = vec![self.fold_part(&trees, first, now)];
-            parts.extend(helpers.into_iter().map(|h| h.join().expect("a fold thread panicked")));
-            parts
-        });
+        let mut chunks = products.chunks(per_thread);
+        let first = chunks.next().unwrap_or_default();
+        // This thread folds the first part, a helper each of the others (none for a small batch).
+        let mut rest: Vec<_> = chunks.map(|part| (part, None)).collect();
+        let first = match helpers {
+            Some(pool) if !rest.is_empty() => pool.in_place_scope(|scope| {
+                for (part, folded) in &mut rest {
+                    let (trees, part) = (&trees, *part);
+                    scope.spawn(move |_| *folded = Some(self.fold_part(trees, part, now)));
+                }
+                self.fold_part(&trees, first, now)
+            }),
+            _ => self.fold_part(&trees, first, now),
+        };
+        let parts = std::iter::once(first)
+            .chain(rest.into_iter().map(|(_, folded)| folded.expect("the scope ends once every part is folded")));
         let mut outcome = WriteOutcome::default();
         for part in parts {
             for folded in part? {
