@@ -67,18 +67,13 @@ fn events(total: usize) -> Vec<Value> {
     out
 }
 
-/// CPU seconds (user + system) the server has used so far, from /proc (Linux ticks of 10 ms):
-/// steadier than wall-clock rates on a shared machine, so A/B runs compare it too.
+/// CPU seconds (user + system, and the system part alone) the server has used so far, from
+/// /proc (Linux ticks of 10 ms): steadier than wall-clock rates on a shared machine, so A/B runs
+/// compare it too; the system part tells a run that cost more in system calls and page faults
+/// from one that did more folding.
 fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some((catalog_api::metrics::cpu_seconds(&stat)?, system_seconds(&stat)?))
-}
-
-/// Of those, the kernel's part (`stime`): it tells a run that costs more per event in system
-/// calls and page faults (writes, fsync, the allocator growing) from one that did more folding.
-fn system_seconds(stat: &str) -> Option<f64> {
-    let ticks: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(12)?.parse().ok()?;
-    Some(ticks as f64 / 100.0)
+    Some((catalog_api::metrics::cpu_seconds(&stat)?, catalog_api::metrics::system_seconds(&stat)?))
 }
 
 async fn checkpoint(client: &reqwest::Client, base: &str) -> u64 {

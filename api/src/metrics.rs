@@ -191,9 +191,17 @@ impl ProcessStats {
 /// CPU seconds (utime + stime, the 14th and 15th fields) of a `/proc/<pid>/stat` text; the
 /// command name before them may hold spaces. The ingest bench reads the server's with it too.
 pub fn cpu_seconds(stat: &str) -> Option<f64> {
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / TICKS_PER_SECOND)
+    Some((stat_ticks(stat, 11)? + stat_ticks(stat, 12)?) as f64 / TICKS_PER_SECOND)
+}
+
+/// Of those, the kernel's part (stime): the ingest bench prints it beside the total.
+pub fn system_seconds(stat: &str) -> Option<f64> {
+    Some(stat_ticks(stat, 12)? as f64 / TICKS_PER_SECOND)
+}
+
+/// The `index`th field after the command name, in clock ticks.
+fn stat_ticks(stat: &str, index: usize) -> Option<u64> {
+    stat.rsplit_once(')')?.1.split_whitespace().nth(index)?.parse().ok()
 }
 
 fn resident_bytes(status: &str) -> Option<i64> {
@@ -239,6 +247,7 @@ mod tests {
     fn proc_stat_and_status_are_read_as_the_kernel_writes_them() {
         let stat = "4242 (cat alog) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1234 1000 500";
         assert_eq!(cpu_seconds(stat), Some(3.0));
+        assert_eq!(system_seconds(stat), Some(0.5));
         assert_eq!(resident_bytes("Name:\tcatalog\nVmRSS:\t  2048 kB\nThreads:\t3\n"), Some(2048 * 1024));
         assert_eq!(resident_bytes("Name:\tcatalog\n"), None);
     }
