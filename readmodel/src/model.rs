@@ -200,14 +200,9 @@ fn retire_generations(db: &sled::Db, keep: u64, after: Duration) {
 /// sixteen). A bulk load's batches of 1,000 and more still split.
 pub(crate) const PARALLEL_FOLD_MIN_PRODUCTS: usize = 512;
 
-/// Threads a fold uses at most: one per core.
-fn fold_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// The threads that fold the other parts of a split batch, started by the first one; `None`
-/// with one core, or where they could not be started (a batch is then folded whole).
+/// The threads that fold the other parts of a split batch, one per core beyond the first,
+/// started by the first batch split; `None` with one core, or where they could not be started
+/// (a batch is then folded whole).
 ///
 /// A thread spawned and joined per batch, as before, had its allocator heap set up and torn
 /// down each time: about 2% of a bulk load's CPU (BENCHMARKS.md, round seventeen).
@@ -215,7 +210,7 @@ fn fold_helpers() -> Option<&'static rayon_core::ThreadPool> {
     static HELPERS: std::sync::OnceLock<Option<rayon_core::ThreadPool>> = std::sync::OnceLock::new();
     HELPERS
         .get_or_init(|| {
-            let helpers = fold_threads().checked_sub(1).filter(|&n| n > 0)?;
+            let helpers = std::thread::available_parallelism().map_or(1, |n| n.get()).checked_sub(1).filter(|&n| n > 0)?;
             rayon_core::ThreadPoolBuilder::new()
                 .num_threads(helpers)
                 .thread_name(|i| format!("catalog-fold-{}", i + 1))
