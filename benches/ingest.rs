@@ -12,11 +12,15 @@
 //!                                        of half the max, to compare two settings at one load;
 //!                                        with CATALOG_BENCH_URL it runs only the paced phase,
 //!                                        against CATALOG_BENCH_PRODUCTS products already
-//!                                        loaded, for scripts/bench-scale)
+//!                                        loaded, for scripts/bench-scale;
+//!                                        CATALOG_BENCH_PROBES=FILE writes every probe of the
+//!                                        paced phase as a line: its start in Unix seconds, ms
+//!                                        to the 202, ms to visible, to line slow ones up with
+//!                                        the server's log or a trace)
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -109,6 +113,7 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
         let (client, base) = (client.clone(), base.to_owned());
         probes.push(tokio::spawn(async move {
             let sent = Instant::now();
+            let sent_at = SystemTime::now();
             let r = client
                 .post(format!("{base}/events"))
                 .header("content-type", "application/json")
@@ -117,10 +122,11 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
                 .await
                 .unwrap();
             assert_eq!(r.status(), 202);
+            let accepted = sent.elapsed();
             loop {
                 let view: Value = client.get(format!("{base}/products/{probe}")).send().await.unwrap().json().await.unwrap();
                 if view["stock"]["quantity"].as_u64() == Some(expected) {
-                    return sent.elapsed();
+                    return Probe { sent_at, accepted, visible: sent.elapsed() };
                 }
                 tokio::time::sleep(PROBE_POLL.max(sent.elapsed() / PROBE_BACKOFF)).await;
             }
@@ -129,10 +135,21 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
     if probes.is_empty() {
         return;
     }
-    let mut latencies = Vec::with_capacity(probes.len());
+    let mut done = Vec::with_capacity(probes.len());
     for p in probes {
-        latencies.push(p.await.unwrap());
+        done.push(p.await.unwrap());
     }
+    if let Ok(path) = std::env::var("CATALOG_BENCH_PROBES") {
+        let lines: String = done
+            .iter()
+            .map(|p| {
+                let at = p.sent_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                format!("{at:.6} {:.3} {:.3}\n", p.accepted.as_secs_f64() * 1e3, p.visible.as_secs_f64() * 1e3)
+            })
+            .collect();
+        std::fs::write(&path, lines).unwrap();
+    }
+    let mut latencies: Vec<Duration> = done.iter().map(|p| p.visible).collect();
     let achieved = (batches * PACED_BATCH) as f64 / started.elapsed().as_secs_f64();
     latencies.sort();
     let q = |f: f64| latencies[((latencies.len() as f64 * f) as usize).min(latencies.len() - 1)];
@@ -155,6 +172,13 @@ async fn paced_latency(client: &reqwest::Client, base: &str, products: usize, ra
         p99("catalog_http_request_duration_seconds", r#"route="post_events",status="202""#),
         p99("catalog_pipeline_stage_duration_seconds", r#"stage="write""#),
     );
+}
+
+/// One probe of the paced phase: when its POST left, how long its 202 and its visibility took.
+struct Probe {
+    sent_at: SystemTime,
+    accepted: Duration,
+    visible: Duration,
 }
 
 async fn metrics_text(client: &reqwest::Client, base: &str) -> String {

@@ -425,6 +425,12 @@ pub struct ServeArgs {
     /// lowest), which gives it a share of a busy machine.
     #[arg(long, env = "CATALOG_LOG_COMPACT_NICE", default_value_t = DEFAULT_COMPACT_PRIORITY, value_parser = clap::value_parser!(Priority))]
     pub log_compact_nice: Priority,
+    /// Accepted events waiting to be processed past which the embedded log's compaction gives
+    /// way: it then sleeps 2 ms after every 2 ms of work until the pipeline has caught up, so a
+    /// compaction takes up to twice as long beside a pipeline that lags; 0: never.
+    #[arg(long, env = "CATALOG_LOG_COMPACT_YIELD_BACKLOG", default_value_t = embedded::DEFAULT_YIELD_BACKLOG,
+          value_parser = InRange::new(0, 1 << 40))]
+    pub log_compact_yield_backlog: u64,
     /// MiB of the most read product views kept decoded in memory in front of sled (0: none);
     /// beyond it a read walks sled's tree, about a sixth more CPU per GET.
     #[arg(long, env = "CATALOG_HOT_VIEWS_MB", default_value_t = catalog_readmodel::DEFAULT_HOT_VIEWS_BYTES >> 20,

@@ -152,7 +152,7 @@ fn spawn_compactor(
     args: &ServeArgs,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let (retention, limits) = (args.log_retention(), args.data.parse_limits());
+    let (retention, limits, yield_backlog) = (args.log_retention(), args.data.parse_limits(), args.log_compact_yield_backlog);
     let every = Duration::from_secs(args.log_compact_interval_secs);
     let (folded, compacted): (Counter, Counter) = Default::default();
     registry.register("catalog_event_log_folded", "Log entries folded into the snapshot", folded.clone());
@@ -160,6 +160,12 @@ fn spawn_compactor(
         "catalog_event_log_compacted",
         "Log entries the snapshot holds removed past the retention",
         compacted.clone(),
+    );
+    let gave_way = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    registry.register(
+        "catalog_event_log_compaction_gave_way_seconds",
+        "Seconds compactions slept so that a lagging pipeline could catch up",
+        gave_way.clone(),
     );
     // A compaction folds a whole interval's events at once, a core's worth of work for
     // seconds: below the pipeline's priority, the scheduler gives the pipeline first claim.
@@ -179,14 +185,16 @@ fn spawn_compactor(
                 // checkpoint covers is on disk before the snapshot passes it, else a start after
                 // a crash would take the whole snapshot for the few records lost.
                 model.flush().map_err(|e| e.to_string())?;
-                let report = catalog_pipeline::embedded::compact(&log, retention, keep_from, limits)
-                    .map_err(|e| catalog_pipeline::error::chain(&e))?;
-                Ok::<_, String>((report, log.log_bytes()))
+                let (report, paused) =
+                    catalog_pipeline::embedded::compact_beside(&log, retention, keep_from, limits, yield_backlog)
+                        .map_err(|e| catalog_pipeline::error::chain(&e))?;
+                Ok::<_, String>((report, paused, log.log_bytes()))
             });
             match run.await {
-                Some(Ok((report, now))) => {
+                Some(Ok((report, paused, now))) => {
                     folded.inc_by(report.entries_folded);
                     compacted.inc_by(report.entries_removed);
+                    gave_way.inc_by(paused.as_secs_f64());
                     if report.entries_folded > 0 || report.entries_removed > 0 {
                         tracing::info!(
                             folded = report.entries_folded,
@@ -194,6 +202,7 @@ fn spawn_compactor(
                             through = report.snapshot_sequence,
                             log_bytes = now,
                             took_ms = started.elapsed().as_millis() as u64,
+                            gave_way_ms = paused.as_millis() as u64,
                             "event log compacted"
                         );
                     }

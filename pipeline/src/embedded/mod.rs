@@ -11,15 +11,18 @@
 
 mod bus;
 mod log;
+mod pace;
 mod runs;
 mod segments;
 mod snapshot;
 
 pub use bus::{DEFAULT_SUBSCRIBER_CAPACITY, EmbeddedBus};
 pub use log::{DEFAULT_MAX_RECEIVE_COUNT, DEFAULT_VISIBILITY_TIMEOUT, DeadLetterRecord, EmbeddedLog, LogConfig, LogEntry};
+pub use pace::DEFAULT_YIELD_BACKLOG;
 pub use segments::DEFAULT_SEGMENT_BYTES;
 pub use snapshot::{
     CompactReport, DEFAULT_COMPACT_INTERVAL, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, LogSnapshot, Retention, compact,
+    compact_beside,
 };
 /// Where product states were kept before the read model's records held them; moved out on
 /// the first start (`catalog_readmodel::EmbeddedStore::recover`).

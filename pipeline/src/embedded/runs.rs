@@ -12,6 +12,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::pace::Pacer;
+
 const MAGIC: &[u8; 8] = b"CATRUN01";
 const HEADER: usize = 12;
 /// The index holds every this many records' key: a lookup reads at most this many records
@@ -402,9 +404,10 @@ impl Iterator for Merged {
 }
 
 /// Writes the records of `runs` (oldest first, newest wins) as one run at `path`.
-pub(crate) fn merge(runs: &[Arc<Run>], path: &Path) -> io::Result<Run> {
+pub(crate) fn merge(runs: &[Arc<Run>], path: &Path, pace: &mut Pacer<'_>) -> io::Result<Run> {
     let mut out = RunWriter::create(path)?;
     for record in Merged::new(runs)? {
+        pace.step();
         let (key, value) = record?;
         out.push(&key, &value)?;
     }
@@ -485,7 +488,7 @@ mod tests {
         let old = Arc::new(write(&dir.path().join("1.run"), &[("a", "1"), ("c", "1"), ("e", "1")]));
         let mid = Arc::new(write(&dir.path().join("2.run"), &[("b", "2"), ("c", "2")]));
         let new = Arc::new(write(&dir.path().join("3.run"), &[("c", "3"), ("f", "3")]));
-        let merged = merge(&[old, mid, new], &dir.path().join("4.run")).unwrap();
+        let merged = merge(&[old, mid, new], &dir.path().join("4.run"), &mut Pacer::never()).unwrap();
         let expected = [("a", "1"), ("b", "2"), ("c", "3"), ("e", "1"), ("f", "3")].map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(all(merged), expected);
         assert_eq!(all(Run::open(&dir.path().join("4.run")).unwrap()), expected);

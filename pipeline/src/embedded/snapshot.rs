@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime};
 use catalog_domain::{CatalogEvent, ParseLimits, ProductId, ProductState};
 use itertools::{EitherOrBoth, Itertools};
 
+use super::pace::Pacer;
 use super::runs::{Block, Merged, Run, RunWriter};
 use super::{EmbeddedLog, LogEntry, be_u64, file_error, storage_error, trees};
 use crate::ports::SourceError;
@@ -184,11 +185,18 @@ impl LogSnapshot {
     }
 
     /// Folds `entries` (in log order, right after the snapshot's sequence) into the snapshot.
-    fn fold(&self, entries: &[LogEntry], skipped: &HashSet<u64>, limits: ParseLimits) -> Result<(), SourceError> {
+    fn fold(
+        &self,
+        entries: &[LogEntry],
+        skipped: &HashSet<u64>,
+        limits: ParseLimits,
+        pace: &mut Pacer<'_>,
+    ) -> Result<(), SourceError> {
         let Some(last) = entries.last() else { return Ok(()) };
         let _one = lock(&self.inner.folding);
         let mut events = Vec::with_capacity(entries.len());
         for entry in entries.iter().filter(|e| !skipped.contains(&e.sequence)) {
+            pace.step();
             // The store never applied an invalid entry (it was dead-lettered): neither does this.
             if let Ok(event) = CatalogEvent::parse(&entry.body, entry.accepted_at, limits) {
                 events.push((event, entry.sequence));
@@ -202,6 +210,7 @@ impl LogSnapshot {
         let mut blocks = blocks(&version);
         let mut touched = BTreeMap::new();
         for id in ids {
+            pace.step();
             let state = lookup(&version, id, &mut blocks)?.unwrap_or_else(|| ProductState::new(id.clone()));
             touched.insert(id.clone(), state);
         }
@@ -214,6 +223,7 @@ impl LogSnapshot {
             let mut out = RunWriter::create(&self.next_path()).map_err(writing)?;
             let mut value = Vec::with_capacity(256);
             for (id, state) in &touched {
+                pace.step();
                 value.clear();
                 state.encode_stored(&mut value);
                 out.push(id.as_str().as_bytes(), &value).map_err(writing)?;
@@ -221,16 +231,16 @@ impl LogSnapshot {
             runs.push(Arc::new(out.finish().map_err(writing)?));
         }
         self.install(Version { sequence: last.sequence, runs }, &[]).map_err(writing)?;
-        self.merge_small_runs().map_err(writing)
+        self.merge_small_runs(pace).map_err(writing)
     }
 
     /// Merges runs while [`next_merge`] names some.
-    fn merge_small_runs(&self) -> io::Result<()> {
+    fn merge_small_runs(&self, pace: &mut Pacer<'_>) -> io::Result<()> {
         loop {
             let now = self.current();
             let sizes: Vec<u64> = now.runs.iter().map(|run| run.bytes()).collect();
             let Some(from) = next_merge(&sizes) else { return Ok(()) };
-            let merged = super::runs::merge(&now.runs[from..], &self.next_path())?;
+            let merged = super::runs::merge(&now.runs[from..], &self.next_path(), pace)?;
             let mut runs = now.runs[..from].to_vec();
             runs.push(Arc::new(merged));
             self.install(Version { sequence: now.sequence, runs }, &now.runs[from..])?;
@@ -378,12 +388,39 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Folds every entry the read model shows into the snapshot, never past `keep_from`
 /// (exclusive: the read model's checkpoint + 1) nor the consumed watermark, then removes the
 /// entries the snapshot holds that are past `retention`. Blocking: file and sled calls; run it
-/// off the runtime's threads.
+/// off the runtime's threads. It never gives way to the pipeline: for the tools, and a log
+/// nothing else uses ([`compact_beside`] serves one).
 pub fn compact(
     log: &EmbeddedLog,
     retention: Retention,
     keep_from: u64,
     limits: ParseLimits,
+) -> Result<CompactReport, SourceError> {
+    compact_paced(log, retention, keep_from, limits, &mut Pacer::never())
+}
+
+/// [`compact`] beside a running pipeline: while more than `yield_backlog` accepted entries
+/// wait to be processed, it sleeps a little after every few milliseconds of work, so the
+/// pipeline catches up first (`pace`); 0 never gives way. The report says how long it slept.
+pub fn compact_beside(
+    log: &EmbeddedLog,
+    retention: Retention,
+    keep_from: u64,
+    limits: ParseLimits,
+    yield_backlog: u64,
+) -> Result<(CompactReport, Duration), SourceError> {
+    let behind = || log.backlog() > yield_backlog;
+    let mut pace = if yield_backlog == 0 { Pacer::never() } else { Pacer::when(&behind) };
+    let report = compact_paced(log, retention, keep_from, limits, &mut pace)?;
+    Ok((report, pace.paused()))
+}
+
+fn compact_paced(
+    log: &EmbeddedLog,
+    retention: Retention,
+    keep_from: u64,
+    limits: ParseLimits,
+    pace: &mut Pacer<'_>,
 ) -> Result<CompactReport, SourceError> {
     let snapshot = &log.snapshot();
     let mut report = CompactReport { snapshot_sequence: snapshot.sequence(), ..CompactReport::default() };
@@ -404,7 +441,7 @@ pub fn compact(
             Some(set) => set,
             none => none.insert(log.skipped_sequences()?),
         };
-        snapshot.fold(&chunk, skipped, limits)?;
+        snapshot.fold(&chunk, skipped, limits, pace)?;
         report.entries_folded += chunk.len() as u64;
         report.snapshot_sequence = last;
         if chunk.len() < CHUNK {
@@ -588,12 +625,12 @@ mod tests {
         append_and_ack(&log, &bodies).await;
         append_and_ack(&one_log, &bodies).await;
         let entries: Vec<LogEntry> = log.entries_from(1).map(Result::unwrap).collect();
-        one.fold(&entries, &HashSet::new(), ParseLimits::default()).unwrap();
+        one.fold(&entries, &HashSet::new(), ParseLimits::default(), &mut Pacer::never()).unwrap();
         // Steps of unequal size, so runs of many sizes meet in the merges.
         let mut at = 0;
         for step in (1..).map(|i| 1 + (i * 37) % 97) {
             let end = (at + step).min(entries.len());
-            snapshot.fold(&entries[at..end], &HashSet::new(), ParseLimits::default()).unwrap();
+            snapshot.fold(&entries[at..end], &HashSet::new(), ParseLimits::default(), &mut Pacer::never()).unwrap();
             assert!(snapshot.runs() <= 12, "{} files after {end} entries", snapshot.runs());
             at = end;
             if at == entries.len() {
