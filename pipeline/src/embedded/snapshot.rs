@@ -396,7 +396,7 @@ pub fn compact(
     keep_from: u64,
     limits: ParseLimits,
 ) -> Result<CompactReport, SourceError> {
-    compact_paced(log, retention, keep_from, limits, &mut Pacer::never())
+    compact_beside(log, retention, keep_from, limits, 0).map(|(report, _)| report)
 }
 
 /// [`compact`] beside a running pipeline: while more than `yield_backlog` accepted entries
@@ -410,18 +410,7 @@ pub fn compact_beside(
     yield_backlog: u64,
 ) -> Result<(CompactReport, Duration), SourceError> {
     let behind = || log.backlog() > yield_backlog;
-    let mut pace = if yield_backlog == 0 { Pacer::never() } else { Pacer::when(&behind) };
-    let report = compact_paced(log, retention, keep_from, limits, &mut pace)?;
-    Ok((report, pace.paused()))
-}
-
-fn compact_paced(
-    log: &EmbeddedLog,
-    retention: Retention,
-    keep_from: u64,
-    limits: ParseLimits,
-    pace: &mut Pacer<'_>,
-) -> Result<CompactReport, SourceError> {
+    let pace = &mut if yield_backlog == 0 { Pacer::never() } else { Pacer::when(&behind) };
     let snapshot = &log.snapshot();
     let mut report = CompactReport { snapshot_sequence: snapshot.sequence(), ..CompactReport::default() };
     let limit = keep_from.min(log.consumed_watermark());
@@ -449,7 +438,7 @@ fn compact_paced(
         }
     }
     report.entries_removed = remove_past(log, retention, report.snapshot_sequence)?;
-    Ok(report)
+    Ok((report, pace.paused()))
 }
 
 /// Removes the oldest entries, through `through` at most, while they are older than the
