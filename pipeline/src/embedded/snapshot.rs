@@ -536,6 +536,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_compaction_beside_a_lagging_pipeline_gives_way_and_folds_the_same() {
+        // 40,000 entries processed and 5,000 waiting: a pipeline behind by more than the bound.
+        let bodies: Vec<String> =
+            (0..45_000).map(|i| format!(r#"{{"productId":"P{:05}","quantity":{i}}}"#, i % 20_000)).collect();
+        let (processed, waiting) = bodies.split_at(40_000);
+        let lagging = || async {
+            let (dir, db, log, snapshot) = open();
+            for chunk in processed.chunks(5_000) {
+                append_and_ack(&log, &chunk.iter().map(String::as_str).collect::<Vec<_>>()).await;
+            }
+            log.append(&waiting.iter().map(|b| Bytes::from(b.clone())).collect::<Vec<_>>()).await.unwrap();
+            assert_eq!(log.backlog(), 5_000, "the entries waiting");
+            (dir, db, log, snapshot)
+        };
+        let states = |snapshot: &LogSnapshot| snapshot.states().map(|s| s.unwrap().quantity).collect::<Vec<_>>();
+
+        let (_dir, _db, log, snapshot) = lagging().await;
+        let (report, gave_way) = compact_beside(&log, all_time(), u64::MAX, ParseLimits::default(), 1_000).unwrap();
+        assert!(gave_way > Duration::ZERO, "a backlog of 5,000 is over the bound of 1,000");
+        assert_eq!((report.entries_folded, report.snapshot_sequence), (40_000, 40_000), "it gives way, it does not stop");
+        let behind_the_lag = states(&snapshot);
+
+        let (_dir, _db, log, snapshot) = lagging().await;
+        let (again, gave_way) = compact_beside(&log, all_time(), u64::MAX, ParseLimits::default(), 10_000).unwrap();
+        assert_eq!(gave_way, Duration::ZERO, "a backlog under the bound");
+        assert_eq!(again, report);
+        assert_eq!(states(&snapshot), behind_the_lag);
+        assert_eq!(behind_the_lag.len(), 20_000);
+        assert_eq!(behind_the_lag[0], Some(20_000), "P00000's last processed quantity");
+    }
+
+    #[tokio::test]
     async fn the_snapshot_takes_what_the_read_model_shows_and_the_log_keeps_what_the_retention_does() {
         let (_dir, _db, log, _) = open();
         append_and_ack(&log, &[r#"{"productId":"P1","quantity":1}"#, r#"{"productId":"P1","quantity":2}"#]).await;
